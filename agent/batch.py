@@ -1,0 +1,128 @@
+"""On-demand and batch detection, the AWS solution's two use cases, run on the device.
+
+One image's failure never stops the others: unsafe or unreadable inputs are refused with
+one line each, every other image is analysed, and the caller learns from the summary
+whether anything was refused.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+
+import cv2
+
+from agent import imageio
+from agent.archive import Entry, Refused
+from agent.contract import DetectionMessage
+from agent.engine.detector import Analysis, Detector
+from agent.engine.overlay import render
+
+CSV_FIELDS = ("file", "corrosion_pct", "flagged", "regions", "width", "height", "model", "version")
+
+
+@dataclass
+class Summary:
+    """What a run did; `refused` holds one line per input that was not analysed."""
+
+    analysed: int = 0
+    flagged: int = 0
+    refused: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.refused
+
+
+def overlay_path(out_dir: Path, name: str) -> Path:
+    """Overlays mirror the input's relative path (names were checked safe by archive)."""
+    rel = PurePosixPath(name)
+    return out_dir / "overlays" / rel.parent / f"{rel.stem}.overlay.jpg"
+
+
+def analyse_bytes(detector: Detector, data: bytes, name: str) -> tuple[Analysis, imageio.Decoded]:
+    """Decode (at reduced size straight from JPEG when configured) and classify."""
+    decoded = imageio.decode(data, name, max_long_side=detector.config.analysis_long_side)
+    return detector.analyse(decoded.image, decoded.full_size), decoded
+
+
+def write_overlay(path: Path, decoded: imageio.Decoded, analysis: Analysis) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = render(
+        decoded.image,
+        analysis.mask,
+        analysis.corrosion_pct,
+        analysis.regions,
+        flagged=analysis.flagged,
+        frame_size=decoded.full_size,
+    )
+    if not cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, 90]):
+        raise OSError(f"{path}: cannot write overlay")
+
+
+def run_batch(
+    detector: Detector,
+    inputs: Iterable[Entry | Refused],
+    out_dir: Path,
+    *,
+    on_result: Callable[[str, Analysis], None] | None = None,
+    on_refused: Callable[[str], None] | None = None,
+) -> Summary:
+    """Analyse every entry; results.csv and overlays go to out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = Summary()
+    with (out_dir / "results.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(CSV_FIELDS)
+        for item in inputs:
+            if isinstance(item, Refused):
+                reason = item.reason
+            else:
+                try:
+                    analysis, decoded = analyse_bytes(detector, item.data, item.name)
+                except imageio.ImageError as exc:
+                    reason = str(exc)
+                else:
+                    write_overlay(overlay_path(out_dir, item.name), decoded, analysis)
+                    writer.writerow(_row(item.name, analysis))
+                    summary.analysed += 1
+                    summary.flagged += analysis.flagged
+                    if on_result:
+                        on_result(item.name, analysis)
+                    continue
+            summary.refused.append(reason)
+            if on_refused:
+                on_refused(reason)
+    return summary
+
+
+def _row(name: str, a: Analysis) -> list[str]:
+    return [
+        name,
+        f"{a.corrosion_pct:.4f}",
+        str(a.flagged).lower(),
+        str(len(a.regions)),
+        str(a.frame_size.width),
+        str(a.frame_size.height),
+        a.model.name,
+        a.model.version,
+    ]
+
+
+def detect_file(
+    detector: Detector, path: Path, *, device_id: str, index: int = 0
+) -> tuple[DetectionMessage, Analysis, imageio.Decoded]:
+    """One image from disk to a DetectionMessage (captured_at: the file's mtime)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise imageio.ImageError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    analysis, decoded = analyse_bytes(detector, data, str(path))
+    captured = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+    message = analysis.message(
+        device_id=device_id, source=str(path), frame_index=index, captured_at=captured
+    )
+    return message, analysis, decoded

@@ -1,0 +1,1 @@
+"""The pixel engine: verified ONNX models compiled into exact colour tables."""

@@ -1,0 +1,113 @@
+"""Per-frame classification: one table lookup per pixel, in cache-sized row strips.
+
+This is the one place where OpenCV's BGR order meets the models' RGB: a strip is copied
+into an 8-byte-per-pixel buffer as B, G, R, 0, 0, 0, 0, 0, whose little-endian int64 view
+is R << 16 | G << 8 | B, the index of the colour in the table. No other code reorders
+channels. Strips keep the index buffer in cache (measured: 3.6 ms per 1080p frame on one
+core against 7 ms for whole-frame passes); numpy and OpenCV release the GIL, so strips can
+also run on several threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from agent.contract import ModelManifest, ModelRef
+from agent.engine.model import PixelModel
+from agent.engine.table import CORRODED, SIZE, load_table
+
+STRIP_ROWS = 48
+BGR_TO_INDEX = [0, 0, 1, 1, 2, 2]  # mixChannels pairs: B -> byte 0, G -> byte 1, R -> byte 2
+
+
+class TableClassifier:
+    """Scores a BGR frame through a 2^24 score table (see agent.engine.table)."""
+
+    def __init__(self, table: np.ndarray, *, threads: int = 1) -> None:
+        if table.dtype != np.uint8 or table.shape != (SIZE,):
+            raise ValueError(f"table must be uint8[{SIZE}], got {table.dtype}{list(table.shape)}")
+        self.table = table
+        self.threads = max(1, threads)
+        self._local = threading.local()
+        self._pool = (
+            ThreadPoolExecutor(self.threads, thread_name_prefix="classify")
+            if self.threads > 1
+            else None
+        )
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def _buffer(self, width: int) -> np.ndarray:
+        buf: np.ndarray | None = getattr(self._local, "buf", None)
+        if buf is None or buf.shape[1] != width:
+            buf = np.zeros((STRIP_ROWS, width, 8), dtype=np.uint8)
+            self._local.buf = buf
+        return buf
+
+    def _rows(self, bgr: np.ndarray, out: np.ndarray, start: int, stop: int) -> None:
+        buf = self._buffer(bgr.shape[1])
+        for y in range(start, stop, STRIP_ROWS):
+            n = min(STRIP_ROWS, stop - y)
+            strip = buf[:n]
+            cv2.mixChannels([np.ascontiguousarray(bgr[y : y + n])], [strip], BGR_TO_INDEX)
+            np.take(self.table, strip.view(np.int64)[..., 0], out=out[y : y + n])
+
+    def scores(self, bgr: np.ndarray) -> np.ndarray:
+        """uint8 HxW scores; a pixel is corroded where score >= 128."""
+        if bgr.ndim != 3 or bgr.shape[2] != 3 or bgr.dtype != np.uint8:
+            raise ValueError(f"expected an HxWx3 uint8 BGR frame, got {bgr.dtype}{bgr.shape}")
+        height = bgr.shape[0]
+        out = np.empty(bgr.shape[:2], dtype=np.uint8)
+        if self._pool is None or height < 2 * STRIP_ROWS:
+            self._rows(bgr, out, 0, height)
+            return out
+        step = -(-height // self.threads)
+        step = -(-step // STRIP_ROWS) * STRIP_ROWS
+        futures = [
+            self._pool.submit(self._rows, bgr, out, y, min(y + step, height))
+            for y in range(0, height, step)
+        ]
+        for f in futures:
+            f.result()
+        return out
+
+
+def corroded_mask(scores: np.ndarray) -> np.ndarray:
+    """0/255 mask (what OpenCV's morphology, components and copyTo want)."""
+    _, mask = cv2.threshold(scores, CORRODED - 1, 255, cv2.THRESH_BINARY)
+    return mask
+
+
+@dataclass
+class ColourModel:
+    """A verified colour model ready to serve: its manifest and its exact table."""
+
+    manifest: ModelManifest
+    classifier: TableClassifier
+    source: Path = field(default_factory=Path)
+
+    @classmethod
+    def load(cls, manifest_path: Path, *, threads: int = 1) -> ColourModel:
+        """Verify the ONNX model, then take its shipped table (checked) or compile one."""
+        model = PixelModel.load(manifest_path)
+        table = load_table(model)
+        return cls(model.manifest, TableClassifier(table, threads=threads), manifest_path)
+
+    @property
+    def ref(self) -> ModelRef:
+        m = self.manifest
+        return ModelRef(name=m.name, version=m.version, sha256=m.model.sha256)
+
+    def scores(self, bgr: np.ndarray) -> np.ndarray:
+        return self.classifier.scores(bgr)
+
+    def close(self) -> None:
+        self.classifier.close()

@@ -1,0 +1,131 @@
+"""The engine's front door: a frame in, an Analysis out, the serving model swappable.
+
+The model is read once per frame into a local, so a swap between frames is atomic from
+the frame's point of view: no frame is classified half by one model and half by another.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from agent.config import ClassifierConfig
+from agent.contract import DetectionMessage, Gps, ModelRef, Region, Size
+from agent.engine.classifier import ColourModel, corroded_mask
+from agent.engine.regions import find_regions
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What the engine found in one frame."""
+
+    mask: np.ndarray  # 0/255 at analysis size
+    corrosion_pct: float
+    flagged: bool
+    threshold: float
+    regions: tuple[Region, ...]
+    frame_size: Size
+    analysis_size: Size
+    model: ModelRef
+    elapsed_ms: float
+
+    def message(
+        self,
+        *,
+        device_id: str,
+        source: str,
+        frame_index: int,
+        captured_at: datetime,
+        latency_ms: float | None = None,
+        gps: Gps | None = None,
+    ) -> DetectionMessage:
+        """The contract's view of this analysis (MQTT payload, CLI --json line)."""
+        return DetectionMessage(
+            device_id=device_id,
+            source=source,
+            frame_index=frame_index,
+            captured_at=captured_at,
+            model=self.model,
+            corrosion_pct=round(self.corrosion_pct, 4),
+            flagged=self.flagged,
+            threshold=self.threshold,
+            regions=self.regions,
+            frame_size=self.frame_size,
+            analysis_size=self.analysis_size,
+            latency_ms=round(self.elapsed_ms if latency_ms is None else latency_ms, 3),
+            gps=gps,
+        )
+
+
+def fit_long_side(image: np.ndarray, long_side: int | None) -> np.ndarray:
+    """INTER_AREA downscale so the long side is at most `long_side` (never upscales)."""
+    height, width = image.shape[:2]
+    if long_side is None or max(height, width) <= long_side:
+        return image
+    scale = long_side / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+class Detector:
+    """Classifies frames with the model in service; `swap` replaces it between frames."""
+
+    def __init__(self, model: ColourModel, config: ClassifierConfig | None = None) -> None:
+        self.config = config or ClassifierConfig()
+        self._model = model
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, manifest_path: Path, config: ClassifierConfig | None = None) -> Detector:
+        config = config or ClassifierConfig()
+        return cls(ColourModel.load(manifest_path, threads=config.threads), config)
+
+    @property
+    def model(self) -> ColourModel:
+        return self._model
+
+    def swap(self, model: ColourModel) -> ColourModel:
+        """Serve `model` from the next frame on; returns the one it replaced (caller closes it)."""
+        with self._lock:
+            old, self._model = self._model, model
+        return old
+
+    def analyse(self, image: np.ndarray, frame_size: tuple[int, int] | None = None) -> Analysis:
+        """`frame_size` is the original (w, h) when the caller already decoded at reduced size."""
+        start = time.perf_counter()
+        model = self._model
+        cfg = self.config
+        work = fit_long_side(image, cfg.analysis_long_side)
+        height, width = work.shape[:2]
+        full = frame_size or (image.shape[1], image.shape[0])
+        mask = corroded_mask(model.scores(work))
+        pct = 100.0 * cv2.countNonZero(mask) / float(width * height)
+        regions = find_regions(
+            mask,
+            full,
+            open_px=cfg.open_px,
+            close_px=cfg.close_px,
+            min_region_pct=cfg.min_region_pct,
+            max_regions=cfg.max_regions,
+        )
+        threshold = cfg.flag_pct if cfg.flag_pct is not None else model.manifest.decision.flag_pct
+        return Analysis(
+            mask=mask,
+            corrosion_pct=pct,
+            flagged=pct >= threshold,
+            threshold=threshold,
+            regions=regions,
+            frame_size=Size(width=full[0], height=full[1]),
+            analysis_size=Size(width=width, height=height),
+            model=model.ref,
+            elapsed_ms=1000.0 * (time.perf_counter() - start),
+        )
+
+    def close(self) -> None:
+        self._model.close()

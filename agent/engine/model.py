@@ -1,0 +1,205 @@
+"""Load an ONNX pixel model and prove it is the model its manifest describes.
+
+Every check runs at load time, so a model that does not fit is refused with one precise
+reason and nothing can fail later on a frame. The checks are the same whether the model
+comes from the local disk or from the registry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from agent.contract import ModelManifest
+
+TREE_OP = "TreeEnsembleClassifier"
+# post_transform of the tree node for each objective, as onnxmltools writes it.
+POST_TRANSFORM = {
+    "binary:logistic": "LOGISTIC",
+    "multi:softprob": "SOFTMAX",
+    "multi:softmax": "NONE",
+}
+PROBABILITY_TOLERANCE = 1e-5
+
+
+class ModelError(ValueError):
+    """A model, manifest or table that must not be served; the message says exactly why."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_file(path: Path, size: int, sha256: str, what: str) -> None:
+    """Size first (cheap, stops a lying 2 GB claim), then the hash."""
+    try:
+        actual = path.stat().st_size
+    except OSError as exc:
+        raise ModelError(f"{what} {path}: cannot read: {exc.strerror}") from exc
+    if actual != size:
+        raise ModelError(f"{what} {path}: size {actual} bytes, manifest says {size}")
+    digest = sha256_file(path)
+    if digest != sha256:
+        raise ModelError(f"{what} {path}: sha256 {digest} does not match manifest {sha256}")
+
+
+@dataclass(frozen=True)
+class TreeNode:
+    """The single tree-ensemble node of an exported model, with its attributes decoded."""
+
+    attrs: dict[str, list[int] | list[float] | list[str] | str]
+
+    def ints(self, key: str) -> np.ndarray:
+        return np.asarray(self.attrs.get(key, []), dtype=np.int64)
+
+    def floats(self, key: str) -> np.ndarray:
+        return np.asarray(self.attrs.get(key, []), dtype=np.float64)
+
+    def strings(self, key: str) -> list[str]:
+        value = self.attrs.get(key, [])
+        return [str(v) for v in value] if isinstance(value, list) else []
+
+    def text(self, key: str, default: str = "") -> str:
+        value = self.attrs.get(key, default)
+        return value if isinstance(value, str) else default
+
+
+def read_tree(path: Path) -> TreeNode:
+    """Parse the ONNX file and decode its one tree-ensemble node."""
+    try:
+        proto = onnx.load_model(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and friends from protobuf
+        raise ModelError(f"{path}: not an ONNX model ({type(exc).__name__})") from exc
+    nodes = [n for n in proto.graph.node if n.op_type == TREE_OP]
+    others = sorted({n.op_type for n in proto.graph.node} - {TREE_OP})
+    if len(nodes) != 1 or others:
+        raise ModelError(
+            f"{path}: expected one {TREE_OP} node and nothing else, "
+            f"found {len(nodes)} and {others or 'no other ops'}"
+        )
+    attrs: dict[str, list[int] | list[float] | list[str] | str] = {}
+    for attr in nodes[0].attribute:
+        value = onnx.helper.get_attribute_value(attr)
+        if isinstance(value, bytes):
+            attrs[attr.name] = value.decode()
+        elif isinstance(value, list):
+            attrs[attr.name] = [v.decode() if isinstance(v, bytes) else v for v in value]
+    return TreeNode(attrs)
+
+
+class PixelModel:
+    """A verified ONNX model with its manifest: the reference every fast path must equal."""
+
+    def __init__(self, manifest: ModelManifest, onnx_path: Path, tree: TreeNode) -> None:
+        self.manifest = manifest
+        self.path = onnx_path
+        self.tree = tree
+        self._check_tree()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 4
+        try:
+            self.session = ort.InferenceSession(
+                str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            reason = str(exc).splitlines()[0][-300:]
+            raise ModelError(f"{onnx_path}: onnxruntime refuses the model: {reason}") from exc
+        self._check_signature()
+
+    @classmethod
+    def load(cls, manifest_path: Path) -> PixelModel:
+        """Load a manifest and its ONNX file; refuse anything that does not fit."""
+        manifest = ModelManifest.read(manifest_path)
+        onnx_path = manifest_path.parent / manifest.model.file
+        verify_file(onnx_path, manifest.model.size, manifest.model.sha256, "model")
+        model = cls(manifest, onnx_path, read_tree(onnx_path))
+        model.check_golden()
+        return model
+
+    def _check_tree(self) -> None:
+        """The tree node must be the binary layout the table compiler and manifest assume."""
+        m, where = self.manifest, self.path
+        labels = self.tree.ints("classlabels_int64s").tolist()
+        if labels != [0, 1]:
+            raise ModelError(f"{where}: classes {labels}, expected exactly [0, 1]")
+        if np.any(self.tree.ints("class_ids") != 0):
+            raise ModelError(
+                f"{where}: the tree node keeps separate weights per class; onnxruntime reads a "
+                "2-class node as binary and does not compute xgboost's softmax from it. "
+                "Export it with `corrosion-export convert`, which folds the classes into one score"
+            )
+        transform = self.tree.text("post_transform", "NONE")
+        expected = POST_TRANSFORM[m.output.objective]
+        if transform != expected:
+            declared = f"{m.output.kind} ({m.output.objective})"
+            actual = "labels only" if transform == "NONE" else f"probabilities ({transform})"
+            raise ModelError(f"{where}: manifest declares {declared} but the model gives {actual}")
+
+    def _check_signature(self) -> None:
+        """Inputs and outputs must be what the manifest names."""
+        m, where = self.manifest, self.path
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise ModelError(f"{where}: expected 1 input, found {len(inputs)}")
+        inp = inputs[0]
+        if inp.name != m.input.name:
+            raise ModelError(
+                f"{where}: input is named {inp.name!r}, manifest says {m.input.name!r}"
+            )
+        if inp.type != "tensor(float)":
+            raise ModelError(f"{where}: input type {inp.type}, expected tensor(float)")
+        width = len(m.input.features)
+        if len(inp.shape) != 2 or inp.shape[1] != width:
+            raise ModelError(f"{where}: input shape {inp.shape}, expected [N, {width}]")
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        for name, kind in ((m.output.label, "tensor(int64)"), (m.output.scores, "tensor(float)")):
+            if name not in outputs:
+                raise ModelError(f"{where}: no output {name!r} (has {sorted(outputs)})")
+            if outputs[name].type != kind:
+                raise ModelError(f"{where}: output {name!r} is {outputs[name].type}, not {kind}")
+
+    def predict(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Labels at the manifest threshold and P(corroded) (None for labels-only models)."""
+        x = np.ascontiguousarray(rgb, dtype=np.float32).reshape(
+            -1, len(self.manifest.input.features)
+        )
+        out = self.manifest.output
+        label, scores = self.session.run([out.label, out.scores], {self.manifest.input.name: x})
+        if out.kind == "labels":
+            return np.asarray(label, dtype=np.uint8), None
+        proba = np.asarray(scores, dtype=np.float32)[:, 1]
+        labels = (proba >= np.float32(self.manifest.decision.pixel_threshold)).astype(np.uint8)
+        return labels, proba
+
+    def check_golden(self) -> None:
+        """The on-device smoke test: every golden colour must get its recorded answer."""
+        golden = self.manifest.golden
+        rgb = np.array([g.rgb for g in golden], dtype=np.float32)
+        labels, proba = self.predict(rgb)
+        for i, sample in enumerate(golden):
+            if labels[i] != sample.label:
+                raise ModelError(
+                    f"{self.path}: golden sample {i} rgb={sample.rgb} gives label {labels[i]}, "
+                    f"manifest expects {sample.label}"
+                )
+            expected = sample.probability
+            if (
+                proba is not None
+                and expected is not None
+                and abs(float(proba[i]) - expected) > PROBABILITY_TOLERANCE
+            ):
+                raise ModelError(
+                    f"{self.path}: golden sample {i} rgb={sample.rgb} gives P={proba[i]:.6f}, "
+                    f"manifest expects {expected:.6f}"
+                )

@@ -1,0 +1,1 @@
+"""Cloud side of corrosion-edge: datasets, training, ONNX export, registry."""

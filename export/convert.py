@@ -1,0 +1,234 @@
+"""XGBoost booster -> ONNX + manifest + exact colour table, with parity proven.
+
+onnxmltools does the conversion; our job is to prove it: labels identical to xgboost's and
+probabilities within 1e-5 over every colour (an RGB model has only 2^24 inputs, so we can
+check them all), then to write the manifest the device verifies against.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import onnx
+import onnxmltools
+import xgboost as xgb
+from onnxmltools.convert.common.data_types import FloatTensorType
+
+from agent.contract import (
+    Decision,
+    FileRef,
+    GoldenSample,
+    InputSpec,
+    ModelManifest,
+    OutputSpec,
+    Provenance,
+)
+from agent.engine.model import POST_TRANSFORM, TREE_OP, PixelModel, read_tree, sha256_file
+from agent.engine.table import compile_table, save_table
+
+ONNX_FILE = "model.onnx"
+TABLE_FILE = "table.npy"
+MANIFEST_FILE = "manifest.json"
+PARITY_TOLERANCE = 1e-5
+GOLDEN_COUNT = 128
+CHUNK = 1 << 20
+
+
+class ConvertError(ValueError):
+    """A model that cannot be exported faithfully; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    num_class: int
+
+    @property
+    def kind(self) -> str:
+        return "labels" if self.name == "multi:softmax" else "probabilities"
+
+
+def objective_of(booster: xgb.Booster) -> Objective:
+    config = json.loads(booster.save_config())["learner"]
+    name = config["objective"]["name"]
+    num_class = int(config["learner_model_param"].get("num_class", "0"))
+    if name not in ("binary:logistic", "multi:softprob", "multi:softmax"):
+        raise ConvertError(f"objective {name!r} is not a pixel classifier we can serve")
+    if name.startswith("multi:") and num_class != 2:
+        raise ConvertError(f"{name} with num_class={num_class}: only 2 classes are supported")
+    return Objective(name, num_class)
+
+
+def load_booster(path: Path) -> xgb.Booster:
+    """A JSON or UBJ model file, or SageMaker's model.tar.gz holding `xgboost-model`."""
+    if path.name.endswith((".tar.gz", ".tgz")):
+        with tarfile.open(path) as tar, tempfile.TemporaryDirectory() as tmp:
+            members = [m for m in tar.getmembers() if m.isfile()]
+            if not members:
+                raise ConvertError(f"{path}: archive holds no model file")
+            member = next((m for m in members if m.name.endswith("xgboost-model")), members[0])
+            tar.extract(member, tmp, filter="data")
+            return load_booster(Path(tmp) / member.name)
+    booster = xgb.Booster()
+    try:
+        booster.load_model(str(path))
+    except xgb.core.XGBoostError as exc:
+        raise ConvertError(
+            f"{path}: xgboost cannot read this model ({str(exc).splitlines()[0]}); "
+            "load it with the xgboost version that wrote it and save_model('model.json')"
+        ) from exc
+    return booster
+
+
+def to_onnx(booster: xgb.Booster, n_features: int = 3) -> bytes:
+    """onnxmltools rejects feature names such as `R`: clear them on a copy first."""
+    clean = booster.copy()
+    clean.feature_names = None
+    clean.feature_types = None
+    initial = [("input", FloatTensorType([None, n_features]))]
+    proto = onnxmltools.convert_xgboost(clean, initial_types=initial)
+    objective = objective_of(booster)
+    if objective.name.startswith("multi:"):
+        _fold_two_classes(proto, objective)
+    return cast(bytes, proto.SerializeToString())
+
+
+def _fold_two_classes(proto: onnx.ModelProto, objective: Objective) -> None:
+    """Rewrite a 2-class softmax node as one margin, the form onnxruntime computes right.
+
+    onnxmltools writes one weight set per class, but onnxruntime treats a 2-label node as
+    binary and answers something else than xgboost (measured: every margin off). With
+    d = margin1 - margin0, softmax gives P1 = sigmoid(d) and argmax gives d > 0, so a
+    single score with LOGISTIC (softprob) or NONE (softmax, labels) is exactly the model.
+    """
+    node = next(n for n in proto.graph.node if n.op_type == TREE_OP)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    class_ids = np.asarray(attrs["class_ids"])
+    weights = np.asarray(attrs["class_weights"], dtype=np.float32)
+    base = attrs.get("base_values") or [0.0, 0.0]
+    replaced = {
+        "class_ids": [0] * len(class_ids),
+        "class_weights": np.where(class_ids == 1, weights, -weights).tolist(),
+        "base_values": [float(np.float32(base[1]) - np.float32(base[0]))],
+        "post_transform": POST_TRANSFORM[objective.name],
+    }
+    kept = [a for a in node.attribute if a.name not in replaced]
+    del node.attribute[:]
+    node.attribute.extend(kept)
+    node.attribute.extend(onnx.helper.make_attribute(k, v) for k, v in replaced.items())
+
+
+def all_colours(start: int, stop: int) -> np.ndarray:
+    """Colours start..stop-1 of the R << 16 | G << 8 | B order, as float32 [N, 3]."""
+    idx = np.arange(start, stop, dtype=np.int64)
+    return np.column_stack(((idx >> 16) & 255, (idx >> 8) & 255, idx & 255)).astype(np.float32)
+
+
+def xgb_predict(booster: xgb.Booster, objective: Objective, rgb: np.ndarray) -> np.ndarray:
+    """P(corroded) for probability models, the label for multi:softmax."""
+    out = np.asarray(booster.inplace_predict(rgb))
+    if objective.name == "multi:softprob":
+        return np.asarray(out[:, 1])
+    return out
+
+
+def check_parity(booster: xgb.Booster, model: PixelModel, objective: Objective) -> int:
+    """Compare xgboost and onnxruntime over every colour; returns colours checked."""
+    threshold = np.float32(model.manifest.decision.pixel_threshold)
+    for start in range(0, 1 << 24, CHUNK):
+        rgb = all_colours(start, start + CHUNK)
+        ref = xgb_predict(booster, objective, rgb)
+        labels, proba = model.predict(rgb)
+        if proba is None:
+            bad = np.flatnonzero(labels != ref.astype(np.uint8))
+        else:
+            diff = np.abs(proba - ref)
+            bad = np.flatnonzero(diff > PARITY_TOLERANCE)
+            if not len(bad):
+                bad = np.flatnonzero(labels != (ref.astype(np.float32) >= threshold))
+        if len(bad):
+            colour = rgb[bad[0]].astype(int).tolist()
+            raise ConvertError(
+                f"ONNX and xgboost disagree on {len(bad)} colours of chunk {start}, e.g. {colour}"
+            )
+    return 1 << 24
+
+
+def golden_samples(model: PixelModel, rng: np.random.Generator) -> tuple[GoldenSample, ...]:
+    """Random colours plus the colours nearest the boundary, where a broken model shows first."""
+    pool = rng.integers(0, 256, size=(1 << 16, 3)).astype(np.float32)
+    labels, proba = model.predict(pool)
+    score = proba if proba is not None else labels.astype(np.float32)
+    near = np.argsort(np.abs(score - model.manifest.decision.pixel_threshold))[: GOLDEN_COUNT // 2]
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    half = GOLDEN_COUNT // 4
+    picks = [near, pos[:half], neg[:half]]
+    chosen = np.unique(np.concatenate(picks))
+    extra = np.setdiff1d(np.arange(len(pool)), chosen)[: max(0, GOLDEN_COUNT - len(chosen))]
+    chosen = np.concatenate((chosen, extra))
+    return tuple(
+        GoldenSample(
+            rgb=(int(pool[i, 0]), int(pool[i, 1]), int(pool[i, 2])),
+            label=int(labels[i]),
+            probability=None if proba is None else float(proba[i]),
+        )
+        for i in chosen.tolist()
+    )
+
+
+def _file_ref(path: Path) -> FileRef:
+    return FileRef(file=path.name, sha256=sha256_file(path), size=path.stat().st_size)
+
+
+def export_model(
+    booster: xgb.Booster,
+    out_dir: Path,
+    *,
+    name: str,
+    version: str,
+    decision: Decision | None = None,
+    provenance: Provenance | None = None,
+    parity: bool = True,
+    with_table: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Write model.onnx, manifest.json and table.npy into out_dir; returns the manifest path."""
+    objective = objective_of(booster)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = out_dir / ONNX_FILE
+    onnx_path.write_bytes(to_onnx(booster))
+    decision = decision or Decision()
+    if objective.kind == "labels" and decision.pixel_threshold != 0.5:
+        raise ConvertError("multi:softmax gives labels only: the pixel threshold must be 0.5")
+    base: dict[str, Any] = {
+        "name": name,
+        "version": version,
+        "created_at": datetime.now(UTC),
+        "model": _file_ref(onnx_path),
+        "input": InputSpec(),
+        "output": OutputSpec(kind=objective.kind, objective=objective.name),
+        "decision": decision,
+        "provenance": provenance or Provenance(),
+    }
+    # Golden samples come from the converted model itself; a placeholder set lets the
+    # runtime load it first (its golden check then trivially re-derives the same answers).
+    draft = ModelManifest.model_construct(**base, golden=())
+    tree = read_tree(onnx_path)
+    model = PixelModel(draft, onnx_path, tree)
+    if parity:
+        check_parity(booster, model, objective)
+    manifest = ModelManifest(**base, golden=golden_samples(model, np.random.default_rng(seed)))
+    if with_table:
+        table_path = out_dir / TABLE_FILE
+        save_table(table_path, compile_table(PixelModel(manifest, onnx_path, tree)))
+        manifest = manifest.model_copy(update={"table": _file_ref(table_path)})
+    manifest_path = out_dir / MANIFEST_FILE
+    manifest.write(manifest_path)
+    return manifest_path

@@ -1,0 +1,141 @@
+"""A model that does not fit its manifest is refused at load, with the reason."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+
+from agent.engine.model import ModelError, PixelModel, sha256_file
+from tests.conftest import train_export
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src.parent, dst)
+    return dst / src.name
+
+
+def edit_manifest(path: Path, **changes: object) -> None:
+    data = json.loads(path.read_text())
+    for dotted, value in changes.items():
+        node = data
+        *parents, leaf = dotted.split("__")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    path.write_text(json.dumps(data))
+
+
+def rehash(manifest: Path) -> None:
+    onnx_path = manifest.parent / "model.onnx"
+    edit_manifest(
+        manifest, model__sha256=sha256_file(onnx_path), model__size=onnx_path.stat().st_size
+    )
+
+
+def test_good_model_loads(logistic_model: Path) -> None:
+    model = PixelModel.load(logistic_model)
+    assert model.manifest.output.kind == "probabilities"
+    assert len(model.manifest.golden) >= 64
+
+
+def test_wrong_sha256_is_refused(logistic_model: Path, tmp_path: Path) -> None:
+    m = copy_model(logistic_model, tmp_path / "m")
+    edit_manifest(m, model__sha256="0" * 64)
+    with pytest.raises(ModelError, match=r"sha256 .* does not match manifest"):
+        PixelModel.load(m)
+
+
+def test_truncated_file_is_refused_by_size(logistic_model: Path, tmp_path: Path) -> None:
+    m = copy_model(logistic_model, tmp_path / "m")
+    onnx_path = m.parent / "model.onnx"
+    onnx_path.write_bytes(onnx_path.read_bytes()[:100])
+    with pytest.raises(ModelError, match="size 100 bytes, manifest says"):
+        PixelModel.load(m)
+
+
+def test_not_onnx_is_refused(logistic_model: Path, tmp_path: Path) -> None:
+    m = copy_model(logistic_model, tmp_path / "m")
+    (m.parent / "model.onnx").write_bytes(b"this is not a protobuf" * 10)
+    rehash(m)
+    with pytest.raises(ModelError, match="not an ONNX model"):
+        PixelModel.load(m)
+
+
+def test_labels_declared_as_probabilities_is_refused(softmax_model: Path, tmp_path: Path) -> None:
+    m = copy_model(softmax_model, tmp_path / "m")
+    edit_manifest(m, output__kind="probabilities", output__objective="binary:logistic")
+    data = json.loads(m.read_text())
+    for g in data["golden"]:
+        g["probability"] = 0.5
+    m.write_text(json.dumps(data))
+    with pytest.raises(ModelError, match=r"declares probabilities .* gives labels only"):
+        PixelModel.load(m)
+
+
+def test_wrong_input_shape_is_refused(logistic_model: Path, tmp_path: Path) -> None:
+    m = copy_model(logistic_model, tmp_path / "m")
+    edit_manifest(m, input__shape=[None, 4], input__features=["R", "G", "B", "X"])
+    with pytest.raises(ModelError, match=r"input shape \[.*3\], expected \[N, 4\]"):
+        PixelModel.load(m)
+
+
+def test_three_classes_are_refused(logistic_model: Path, tmp_path: Path) -> None:
+    m = copy_model(logistic_model, tmp_path / "m")
+    onnx_path = m.parent / "model.onnx"
+    proto = onnx.load(str(onnx_path))
+    node = proto.graph.node[0]
+    for attr in node.attribute:
+        if attr.name == "classlabels_int64s":
+            attr.ints.append(2)
+    onnx.save(proto, str(onnx_path))
+    rehash(m)
+    with pytest.raises(ModelError, match=r"classes \[0, 1, 2\], expected exactly \[0, 1\]"):
+        PixelModel.load(m)
+
+
+def test_per_class_onnxmltools_layout_is_refused(logistic_model: Path, tmp_path: Path) -> None:
+    m = copy_model(logistic_model, tmp_path / "m")
+    onnx_path = m.parent / "model.onnx"
+    proto = onnx.load(str(onnx_path))
+    for attr in proto.graph.node[0].attribute:
+        if attr.name == "class_ids":
+            attr.ints[0] = 1
+    onnx.save(proto, str(onnx_path))
+    rehash(m)
+    with pytest.raises(ModelError, match="separate weights per class"):
+        PixelModel.load(m)
+
+
+def test_golden_mismatch_is_refused(logistic_model: Path, tmp_path: Path) -> None:
+    m = copy_model(logistic_model, tmp_path / "m")
+    data = json.loads(m.read_text())
+    data["golden"][0]["label"] = 1 - data["golden"][0]["label"]
+    m.write_text(json.dumps(data))
+    with pytest.raises(ModelError, match=r"golden sample 0 .* manifest expects"):
+        PixelModel.load(m)
+
+
+def test_unknown_manifest_field_is_refused(logistic_model: Path, tmp_path: Path) -> None:
+    m = copy_model(logistic_model, tmp_path / "m")
+    edit_manifest(m, surprise=1)
+    with pytest.raises(ValueError, match=r"manifest.json: invalid manifest.*surprise"):
+        PixelModel.load(m)
+
+
+def test_two_gb_size_claim_is_refused_before_reading(logistic_model: Path, tmp_path: Path) -> None:
+    m = copy_model(logistic_model, tmp_path / "m")
+    edit_manifest(m, model__size=2 * 1024**3)
+    with pytest.raises(ValueError, match=r"model\.size"):
+        PixelModel.load(m)
+
+
+def test_model_without_table_compiles_on_device(tmp_path: Path) -> None:
+    manifest = train_export(tmp_path / "m", "binary:logistic", rounds=5, depth=3, table=False)
+    from agent.engine.classifier import ColourModel
+
+    model = ColourModel.load(manifest)
+    assert model.classifier.table.shape == (1 << 24,)

@@ -1,0 +1,63 @@
+"""The table IS the model: exact against onnxruntime over all 2^24 colours."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.engine.model import ModelError, PixelModel
+from agent.engine.table import CORRODED, SIZE, check_table, compile_table, load_table, scores_from
+from export.convert import all_colours
+
+CHUNK = 1 << 21
+
+
+def runtime_labels_all(model: PixelModel) -> np.ndarray:
+    out = np.empty(SIZE, dtype=bool)
+    for start in range(0, SIZE, CHUNK):
+        labels, _ = model.predict(all_colours(start, start + CHUNK))
+        out[start : start + CHUNK] = labels.astype(bool)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fixture", ["logistic_model", "softmax_model"])
+def test_table_equals_onnxruntime_for_every_colour(
+    fixture: str, request: pytest.FixtureRequest
+) -> None:
+    model = PixelModel.load(request.getfixturevalue(fixture))
+    table = compile_table(model)
+    expected = runtime_labels_all(model)
+    got = table >= CORRODED
+    mismatches = np.flatnonzero(got != expected)
+    assert len(mismatches) == 0, f"{len(mismatches)} colours differ, first index {mismatches[:5]}"
+    assert 0.01 < expected.mean() < 0.9  # both classes present: the test can fail
+
+
+def test_scores_keep_the_label_on_its_side_of_128() -> None:
+    proba = np.array([0.0, 0.2, 0.499, 0.5, 0.51, 0.9, 1.0])
+    label = proba >= 0.5
+    scores = scores_from(label, proba, 0.5)
+    assert np.array_equal(scores >= CORRODED, label)
+    assert np.all(np.diff(scores.astype(int)) >= 0)  # monotone in probability
+    # A runtime label that disagrees with our float (near-tie) still decides the side.
+    assert scores_from(np.array([True]), np.array([0.4999]), 0.5)[0] == CORRODED
+
+
+def test_compile_is_deterministic_and_fast_path_matches_shipped(logistic_model: Path) -> None:
+    model = PixelModel.load(logistic_model)
+    shipped = load_table(model)
+    assert np.array_equal(shipped, compile_table(model))
+
+
+def test_tampered_table_is_refused(logistic_model: Path, tmp_path: Path) -> None:
+    model = PixelModel.load(logistic_model)
+    table = compile_table(model)
+    flipped = table.copy()
+    flipped[(200 << 16) | (60 << 8) | 20 :] ^= 0x80  # flip labels of a large block of colours
+    with pytest.raises(ModelError, match="table disagrees with the model"):
+        check_table(model, flipped, "tampered")
+    with pytest.raises(ModelError, match=r"uint8\[16777216\]"):
+        check_table(model, table[:-1], "short")
