@@ -13,9 +13,9 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-from test_imageio import bomb_png, encode, split_image
 
 from agent.archive import Entry, Limits, Refused, iter_inputs
+from tests.imagedata import bomb_png, encode, split_image
 
 JPG = encode(".jpg", split_image(40, 30))
 PNG = encode(".png", split_image(20, 10))

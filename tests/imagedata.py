@@ -1,0 +1,59 @@
+"""Image bytes for tests: split-colour images, encoders, PNG chunks and a real PNG bomb."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import cv2
+import numpy as np
+
+RED, BLUE = (0, 0, 200), (200, 0, 0)  # BGR
+
+
+def split_image(w: int, h: int, channels: int = 3) -> np.ndarray:
+    """Red left half, blue right half: survives scaling, shows a swapped or mirrored axis."""
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:, : w // 2] = RED
+    img[:, w // 2 :] = BLUE
+    if channels == 1:
+        return np.asarray(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY))
+    if channels == 4:
+        bgra = np.asarray(cv2.cvtColor(img, cv2.COLOR_BGR2BGRA))
+        bgra[: h // 2, :, 3] = 128  # real transparency, or encoders drop the alpha channel
+        return bgra
+    return img
+
+
+def encode(ext: str, img: np.ndarray, params: tuple[int, ...] = ()) -> bytes:
+    ok, buf = cv2.imencode(ext, img, list(params))
+    assert ok
+    return buf.tobytes()
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def png_header(w: int, h: int) -> bytes:
+    """Signature + a valid IHDR for an 8-bit greyscale image."""
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+
+
+def bomb_png(side: int = 30000) -> bytes:
+    """A real, fully valid greyscale PNG of zeros (~870 KB for 30000x30000), built in ms.
+
+    A raw deflate block flushed with Z_FULL_FLUSH resets the dictionary, so one compressed MiB
+    of zeros can be repeated verbatim; the zlib trailer is adler32 of n zeros, which is
+    (n mod 65521) << 16 | 1. Every row is filter byte 0 followed by zero pixels, i.e. zeros.
+    """
+    raw_len = side * (side + 1)
+    block = 1 << 20
+    piece = zlib.compressobj(9, zlib.DEFLATED, -15)
+    repeat = piece.compress(bytes(block)) + piece.flush(zlib.Z_FULL_FLUSH)
+    full, rest = divmod(raw_len, block)
+    tail = zlib.compressobj(9, zlib.DEFLATED, -15)
+    end = tail.compress(bytes(rest)) + tail.flush()
+    adler = ((raw_len % 65521) << 16) | 1
+    idat = b"\x78\xda" + repeat * full + end + struct.pack(">I", adler)
+    return png_header(side, side) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
