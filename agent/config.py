@@ -25,6 +25,12 @@ class ClassifierConfig(Area):
         description="Downscale the long side to this before classifying; None = full size",
     )
     threads: int = Field(default=1, ge=1, le=64, description="Threads for the per-pixel lookup")
+    region_long_side: int | None = Field(
+        default=640,
+        ge=32,
+        le=16384,
+        description="Group regions on the mask scaled to this long side; None = full size",
+    )
     open_px: int = Field(
         default=3,
         ge=0,

@@ -81,9 +81,13 @@ class TableClassifier:
 
 
 def corroded_mask(scores: np.ndarray) -> np.ndarray:
-    """0/255 mask (what OpenCV's morphology, components and copyTo want)."""
-    _, mask = cv2.threshold(scores, CORRODED - 1, 255, cv2.THRESH_BINARY)
-    return mask
+    """Turn scores into the 0/255 mask OpenCV's morphology and copyTo want, IN PLACE.
+
+    In place because a 1080p frame's scores are 2 MB the device need not hold twice;
+    callers that still need the scores pass a copy.
+    """
+    cv2.threshold(scores, CORRODED - 1, 255, cv2.THRESH_BINARY, dst=scores)
+    return scores
 
 
 @dataclass

@@ -109,6 +109,7 @@ class Detector:
         regions = find_regions(
             mask,
             full,
+            long_side=cfg.region_long_side,
             open_px=cfg.open_px,
             close_px=cfg.close_px,
             min_region_pct=cfg.min_region_pct,

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from agent.contract import ModelManifest
+from agent.engine.onnxproto import Attribute, parse_nodes
 
 TREE_OP = "TreeEnsembleClassifier"
 # post_transform of the tree node for each objective, as onnxmltools writes it.
@@ -56,7 +56,7 @@ def verify_file(path: Path, size: int, sha256: str, what: str) -> None:
 class TreeNode:
     """The single tree-ensemble node of an exported model, with its attributes decoded."""
 
-    attrs: dict[str, list[int] | list[float] | list[str] | str]
+    attrs: dict[str, Attribute]
 
     def ints(self, key: str) -> np.ndarray:
         return np.asarray(self.attrs.get(key, []), dtype=np.int64)
@@ -76,24 +76,19 @@ class TreeNode:
 def read_tree(path: Path) -> TreeNode:
     """Parse the ONNX file and decode its one tree-ensemble node."""
     try:
-        proto = onnx.load_model(str(path), load_external_data=False)
-    except Exception as exc:  # onnx raises DecodeError and friends from protobuf
-        raise ModelError(f"{path}: not an ONNX model ({type(exc).__name__})") from exc
-    nodes = [n for n in proto.graph.node if n.op_type == TREE_OP]
-    others = sorted({n.op_type for n in proto.graph.node} - {TREE_OP})
-    if len(nodes) != 1 or others:
+        nodes = parse_nodes(path.read_bytes())
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise ModelError(f"{path}: not an ONNX model ({exc})") from exc
+    trees = [attrs for op, attrs in nodes if op == TREE_OP]
+    others = sorted({op for op, _ in nodes} - {TREE_OP})
+    if len(trees) != 1 or others:
         raise ModelError(
             f"{path}: expected one {TREE_OP} node and nothing else, "
-            f"found {len(nodes)} and {others or 'no other ops'}"
+            f"found {len(trees)} and {others or 'no other ops'}"
         )
-    attrs: dict[str, list[int] | list[float] | list[str] | str] = {}
-    for attr in nodes[0].attribute:
-        value = onnx.helper.get_attribute_value(attr)
-        if isinstance(value, bytes):
-            attrs[attr.name] = value.decode()
-        elif isinstance(value, list):
-            attrs[attr.name] = [v.decode() if isinstance(v, bytes) else v for v in value]
-    return TreeNode(attrs)
+    return TreeNode(trees[0])
 
 
 class PixelModel:
@@ -108,6 +103,9 @@ class PixelModel:
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
         options.log_severity_level = 4
+        options.enable_cpu_mem_arena = False  # tiny batches: an arena only holds on to memory
+        options.enable_mem_pattern = False
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
             self.session = ort.InferenceSession(
                 str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"]
