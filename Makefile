@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO := demo
 DATA ?= ../shared/data
 
-.PHONY: run test lint bench bench-classify demo schemas system-deps clean
+.PHONY: run test lint bench bench-classify bench-resolution demo schemas system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,7 +42,7 @@ lint: $(STAMP)
 schemas: $(STAMP)
 	$(VENV)/bin/corrosion-agent schemas --out docs/schemas
 
-bench: bench-classify
+bench: bench-classify bench-resolution
 
 ## Pixel engine against xgboost and onnxruntime on the same frames (reads $(DATA) for the AWS model).
 bench-classify: $(STAMP)
@@ -50,3 +50,7 @@ bench-classify: $(STAMP)
 
 clean:
 	rm -rf $(DEMO) build .pytest_cache .mypy_cache .ruff_cache
+
+## Corrosion % error and decode time of reduced-size JPEG decoding on the real photos.
+bench-resolution: $(STAMP)
+	PYTHONPATH=bench $(PY) bench/resolution.py --data $(DATA)
