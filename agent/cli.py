@@ -17,6 +17,7 @@ from agent.config import ClassifierConfig
 from agent.contract import write_schemas
 from agent.engine.detector import Analysis, Detector
 from agent.engine.model import ModelError
+from agent.memory import tune_malloc
 
 MANIFEST = "manifest.json"
 
@@ -138,6 +139,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    tune_malloc()
     try:
         return int(args.func(args))
     except ModelError as exc:

@@ -133,6 +133,9 @@ def rss_child(manifest: Path, frame_dir: Path) -> None:
                 return int(ln.split()[1]) / 1024.0
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
+    from agent.memory import tune_malloc
+
+    tune_malloc()  # as corrosion-agent does at start
     stages = {"numpy+cv2": peak_mb()}
     from agent.config import ClassifierConfig
     from agent.engine.classifier import ColourModel
