@@ -18,7 +18,7 @@ import numpy as np
 from agent.config import ClassifierConfig
 from agent.contract import DetectionMessage, Gps, ModelRef, Region, Size
 from agent.engine.classifier import ColourModel, corroded_mask
-from agent.engine.regions import find_regions
+from agent.engine.regions import find_regions, fit_long_side
 
 
 @dataclass(frozen=True)
@@ -61,16 +61,6 @@ class Analysis:
             latency_ms=round(self.elapsed_ms if latency_ms is None else latency_ms, 3),
             gps=gps,
         )
-
-
-def fit_long_side(image: np.ndarray, long_side: int | None) -> np.ndarray:
-    """INTER_AREA downscale so the long side is at most `long_side` (never upscales)."""
-    height, width = image.shape[:2]
-    if long_side is None or max(height, width) <= long_side:
-        return image
-    scale = long_side / max(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
 class Detector:

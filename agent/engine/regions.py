@@ -15,14 +15,17 @@ def _morph(mask: np.ndarray, op: int, px: int) -> np.ndarray:
     return cv2.morphologyEx(mask, op, kernel)
 
 
-def coverage_at(mask: np.ndarray, long_side: int | None) -> np.ndarray:
-    """The 0/255 mask area-averaged down to `long_side`: each value is the corroded share."""
-    height, width = mask.shape
+def fit_long_side(image: np.ndarray, long_side: int | None) -> np.ndarray:
+    """INTER_AREA downscale so the long side is at most `long_side` (never upscales).
+
+    On a 0/255 mask the result is coverage: each value is the corroded share of its area.
+    """
+    height, width = image.shape[:2]
     if long_side is None or max(height, width) <= long_side:
-        return mask
+        return image
     scale = long_side / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return cv2.resize(mask, size, interpolation=cv2.INTER_AREA)
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
 def find_regions(
@@ -45,7 +48,7 @@ def find_regions(
     """
     if max_regions == 0:
         return ()
-    coverage = coverage_at(mask, long_side)
+    coverage = fit_long_side(mask, long_side)
     _, binary = cv2.threshold(coverage, 127, 255, cv2.THRESH_BINARY)
     cleaned = _morph(_morph(binary, cv2.MORPH_OPEN, open_px), cv2.MORPH_CLOSE, close_px)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(cleaned, connectivity=8)

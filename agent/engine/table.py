@@ -150,6 +150,7 @@ def compile_table(model: PixelModel) -> np.ndarray:
     diff = np.zeros((n_g + 1, n_b + 1), dtype=np.float64)
     table = np.empty((256, 256, 256), dtype=TABLE_DTYPE)
     border: list[np.ndarray] = []
+    border_margin: list[np.ndarray] = []
     for i in range(n_r):
         sel = order[starts[i] : starts[i + 1]]
         v, g0, g1, b0, b1 = ev_v[sel], ev_g0[sel], ev_g1[sel], ev_b0[sel], ev_b1[sel]
@@ -164,9 +165,15 @@ def compile_table(model: PixelModel) -> np.ndarray:
         jk = np.argwhere(np.abs(margin - boundary) < EPSILON)
         if len(jk):
             border.append(np.column_stack((np.full(len(jk), i), jk)))
+            border_margin.append(margin[jk[:, 0], jk[:, 1]])
     if border:
         _settle_border(
-            model, table, cuts, np.concatenate(border), leaves=leaves, threshold=threshold
+            model,
+            table,
+            cuts,
+            np.concatenate(border),
+            margin=np.concatenate(border_margin),
+            threshold=threshold,
         )
     return table.reshape(-1)
 
@@ -177,28 +184,19 @@ def _settle_border(
     cuts: list[np.ndarray],
     cells: np.ndarray,
     *,
-    leaves: Leaves,
+    margin: np.ndarray,
     threshold: float,
 ) -> None:
     """Ask onnxruntime for cells too close to the boundary to trust our float64 sum."""
     rgb = np.column_stack([cuts[c][cells[:, c]] for c in range(3)])
     labels, proba = model.predict(rgb)
     if proba is None:  # labels-only: keep our probability, on the runtime's side of 128
-        margin = _margin_at(leaves, rgb)
         proba = _sigmoid(margin)
     values = scores_from(labels, proba.astype(np.float64), threshold)
     for (i, j, k), value in zip(cells.tolist(), values.tolist(), strict=True):
         table[
             cuts[0][i] : cuts[0][i + 1], cuts[1][j] : cuts[1][j + 1], cuts[2][k] : cuts[2][k + 1]
         ] = value
-
-
-def _margin_at(leaves: Leaves, rgb: np.ndarray) -> np.ndarray:
-    inside = np.all(
-        (leaves.lo[None, :, :] <= rgb[:, None, :]) & (rgb[:, None, :] < leaves.hi[None, :, :]),
-        axis=2,
-    )
-    return np.asarray(inside @ leaves.value + leaves.base, dtype=np.float64)
 
 
 SPOT_CHECKS = 4096
