@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 DEMO := demo
 DATA ?= ../shared/data
 
-.PHONY: run test lint bench bench-classify bench-resolution demo schemas system-deps clean
+PHONY_EXTRA := run-batch config bench-daemon
+.PHONY: $(PHONY_EXTRA) run test lint bench bench-classify bench-resolution demo schemas system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,9 +21,18 @@ $(DEMO)/model/manifest.json: | $(STAMP)
 
 demo: $(DEMO)/model/manifest.json
 
-## The main job: the agent on the bundled demo (model and frames made on first run).
+## The main job: the daemon on the bundled demo frames, publishing to Mosquitto on
+## 127.0.0.1:1883 when one runs (else the detections wait in its outbox); exits when done.
 run: $(STAMP) demo
+	$(VENV)/bin/corrosion-agent run --config config/demo.toml --exit-when-done
+
+## The batch CLI on the same frames: results.csv and overlays in demo/out.
+run-batch: $(STAMP) demo
 	$(VENV)/bin/corrosion-agent batch $(DEMO)/frames --model $(DEMO)/model --out $(DEMO)/out
+
+## config/agent.toml is generated from agent/config.py (a test keeps them in step).
+config: $(STAMP)
+	$(PY) -c "from agent.config import commented_defaults as d; print(d(), end='')" > config/agent.toml
 
 # Mosquitto is what the MQTT tests start; install it when missing and we may.
 system-deps:
@@ -42,7 +52,7 @@ lint: $(STAMP)
 schemas: $(STAMP)
 	$(VENV)/bin/corrosion-agent schemas --out docs/schemas
 
-bench: bench-classify bench-resolution
+bench: bench-classify bench-resolution bench-daemon
 
 ## Pixel engine against xgboost and onnxruntime on the same frames (reads $(DATA) for the AWS model).
 bench-classify: $(STAMP)
@@ -50,6 +60,10 @@ bench-classify: $(STAMP)
 
 clean:
 	rm -rf $(DEMO) build .pytest_cache .mypy_cache .ruff_cache
+
+## The daemon end to end: 300 1080p JPEGs, watched folder -> PUBACK from a local Mosquitto.
+bench-daemon: $(STAMP) system-deps demo
+	PYTHONPATH=. $(PY) bench/daemon.py --data $(DATA)
 
 ## Corrosion % error and decode time of reduced-size JPEG decoding on the real photos.
 bench-resolution: $(STAMP)

@@ -3,34 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
 from agent import __version__, imageio
 from agent.archive import iter_inputs
 from agent.batch import detect_file, overlay_path, run_batch, write_overlay
-from agent.config import ClassifierConfig
+from agent.config import AgentConfig, ClassifierConfig, TlsConfig
 from agent.contract import write_schemas
 from agent.engine.detector import Analysis, Detector
-from agent.engine.model import ModelError
+from agent.engine.model import ModelError, resolve_manifest
+from agent.health import heartbeat_age
 from agent.memory import tune_malloc
-
-MANIFEST = "manifest.json"
-
-
-def resolve_manifest(model: Path) -> Path:
-    """MODEL may be a manifest, a folder holding one, or an .onnx with its manifest beside it."""
-    if model.is_dir():
-        model = model / MANIFEST
-    elif model.suffix == ".onnx":
-        model = model.with_name(MANIFEST)
-    if not model.is_file():
-        raise ModelError(f"{model}: no model manifest here")
-    return model
 
 
 def _detector(args: argparse.Namespace) -> Detector:
@@ -89,6 +79,63 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return 0 if summary.ok else 1
 
 
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("paho").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+def _load_config(args: argparse.Namespace) -> AgentConfig:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "exit_when_done", False):
+        overrides["source"] = {"exit_when_done": True}
+    return AgentConfig.load(args.config, **overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load_config(args)
+    _setup_logging(config.log_level)
+    from agent.daemon import Agent  # imports the broker and source stacks: run only
+
+    return Agent(config).run()
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load_config(args)
+    print(config.effective())
+    print(f"{args.config}: OK", file=sys.stderr)
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    age = heartbeat_age(args.state_dir)
+    if age is None:
+        print(f"unhealthy: no heartbeat in {args.state_dir}", file=sys.stderr)
+        return 1
+    if age > args.max_age:
+        print(f"unhealthy: frame loop silent for {age:.0f} s", file=sys.stderr)
+        return 1
+    print(f"healthy: heartbeat {age:.0f} s ago")
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from agent.watch import broker_config, watch
+
+    tls = TlsConfig(
+        enabled=args.ca is not None or args.cert is not None,
+        ca_file=args.ca,
+        cert_file=args.cert,
+        key_file=args.key,
+    )
+    config = broker_config(args.broker, tls, args.username, args.password)
+    prefix = args.prefix if args.prefix.endswith("/") else args.prefix + "/"
+    return watch(config, prefix=prefix, device=args.device, as_json=args.json, count=args.count)
+
+
 def cmd_schemas(args: argparse.Namespace) -> int:
     for path in write_schemas(args.out):
         print(path)
@@ -130,6 +177,40 @@ def parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--out", type=Path, required=True, help="results.csv and overlays/ go here")
     p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("run", help="the daemon: classify a source, publish over MQTT")
+    p.add_argument("--config", type=Path, required=True, help="TOML file (see config/)")
+    p.add_argument(
+        "--exit-when-done",
+        "--once",
+        action="store_true",
+        help="stop when a file source is exhausted (after handing the outbox to the broker)",
+    )
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check-config", help="validate a config and print it, secrets masked")
+    p.add_argument("config", type=Path, metavar="FILE")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("health", help="exit 0 if the daemon's frame loop is alive (Docker)")
+    p.add_argument("--state-dir", type=Path, required=True, help="the daemon's state_dir")
+    p.add_argument("--max-age", type=float, default=60.0, help="seconds (default 60)")
+    p.set_defaults(func=cmd_health)
+
+    p = sub.add_parser("watch", help="print what devices publish (detections, status, ...)")
+    p.add_argument(
+        "--broker", default="mqtt://127.0.0.1:1883", help="mqtt://host:port or mqtts://..."
+    )
+    p.add_argument("--prefix", default="corrosion/", help="topic prefix before the device id")
+    p.add_argument("--device", default="+", help="one device id (default: all)")
+    p.add_argument("--json", action="store_true", help="one JSON object per message")
+    p.add_argument("--count", type=int, default=None, help="exit after this many messages")
+    p.add_argument("--username", default=None)
+    p.add_argument("--password", default=None)
+    p.add_argument("--ca", type=Path, default=None, help="CA file (TLS)")
+    p.add_argument("--cert", type=Path, default=None, help="client certificate (mutual TLS)")
+    p.add_argument("--key", type=Path, default=None, help="client key (mutual TLS)")
+    p.set_defaults(func=cmd_watch)
 
     p = sub.add_parser("schemas", help="write the contract's JSON Schemas")
     p.add_argument("--out", type=Path, default=Path("docs/schemas"))

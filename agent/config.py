@@ -1,12 +1,21 @@
-"""Agent configuration: one strict pydantic model per area.
+"""Agent configuration: one strict pydantic model per area, TOML file plus environment.
 
 `extra="forbid"` everywhere, so a misspelt key fails at start with the path of the field
-instead of being silently ignored on a device nobody can reach.
+instead of being silently ignored on a device nobody can reach. Environment variables
+override the file: `CORROSION_MQTT__PORT=8883` sets `mqtt.port`.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+import json
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
 class Area(BaseModel):
@@ -52,3 +61,271 @@ class ClassifierConfig(Area):
     flag_pct: float | None = Field(
         default=None, ge=0.0, le=100.0, description="Flag threshold %, None = the model manifest's"
     )
+
+
+SourceKind = Literal["camera", "stream", "video", "folder", "glob"]
+
+
+class SourceConfig(Area):
+    """Where frames come from."""
+
+    kind: SourceKind = Field(
+        default="folder",
+        description="camera (index or /dev/video*), stream (rtsp/http), video file, "
+        "folder (watched), glob (image list)",
+    )
+    uri: str = Field(
+        default="frames",
+        min_length=1,
+        description="Camera index or device, stream URL, video path, folder, or glob pattern",
+    )
+    max_fps: float | None = Field(
+        default=None, gt=0.0, le=1000.0, description="Most frames per second taken; None = all"
+    )
+    poll_s: float = Field(
+        default=0.5, gt=0.0, le=60.0, description="How often a watched folder is scanned"
+    )
+    settle_s: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=600.0,
+        description="A new file is read once its size has not changed for this long",
+    )
+    recursive: bool = Field(default=False, description="Watch sub-folders too")
+    extensions: tuple[str, ...] = Field(
+        default=(".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"),
+        description="Image file suffixes a folder or glob source takes (case-insensitive)",
+    )
+    reopen_min_s: float = Field(
+        default=0.5, gt=0.0, le=60.0, description="First wait before reopening a lost source"
+    )
+    reopen_max_s: float = Field(
+        default=30.0, gt=0.0, le=3600.0, description="Longest wait between reopen attempts"
+    )
+    stale_after_s: float = Field(
+        default=10.0,
+        gt=0.0,
+        le=86400.0,
+        description="A live source with no frame for this long is reported stale",
+    )
+    exit_when_done: bool = Field(
+        default=False,
+        description="Stop the agent when a file source is exhausted (folder: nothing new left)",
+    )
+
+
+class ModelConfig(Area):
+    """The model in service."""
+
+    path: Path = Field(
+        default=Path("model"), description="Model manifest, or the folder that holds it"
+    )
+
+
+class TlsConfig(Area):
+    """TLS to the broker; a client certificate makes it mutual TLS (AWS IoT Core)."""
+
+    enabled: bool = Field(default=False, description="Connect over TLS")
+    ca_file: Path | None = Field(default=None, description="CA bundle; None = system store")
+    cert_file: Path | None = Field(default=None, description="Client certificate (mutual TLS)")
+    key_file: Path | None = Field(default=None, description="Client private key (mutual TLS)")
+    check_hostname: bool = Field(default=True, description="Verify the broker's host name")
+
+
+class MqttConfig(Area):
+    """The broker and how we talk to it."""
+
+    enabled: bool = Field(default=True, description="False: messages only go to the outbox")
+    host: str = Field(default="127.0.0.1", min_length=1, description="Broker host")
+    port: int = Field(default=1883, ge=1, le=65535, description="Broker port (8883 for TLS)")
+    protocol: Literal["5", "3.1.1"] = Field(default="5", description="MQTT protocol version")
+    keepalive_s: int = Field(default=30, ge=5, le=3600, description="MQTT keepalive")
+    username: str | None = Field(default=None, description="User name, if the broker wants one")
+    password: SecretStr | None = Field(default=None, description="Password (never logged)")
+    tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS settings")
+    topic_prefix: str = Field(
+        default="corrosion/{device_id}/",
+        pattern=r"^[^#+]*/$",
+        description="Prefix of every topic; {device_id} is replaced; ends with /",
+    )
+    reconnect_min_s: float = Field(
+        default=0.5, gt=0.0, le=60.0, description="First reconnect wait (full jitter)"
+    )
+    reconnect_max_s: float = Field(
+        default=30.0, gt=0.0, le=3600.0, description="Longest reconnect wait"
+    )
+    inflight: int = Field(
+        default=64, ge=1, le=65535, description="QoS 1 messages awaiting PUBACK at once"
+    )
+    max_command_bytes: int = Field(
+        default=65536, ge=64, le=1 << 24, description="Larger command payloads are refused"
+    )
+
+
+class OutboxConfig(Area):
+    """The durable queue every outgoing message passes through."""
+
+    max_messages: int = Field(
+        default=200_000, ge=10, description="Most messages kept waiting for the broker"
+    )
+    max_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=64 * 1024, description="Most payload bytes kept waiting"
+    )
+    when_full: Literal["drop_oldest", "drop_newest"] = Field(
+        default="drop_oldest",
+        description="Which message goes when a bound is hit (counted in metrics, never silent)",
+    )
+    synchronous: Literal["normal", "full"] = Field(
+        default="normal",
+        description="SQLite synchronous: normal survives crashes, full also power loss",
+    )
+
+
+class HealthConfig(Area):
+    """Metrics and liveness."""
+
+    metrics_interval_s: float = Field(
+        default=10.0, ge=0.5, le=3600.0, description="Seconds between metrics messages"
+    )
+    hung_after_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        le=3600.0,
+        description="A frame loop silent this long stops the systemd watchdog pings",
+    )
+
+
+class AgentConfig(BaseSettings):
+    """The whole agent; `load` reads TOML, then environment overrides on top."""
+
+    model_config = SettingsConfigDict(
+        extra="forbid",
+        env_prefix="CORROSION_",
+        env_nested_delimiter="__",
+        validate_assignment=True,
+    )
+
+    device_id: str = Field(
+        default_factory=socket.gethostname,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="Device id: MQTT client id and topic part; default the host name",
+    )
+    state_dir: Path = Field(
+        default=Path("state"), description="Outbox, seen-files record and models live here"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Log level"
+    )
+    source: SourceConfig = Field(default_factory=SourceConfig, description="Frame source")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Model")
+    classifier: ClassifierConfig = Field(
+        default_factory=ClassifierConfig, description="Classification"
+    )
+    mqtt: MqttConfig = Field(default_factory=MqttConfig, description="Broker")
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="Durable outbox")
+    health: HealthConfig = Field(default_factory=HealthConfig, description="Health")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (env_settings, init_settings)  # environment beats the file
+
+    @classmethod
+    def load(cls, path: Path | None, **overrides: Any) -> AgentConfig:
+        """Read `path` (TOML); errors name the file and the field's dotted path."""
+        data: dict[str, Any] = {}
+        where = str(path) if path else "configuration"
+        if path is not None:
+            try:
+                with path.open("rb") as fh:
+                    data = tomllib.load(fh)
+            except OSError as exc:
+                raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        _merge(data, overrides)
+        try:
+            return cls(**data)
+        except ValidationError as exc:
+            raise ConfigError(f"{where}: {_describe(exc)}") from exc
+
+    def topic_prefix(self) -> str:
+        return self.mqtt.topic_prefix.replace("{device_id}", self.device_id)
+
+    def effective(self) -> str:
+        """The config as the agent will use it, secrets masked (SecretStr dumps as ***)."""
+        return json.dumps(self.model_dump(mode="json"), indent=2)
+
+
+class ConfigError(ValueError):
+    """A configuration that must not start the agent; the message names file and field."""
+
+
+def _describe(exc: ValidationError) -> str:
+    """Like contract.describe, but says when the bad value came from the environment."""
+    env = os.environ
+    parts = []
+    for err in exc.errors(include_url=False):
+        path = ".".join(str(p) for p in err["loc"]) or "(root)"
+        var = "CORROSION_" + "__".join(str(p) for p in err["loc"]).upper()
+        origin = f" (from {var})" if var in env else ""
+        parts.append(f"{path}{origin}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
+    """Deep-merge `extra` (command-line overrides) into `base`."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def _render(model: type[BaseModel], table: str, out: list[str]) -> None:
+    nested: list[tuple[str, type[BaseModel]]] = []
+    if table:
+        out += ["", f"[{table}]"]
+    for name, field in model.model_fields.items():
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            nested.append((f"{table}.{name}" if table else name, kind))
+            continue
+        out.append(f"# {field.description}")
+        if field.default_factory is not None:  # e.g. the host name: differs per machine
+            out.append(f"# {name} =  # default: computed at start")
+        elif field.default is None:
+            out.append(f"# {name} =  # default: unset")
+        else:
+            out.append(f"{name} = {_toml_value(field.default)}")
+    for path, sub in nested:
+        _render(sub, path, out)
+
+
+def commented_defaults() -> str:
+    """config/agent.toml: every field with its description and default (a test keeps it true)."""
+    out = [
+        "# corrosion-agent configuration: every setting with its default.",
+        "# Generated by `make config` from agent/config.py; environment variables override",
+        "# the file: CORROSION_<AREA>__<FIELD>, e.g. CORROSION_MQTT__HOST=broker.local.",
+    ]
+    _render(AgentConfig, "", out)
+    return "\n".join(out) + "\n"

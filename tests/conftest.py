@@ -11,6 +11,9 @@ import xgboost as xgb
 from agent.contract import Decision
 from export.convert import export_model
 
+pytest_plugins = ["tests.broker"]  # Mosquitto fixtures: broker, own_broker, pki
+pytest_plugins += ["tests.s3_server"]  # moto over HTTP: moto_server, s3_bucket, aws_endpoint
+
 
 def rust_pixels(n: int = 20000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Random colours labelled by a rust-like rule: red well above green, green above blue."""

@@ -80,6 +80,12 @@ class Detector:
     def model(self) -> ColourModel:
         return self._model
 
+    @property
+    def threshold(self) -> float:
+        """Flag threshold in force: the config's (or a command's) override, else the model's."""
+        override = self.config.flag_pct
+        return override if override is not None else self._model.manifest.decision.flag_pct
+
     def swap(self, model: ColourModel) -> ColourModel:
         """Serve `model` from the next frame on; returns the one it replaced (caller closes it)."""
         with self._lock:
@@ -105,7 +111,8 @@ class Detector:
             min_region_pct=cfg.min_region_pct,
             max_regions=cfg.max_regions,
         )
-        threshold = cfg.flag_pct if cfg.flag_pct is not None else model.manifest.decision.flag_pct
+        override = cfg.flag_pct
+        threshold = override if override is not None else model.manifest.decision.flag_pct
         return Analysis(
             mask=mask,
             corrosion_pct=pct,

@@ -25,6 +25,7 @@ POST_TRANSFORM = {
     "multi:softmax": "NONE",
 }
 PROBABILITY_TOLERANCE = 1e-5
+MANIFEST = "manifest.json"
 
 
 class ModelError(ValueError):
@@ -50,6 +51,17 @@ def verify_file(path: Path, size: int, sha256: str, what: str) -> None:
     digest = sha256_file(path)
     if digest != sha256:
         raise ModelError(f"{what} {path}: sha256 {digest} does not match manifest {sha256}")
+
+
+def resolve_manifest(model: Path) -> Path:
+    """MODEL may be a manifest, a folder holding one, or an .onnx with its manifest beside it."""
+    if model.is_dir():
+        model = model / MANIFEST
+    elif model.suffix == ".onnx":
+        model = model.with_name(MANIFEST)
+    if not model.is_file():
+        raise ModelError(f"{model}: no model manifest here")
+    return model
 
 
 @dataclass(frozen=True)

@@ -1,62 +1,25 @@
-"""The contract the device and the cloud share: model manifest and MQTT payloads.
-
-Both `agent` and `export` import this module; nothing else defines these shapes. Every
-model is strict (`extra="forbid"`) so a producer that drifts is caught at the first message,
-and JSON Schemas generated from these models (docs/schemas/) let subscribers in other
-languages validate the same payloads. Bump CONTRACT_VERSION on any incompatible change.
-"""
+"""The model manifest: what a device needs to verify, load and smoke-test a model."""
 
 from __future__ import annotations
 
 import json
-import uuid
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AwareDatetime, Field, ValidationError, model_validator
 
-CONTRACT_VERSION = "1.0"
-"""Major.minor of every payload below; a reader refuses a different major."""
-
-SemVer = Annotated[
-    str,
-    Field(
-        pattern=r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$",
-        description="Semantic version, e.g. 1.4.0",
-    ),
-]
-Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="Lower-case hex SHA-256")]
-ModelName = Annotated[
-    str,
-    Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="Model name, safe in S3 keys"),
-]
-FileName = Annotated[
-    str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="Bare file name")
-]
-Unit = Annotated[float, Field(ge=0.0, le=1.0)]
-Percent = Annotated[float, Field(ge=0.0, le=100.0)]
-SchemaVersion = Annotated[
-    str, Field(pattern=r"^1\.\d+$", description="Contract version of the writer (major 1)")
-]
-
-
-def describe(exc: ValidationError) -> str:
-    """One line per error, each starting with the dotted path of the field at fault."""
-    parts = []
-    for err in exc.errors(include_url=False):
-        path = ".".join(str(p) for p in err["loc"]) or "(root)"
-        parts.append(f"{path}: {err['msg']}")
-    return "; ".join(parts)
-
-
-class Strict(BaseModel):
-    """Base of every contract model: unknown fields are errors, instances are immutable."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-# --------------------------------------------------------------------------- manifest
+from agent.contract.common import (
+    CONTRACT_VERSION,
+    FileName,
+    ModelName,
+    Percent,
+    SchemaVersion,
+    SemVer,
+    Sha256,
+    Strict,
+    Unit,
+    describe,
+)
 
 
 class FileRef(Strict):
@@ -214,96 +177,3 @@ class ModelManifest(Strict):
 
     def write(self, path: Path) -> None:
         path.write_text(self.model_dump_json(indent=2) + "\n")
-
-
-# --------------------------------------------------------------------------- detections
-
-
-class Region(Strict):
-    """One corroded region, in frame pixels (not analysis pixels)."""
-
-    x: int = Field(ge=0, description="Left edge")
-    y: int = Field(ge=0, description="Top edge")
-    w: int = Field(gt=0, description="Width")
-    h: int = Field(gt=0, description="Height")
-    area_pct: Percent = Field(description="Corroded pixels of the region, % of the frame")
-
-
-class Size(Strict):
-    width: int = Field(gt=0, description="Pixels across")
-    height: int = Field(gt=0, description="Pixels down")
-
-
-class Gps(Strict):
-    """Position from the photo's EXIF (drones write it), WGS84."""
-
-    lat: float = Field(ge=-90, le=90, description="Latitude, degrees")
-    lon: float = Field(ge=-180, le=180, description="Longitude, degrees")
-    alt: float | None = Field(default=None, description="Altitude, metres")
-
-
-class ModelRef(Strict):
-    """Which model classified a frame."""
-
-    name: ModelName = Field(description="Model name")
-    version: SemVer = Field(description="Model version")
-    sha256: Sha256 = Field(description="SHA-256 of the ONNX file")
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-class DetectionMessage(Strict):
-    """One per frame: the `detections` MQTT payload and the capture sidecar's core."""
-
-    schema_version: SchemaVersion = Field(default=CONTRACT_VERSION, description="Contract version")
-    message_id: str = Field(
-        default_factory=lambda: uuid.uuid4().hex,
-        pattern=r"^[0-9a-f]{32}$",
-        description="Unique id; subscribers deduplicate on it",
-    )
-    device_id: str = Field(min_length=1, max_length=128, description="Device that saw the frame")
-    source: str = Field(max_length=1024, description="Source URI or file the frame came from")
-    frame_index: int = Field(ge=0, description="Index of the frame within its source")
-    captured_at: AwareDatetime = Field(description="When the frame was taken (EXIF or clock)")
-    processed_at: AwareDatetime = Field(default_factory=_now, description="When it was classified")
-    model: ModelRef = Field(description="Model that classified the frame")
-    corrosion_pct: Percent = Field(description="Corroded pixels, % of the analysed frame")
-    flagged: bool = Field(description="corrosion_pct >= threshold")
-    threshold: Percent = Field(description="Flag threshold in force, %")
-    regions: tuple[Region, ...] = Field(default=(), description="Corroded regions, largest first")
-    frame_size: Size = Field(description="Size of the frame as captured")
-    analysis_size: Size = Field(description="Size at which it was classified")
-    latency_ms: float = Field(ge=0, description="Read-to-result time, ms")
-    gps: Gps | None = Field(default=None, description="Position, when the frame carries one")
-    upload_key: str | None = Field(default=None, description="S3 key of the uploaded image")
-
-
-CONTRACT_MODELS: dict[str, type[BaseModel]] = {
-    "model-manifest": ModelManifest,
-    "detection-message": DetectionMessage,
-}
-"""Every payload with a published JSON Schema, by schema file stem."""
-
-
-def json_schemas() -> dict[str, dict[str, Any]]:
-    """JSON Schema of each contract model, tagged with the contract version."""
-    out: dict[str, dict[str, Any]] = {}
-    for stem, model in CONTRACT_MODELS.items():
-        schema = model.model_json_schema(mode="validation")
-        schema["$id"] = f"https://corrosion-edge.dev/schemas/{CONTRACT_VERSION}/{stem}.json"
-        schema["$comment"] = f"Generated from agent.contract {CONTRACT_VERSION}; do not edit."
-        out[stem] = schema
-    return out
-
-
-def write_schemas(directory: Path) -> list[Path]:
-    """Write docs/schemas/*.schema.json; the drift test compares against these files."""
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for stem, schema in json_schemas().items():
-        path = directory / f"{stem}.schema.json"
-        path.write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n")
-        paths.append(path)
-    return paths

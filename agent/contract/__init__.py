@@ -1,0 +1,66 @@
+"""The contract the device and the cloud share: model manifest, MQTT payloads, S3 layout.
+
+Both `agent` and `export` import this package; nothing else defines these shapes. Every
+model is strict (`extra="forbid"`) so a producer that drifts is caught at the first message,
+and JSON Schemas generated from these models (docs/schemas/) let subscribers in other
+languages validate the same payloads. Bump CONTRACT_VERSION on any incompatible change.
+
+One module per part: `common` (version, field types), `manifest` (the model manifest),
+`messages` (MQTT payloads and topics), `registry` (model registry and S3 key layout),
+`schemas` (JSON Schema export).
+"""
+
+from agent.contract.common import CONTRACT_VERSION, Strict, describe
+from agent.contract.manifest import (
+    Decision,
+    FileRef,
+    GoldenSample,
+    InputSpec,
+    ModelManifest,
+    OutputSpec,
+    Provenance,
+    Signature,
+)
+from agent.contract.messages import DetectionMessage, Gps, ModelRef, Region, Size
+from agent.contract.registry import (
+    ChannelName,
+    ChannelPointer,
+    RegistryUrl,
+    channel_key,
+    channels_prefix,
+    file_key,
+    manifest_key,
+    models_prefix,
+    version_prefix,
+)
+from agent.contract.schemas import json_schemas, write_schemas
+
+__all__ = [
+    "CONTRACT_VERSION",
+    "ChannelName",
+    "ChannelPointer",
+    "Decision",
+    "DetectionMessage",
+    "FileRef",
+    "GoldenSample",
+    "Gps",
+    "InputSpec",
+    "ModelManifest",
+    "ModelRef",
+    "OutputSpec",
+    "Provenance",
+    "Region",
+    "RegistryUrl",
+    "Signature",
+    "Size",
+    "Strict",
+    "channel_key",
+    "channels_prefix",
+    "describe",
+    "file_key",
+    "json_schemas",
+    "manifest_key",
+    "models_prefix",
+    "version_prefix",
+    "write_schemas",
+]

@@ -1,0 +1,114 @@
+"""Capture time and position from a photo's EXIF, tolerant of whatever devices write there.
+
+A drone photo may be copied off its SD card hours after it was taken, so its own clock and
+GPS beat the gateway's. EXIF from cheap cameras is often truncated or nonsensical; nothing
+here is ever fatal: a tag that cannot be trusted is simply None.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any, Final
+
+import exifread
+
+from agent.contract.messages import Gps
+
+__all__ = ["PhotoMeta", "read_exif"]
+
+log = logging.getLogger(__name__)
+
+# exifread warns once per photo without EXIF ("File format not recognized"): pure noise here.
+logging.getLogger("exifread").setLevel(logging.ERROR)
+
+_OFFSET: Final = re.compile(r"^([+-])(\d\d):(\d\d)$")
+
+
+@dataclass(frozen=True)
+class PhotoMeta:
+    """What the photo says about itself; None where it says nothing usable."""
+
+    taken_at: datetime | None  # aware, UTC
+    gps: Gps | None
+
+
+def read_exif(data: bytes) -> PhotoMeta:
+    """Parse EXIF from encoded image bytes (JPEG, TIFF, PNG, WebP)."""
+    try:
+        tags = exifread.process_file(io.BytesIO(data), details=False)
+    # exifread raises anything from struct.error to IndexError on hostile EXIF.
+    except Exception as exc:
+        log.debug("unreadable EXIF ignored: %r", exc)
+        return PhotoMeta(None, None)
+    return PhotoMeta(_taken_at(tags), _gps(tags))
+
+
+def _text(tags: dict[str, Any], key: str) -> str | None:
+    values = getattr(tags.get(key), "values", None)
+    return values.strip().strip("\x00").strip() if isinstance(values, str) else None
+
+
+def _taken_at(tags: dict[str, Any]) -> datetime | None:
+    """DateTimeOriginal with its sub-seconds; without OffsetTimeOriginal it is taken to be
+    this device's local time, which is what a camera set up on site usually writes."""
+    raw = _text(tags, "EXIF DateTimeOriginal")
+    if not raw:
+        return None
+    try:
+        taken = datetime.strptime(raw[:19], "%Y:%m:%d %H:%M:%S")
+        subsec = _text(tags, "EXIF SubSecTimeOriginal") or ""
+        if subsec.isdigit():
+            taken = taken.replace(microsecond=int(subsec[:6].ljust(6, "0")))
+        tz = _offset(_text(tags, "EXIF OffsetTimeOriginal"))
+        if tz is not None:
+            return taken.replace(tzinfo=tz).astimezone(UTC)
+        return taken.astimezone().astimezone(UTC)  # naive: interpreted as local time
+    except (ValueError, OverflowError, OSError):  # "0000:00:00 00:00:00" and friends
+        return None
+
+
+def _offset(text: str | None) -> timezone | None:
+    """ "+02:00" as a timezone; None when absent or impossible, so local time applies."""
+    match = _OFFSET.match(text or "")
+    if not match or int(match[2]) > 23 or int(match[3]) > 59:
+        return None
+    delta = timedelta(hours=int(match[2]), minutes=int(match[3]))
+    return timezone(-delta if match[1] == "-" else delta)
+
+
+def _degrees(tags: dict[str, Any], axis: str, refs: str) -> float:
+    """Signed decimal degrees from degrees/minutes/seconds; a missing or unknown hemisphere
+    is an error rather than a guess, since a wrong sign puts the asset on another continent."""
+    values = tags[f"GPS GPS{axis}"].values
+    ref = _text(tags, f"GPS GPS{axis}Ref")
+    if not 1 <= len(values) <= 3 or not ref or ref[0] not in refs:
+        raise ValueError(f"bad GPS {axis}")
+    degrees = sum(float(v) / 60.0**i for i, v in enumerate(values))
+    return -degrees if ref[0] == refs[1] else degrees
+
+
+def _altitude(tags: dict[str, Any]) -> float | None:
+    try:
+        value = float(tags["GPS GPSAltitude"].values[0])
+        below = getattr(tags.get("GPS GPSAltitudeRef"), "values", [0])[0] == 1
+    except (KeyError, IndexError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    if not math.isfinite(value):
+        return None
+    return -value if below else value
+
+
+def _gps(tags: dict[str, Any]) -> Gps | None:
+    try:
+        lat = _degrees(tags, "Latitude", "NS")
+        lon = _degrees(tags, "Longitude", "EW")
+        if lat == 0.0 and lon == 0.0:
+            return None  # what receivers without a fix write
+        return Gps(lat=lat, lon=lon, alt=_altitude(tags))
+    except (KeyError, AttributeError, TypeError, ValueError, ZeroDivisionError):
+        return None  # ValidationError (NaN, out of range) is a ValueError too

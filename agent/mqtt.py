@@ -1,0 +1,316 @@
+"""The broker link: connection with backoff and jitter, retained status, outbox publisher,
+commands in.
+
+Three threads, all owned by `MqttLink`: the network thread (paho's loop, reconnecting with
+full-jitter backoff so a fleet does not stampede a broker that comes back), the publisher
+(hands the outbox to paho in order, at most `inflight` at a time) and paho's callbacks,
+which run on the network thread and only enqueue: PUBACKs go to the publisher, which
+deletes the rows. paho resends what it holds after a reconnect; what it loses with the
+process is still in the outbox and is replayed at the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent.commands import Commands
+from agent.config import MqttConfig
+from agent.contract.messages import AgentState, Topics
+from agent.outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+
+def full_jitter(attempt: int, low: float, high: float) -> float:
+    """AWS's "full jitter": uniform in [low, min(high, low * 2**attempt)]."""
+    return random.uniform(low, min(high, low * 2 ** min(attempt, 30)))
+
+
+def make_client(config: MqttConfig, client_id: str) -> paho.Client:
+    """A paho client with protocol, credentials and TLS from the config (shared with `watch`)."""
+    v5 = config.protocol == "5"
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+        clean_session=None if v5 else True,
+    )
+    if config.username is not None:
+        secret = config.password.get_secret_value() if config.password else None
+        client.username_pw_set(config.username, secret)
+    tls = config.tls
+    if tls.enabled:
+        client.tls_set(
+            ca_certs=str(tls.ca_file) if tls.ca_file else None,
+            certfile=str(tls.cert_file) if tls.cert_file else None,
+            keyfile=str(tls.key_file) if tls.key_file else None,
+            cert_reqs=ssl.CERT_REQUIRED,
+            tls_version=ssl.PROTOCOL_TLS_CLIENT,
+        )
+        client.tls_insecure_set(not tls.check_hostname)
+    return client
+
+
+@dataclass(frozen=True)
+class Retained:
+    """Retained state messages, rebuilt from the agent's state at every (re)connect."""
+
+    status: Callable[[AgentState], bytes]  # StatusMessage JSON
+    model: Callable[[], bytes | None]  # ModelStatus JSON
+
+
+class MqttLink:
+    """One device's connection to its broker; `start` and `stop` own all its threads."""
+
+    def __init__(
+        self,
+        config: MqttConfig,
+        *,
+        client_id: str,
+        topics: Topics,
+        outbox: Outbox,
+        retained: Retained,
+        commands: Commands,
+    ) -> None:
+        self.config = config
+        self.topics = topics
+        self.outbox = outbox
+        self.retained = retained
+        self.commands = commands
+        self._client = make_client(config, client_id)
+        self._client.max_inflight_messages_set(config.inflight)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_publish = self._on_publish
+        self._client.on_message = self._on_message
+        self._client.enable_logger(logging.getLogger("paho"))
+        self._v5 = config.protocol == "5"
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._connected = threading.Event()
+        self._acks: queue.SimpleQueue[tuple[int, ReasonCode]] = queue.SimpleQueue()
+        self._handed: dict[int, int] = {}  # paho mid -> outbox row id; publisher thread only
+        self._last_id = 0
+        self._ever_connected = False
+        self._connected_ok = False  # set by on_connect: the backoff starts over
+        self._connected_once = False
+        self.on_ack: Callable[[int], None] | None = None  # bench hook: row id acknowledged
+        outbox.on_put(self._wake.set)
+        self._threads = [
+            threading.Thread(target=self._network, name="mqtt-network", daemon=True),
+            threading.Thread(target=self._publisher, name="mqtt-publisher", daemon=True),
+        ]
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def ever_connected(self) -> bool:
+        """True once a CONNACK has accepted us (a TCP connect alone is not enough)."""
+        return self._connected_once
+
+    @property
+    def where(self) -> str:
+        return f"{self.config.host}:{self.config.port}"
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    # ------------------------------------------------------------------ network thread
+
+    def _network(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            self._client.will_set(
+                self.topics.status, self.retained.status("offline"), qos=1, retain=True
+            )
+            try:
+                if self._ever_connected:
+                    self._client.reconnect()
+                else:
+                    self._client.connect(
+                        self.config.host, self.config.port, self.config.keepalive_s
+                    )
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                self._log_failure(attempt, f"cannot connect: {exc}")
+            else:
+                self._ever_connected = True
+                rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+                while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and not self._stop.is_set():
+                    rc = self._client.loop(timeout=0.2)
+                if self._stop.is_set():
+                    return
+                self._connected.clear()
+                self._wake.set()
+            if self._connected_ok:
+                attempt = 0
+                self._connected_ok = False
+            cfg = self.config
+            self._stop.wait(full_jitter(attempt, cfg.reconnect_min_s, cfg.reconnect_max_s))
+            attempt += 1
+
+    def _log_failure(self, attempt: int, what: str) -> None:
+        # The first failure is news; the hundredth is noise.
+        level = logging.WARNING if attempt == 0 else logging.DEBUG
+        log.log(level, "broker %s: %s; retrying with backoff", self.where, what)
+
+    def _on_connect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: Any,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason.is_failure:
+            log.error("broker %s refused the connection: %s", self.where, reason)
+            return
+        log.info("connected to broker %s", self.where)
+        client.publish(self.topics.status, self.retained.status("online"), qos=1, retain=True)
+        model = self.retained.model()
+        if model is not None:
+            client.publish(self.topics.model, model, qos=1, retain=True)
+        client.subscribe(self.topics.commands, qos=1)
+        self._connected_ok = self._connected_once = True
+        self._connected.set()
+        self._wake.set()
+
+    def _on_disconnect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: Any,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if self._connected.is_set() and not self._stop.is_set():
+            log.warning(
+                "lost broker %s (%s); %d message(s) wait in the outbox",
+                self.where,
+                reason,
+                self.outbox.depth,
+            )
+        self._connected.clear()
+        self._wake.set()
+
+    def _on_publish(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        # Runs with paho's message lock held: only enqueue (see the module docstring).
+        self._acks.put((mid, reason))
+        self._wake.set()
+
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        name = self.topics.command_name(message.topic)
+        if name is None:
+            return
+        result = self.commands.handle(name, bytes(message.payload))
+        topic, correlation = self.topics.command_result(name), None
+        props = message.properties if self._v5 else None
+        if props is not None:
+            response = getattr(props, "ResponseTopic", None)
+            if isinstance(response, str) and response and not set(response) & {"+", "#"}:
+                topic = response
+            correlation = getattr(props, "CorrelationData", None)
+        self.outbox.put(topic, result.model_dump_json().encode(), correlation=correlation)
+
+    # ------------------------------------------------------------------ publisher thread
+
+    def _publisher(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(0.5)
+            self._wake.clear()
+            self._settle_acks()
+            if not self._connected.is_set():
+                continue
+            room = self.config.inflight - len(self._handed)
+            if room <= 0:
+                continue
+            for message in self.outbox.after(self._last_id, room):
+                props = None
+                if self._v5 and message.correlation is not None:
+                    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                    props.CorrelationData = message.correlation
+                info = self._client.publish(
+                    message.topic,
+                    message.payload,
+                    qos=message.qos,
+                    retain=message.retain,
+                    properties=props,
+                )
+                if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                    log.error("cannot publish to %s: %s", message.topic, paho.error_string(info.rc))
+                    self.outbox.refuse([message.id])
+                    continue
+                self._handed[info.mid] = message.id
+                self._last_id = message.id
+                if message.qos == 0:  # no PUBACK will come: handed is as far as it goes
+                    self._acks.put((info.mid, ReasonCode(PacketTypes.PUBACK)))
+                    self._wake.set()
+
+    def _settle_acks(self) -> None:
+        done: list[int] = []
+        refused: list[int] = []
+        while True:
+            try:
+                mid, reason = self._acks.get_nowait()
+            except queue.Empty:
+                break
+            row = self._handed.pop(mid, None)
+            if row is None:
+                continue
+            if reason.is_failure:
+                log.error("broker refused message %d: %s; dropped (counted)", row, reason)
+                refused.append(row)
+            else:
+                done.append(row)
+        self.outbox.ack(done)
+        self.outbox.refuse(refused)
+        if self.on_ack is not None:
+            for row in done:
+                self.on_ack(row)
+
+    # ------------------------------------------------------------------ shutdown
+
+    def stop(self, final_status: AgentState | None = "stopped", timeout: float = 3.0) -> None:
+        """Publish the final status if connected, disconnect cleanly (no LWT), join threads.
+
+        Messages still unacknowledged stay in the outbox for the next start.
+        """
+        if self._connected.is_set() and final_status is not None:
+            info = self._client.publish(
+                self.topics.status, self.retained.status(final_status), qos=1, retain=True
+            )
+            try:
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError) as exc:
+                log.warning("could not publish %s status: %s", final_status, exc)
+        self._stop.set()
+        self._client.disconnect()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(timeout)
+        self._settle_acks()

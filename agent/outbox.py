@@ -1,0 +1,229 @@
+"""The durable outbox: every outgoing event message is on disk before it is published.
+
+paho keeps unacknowledged QoS 1 messages in memory only, so a crash, a SIGKILL or a
+reboot during a broker outage loses them. Here a message is committed to SQLite (WAL) by
+the frame loop, handed to paho by the publisher, and deleted only when its PUBACK arrives;
+whatever is still in the table at start is replayed, in order. The table is bounded in
+messages and bytes; when a bound is hit the configured policy discards one end of the
+queue and counts it in a persistent counter that metrics publish, so nothing is lost
+silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.config import OutboxConfig
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: replay order survives deletes
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    retain INTEGER NOT NULL,
+    correlation BLOB,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Pending:
+    """One stored message, as the publisher hands it to paho."""
+
+    id: int
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    correlation: bytes | None
+
+
+class Outbox:
+    """SQLite-backed FIFO of outgoing messages; safe to use from several threads."""
+
+    def __init__(self, path: Path, config: OutboxConfig | None = None) -> None:
+        self.path = path
+        self.config = config or OutboxConfig()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._listeners: list[Callable[[], None]] = []
+        self._db = self._open()
+        depth, size = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM messages"
+        ).fetchone()
+        self._depth, self._bytes = int(depth), int(size)
+        self.dropped_total = self._counter("dropped")
+        self.acked = 0
+        if self._depth:
+            log.info("outbox %s: %d messages from before the restart to replay", path, depth)
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            return self._connect()
+        except sqlite3.DatabaseError as exc:
+            # A corrupt file must not keep the device from working: keep it for forensics.
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+            log.error("outbox %s is unreadable (%s); moved to %s", self.path, exc, aside)
+            self.path.rename(aside)
+            for suffix in ("-wal", "-shm"):
+                Path(str(self.path) + suffix).unlink(missing_ok=True)
+            return self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={self.config.synchronous.upper()}")
+        db.execute("PRAGMA busy_timeout=5000")
+        db.executescript(_SCHEMA)
+        db.execute("SELECT COUNT(*) FROM messages").fetchone()  # fails now if the file is bad
+        return db
+
+    def _counter(self, name: str) -> int:
+        row = self._db.execute("SELECT value FROM counters WHERE name=?", (name,)).fetchone()
+        return int(row[0]) if row else 0
+
+    @property
+    def depth(self) -> int:
+        return self._depth
+
+    @property
+    def size(self) -> int:
+        """Payload bytes waiting."""
+        return self._bytes
+
+    def put(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        correlation: bytes | None = None,
+    ) -> int | None:
+        """Commit one message; its row id, or None if the drop_newest policy refused it."""
+        size = len(payload)
+        cfg = self.config
+        with self._lock:
+            over = self._depth + 1 > cfg.max_messages or self._bytes + size > cfg.max_bytes
+            if over and (cfg.when_full == "drop_newest" or size > cfg.max_bytes):
+                self._count_dropped(1)
+                return None
+            with self._transaction():
+                if over:
+                    self._evict_oldest(size)
+                row = self._db.execute(
+                    "INSERT INTO messages (topic, payload, qos, retain, correlation, created) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (topic, payload, qos, int(retain), correlation, time.time()),
+                ).lastrowid
+            self._depth += 1
+            self._bytes += size
+        for listener in self._listeners:
+            listener()
+        return row
+
+    def on_put(self, listener: Callable[[], None]) -> None:
+        """Call `listener` after every committed put (the publisher wakes on it)."""
+        self._listeners.append(listener)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One commit (one fsync under synchronous=full) per call; the caller holds the lock."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _evict_oldest(self, incoming: int) -> None:
+        """Inside the put's transaction: delete from the head until the new message fits."""
+        cfg = self.config
+        evicted = 0
+        while self._depth >= cfg.max_messages or self._bytes + incoming > cfg.max_bytes:
+            row = self._db.execute(
+                "SELECT id, LENGTH(payload) FROM messages ORDER BY id LIMIT 1"
+            ).fetchone()
+            if row is None:
+                break
+            self._db.execute("DELETE FROM messages WHERE id=?", (row[0],))
+            self._depth -= 1
+            self._bytes -= int(row[1])
+            evicted += 1
+        if evicted:
+            self._bump("dropped", evicted)
+            log.warning(
+                "outbox full: dropped the %d oldest message(s) (policy drop_oldest)", evicted
+            )
+
+    def _count_dropped(self, n: int) -> None:
+        with self._transaction():
+            self._bump("dropped", n)
+        log.warning("outbox full: refused a new message (policy drop_newest)")
+
+    def _bump(self, name: str, n: int) -> None:
+        self._db.execute(
+            "INSERT INTO counters (name, value) VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+            (name, n),
+        )
+        if name == "dropped":
+            self.dropped_total += n
+
+    def after(self, last_id: int, limit: int) -> list[Pending]:
+        """The next `limit` messages with id > last_id, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, topic, payload, qos, retain, correlation FROM messages "
+                "WHERE id > ? ORDER BY id LIMIT ?",
+                (last_id, limit),
+            ).fetchall()
+        return [Pending(r[0], r[1], bytes(r[2]), r[3], bool(r[4]), r[5]) for r in rows]
+
+    def ack(self, ids: Iterable[int]) -> None:
+        """Delete acknowledged messages (a message evicted meanwhile is simply gone)."""
+        self._delete(ids, refused=False)
+
+    def refuse(self, ids: Iterable[int]) -> None:
+        """Delete messages the broker refused for good (PUBACK >= 0x80), counted as dropped."""
+        self._delete(ids, refused=True)
+
+    def _delete(self, ids: Iterable[int], *, refused: bool) -> None:
+        keys = [(i,) for i in ids]
+        if not keys:
+            return
+        with self._lock:
+            freed = self._db.execute(
+                f"SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM messages "
+                f"WHERE id IN ({','.join('?' * len(keys))})",
+                [k[0] for k in keys],
+            ).fetchone()
+            with self._transaction():
+                self._db.executemany("DELETE FROM messages WHERE id=?", keys)
+                if refused:
+                    self._bump("dropped", int(freed[0]))
+            self._depth -= int(freed[0])
+            self._bytes -= int(freed[1])
+            if not refused:
+                self.acked += int(freed[0])
+
+    def close(self) -> None:
+        """Checkpoint the WAL into the main file so the state directory is self-contained."""
+        with self._lock:
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                self._db.close()

@@ -1,0 +1,97 @@
+"""The frame loop: source → engine → outbox, one frame at a time, on the main thread.
+
+A frame is read, classified and its DetectionMessage committed to the outbox before the
+next frame is read, so the network never sits on the frame's path and a crash loses at
+most the frame in hand. A corrupt frame is counted and logged, never fatal.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from agent.contract.messages import DetectionMessage, Topics
+from agent.engine.detector import Analysis, Detector
+from agent.health import FrameStats, Heartbeat, SdNotify
+from agent.outbox import Outbox
+from agent.sources import Failed, Frame, Source
+
+log = logging.getLogger(__name__)
+
+
+class FrameLoop:
+    """Owns nothing but the loop; the daemon owns the parts and stops them."""
+
+    def __init__(
+        self,
+        *,
+        source: Source,
+        detector: Detector,
+        outbox: Outbox,
+        topics: Topics,
+        device_id: str,
+        stats: FrameStats,
+        heartbeat: Heartbeat,
+        notify: SdNotify,
+    ) -> None:
+        self.source = source
+        self.detector = detector
+        self.outbox = outbox
+        self.topics = topics
+        self.device_id = device_id
+        self.stats = stats
+        self.heartbeat = heartbeat
+        self.notify = notify
+        self._snapshots: deque[str | None] = deque(maxlen=100)
+        self.on_detection: Callable[[Frame, Analysis, DetectionMessage], None] | None = None
+
+    def request_snapshot(self, note: str | None) -> int:
+        """Mark the next classified frame for capture; returns how many marks are pending."""
+        self._snapshots.append(note)
+        return len(self._snapshots)
+
+    def run(self, stop: threading.Event) -> None:
+        """Classify until the source is exhausted or `stop` is set."""
+        ready = False
+        for item in self.source.frames(stop):
+            self.heartbeat.busy()
+            if isinstance(item, Failed):
+                self.stats.fail()
+                log.warning("frame refused: %s", item.reason)
+            else:
+                message = self._classify(item)
+                line = (
+                    f"{item.name}: {message.corrosion_pct:.2f}% corroded, "
+                    f"{'FLAGGED' if message.flagged else 'ok'}, {len(message.regions)} regions, "
+                    f"{message.latency_ms:.1f} ms"
+                )
+                if not ready:
+                    ready = True
+                    self.notify.send("READY=1", f"STATUS=classifying {self.source.uri}")
+                    log.info("first frame classified: %s", line)
+                else:
+                    log.debug("%s", line)
+            self.heartbeat.idle()  # asking for the next item lets a folder mark this one seen
+
+    def _classify(self, frame: Frame) -> DetectionMessage:
+        analysis = self.detector.analyse(frame.image, frame.full_size)
+        latency_ms = 1000.0 * (time.monotonic() - frame.read_at)
+        message = analysis.message(
+            device_id=self.device_id,
+            source=frame.source,
+            frame_index=frame.index,
+            captured_at=frame.captured_at,
+            latency_ms=latency_ms,
+            gps=frame.gps,
+        )
+        self.outbox.put(self.topics.detections, message.model_dump_json().encode())
+        self.stats.frame(latency_ms, analysis.flagged)
+        if self._snapshots:
+            note = self._snapshots.popleft()
+            log.info("snapshot of frame %d (%s) requested: %s", frame.index, frame.name, note)
+        if self.on_detection is not None:
+            self.on_detection(frame, analysis, message)
+        return message

@@ -1,0 +1,72 @@
+"""Command payloads are hostile until proven otherwise: every one gets an answer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from agent.commands import CommandError, Commands
+from agent.contract.messages import PingCommand, SetThresholdCommand
+
+
+def commands() -> Commands:
+    c = Commands("dev-1", max_bytes=1024)
+    c.register("ping", PingCommand, lambda _: {"pong": True})
+    c.register("set-threshold", SetThresholdCommand, lambda r: {"flag_pct": r.flag_pct})
+
+    def broken(_: PingCommand) -> dict[str, Any]:
+        raise RuntimeError("boom")
+
+    def refuse(_: PingCommand) -> dict[str, Any]:
+        raise CommandError("not now")
+
+    c.register("broken", PingCommand, broken)
+    c.register("refuse", PingCommand, refuse)
+    return c
+
+
+def test_ok_and_request_id_echoed() -> None:
+    r = commands().handle("ping", b'{"request_id": "abc"}')
+    assert r.ok and r.result == {"pong": True} and r.request_id == "abc" and r.device_id == "dev-1"
+    assert commands().handle("ping", b"").ok  # empty payload means {}
+
+
+@pytest.mark.parametrize(
+    ("name", "payload", "error"),
+    [
+        ("nope", b"{}", "unknown command 'nope'; known: broken, ping, refuse, set-threshold"),
+        ("ping", b"x" * 2000, "payload is 2000 bytes, the limit is 1024"),
+        ("ping", b"\xff\xfe{", "payload is not UTF-8 text (byte 0)"),
+        ("ping", b"{nope", "payload is not JSON: Expecting property name"),
+        ("ping", b"[1, 2]", "payload must be a JSON object, not list"),
+        ("ping", b'{"extra": 1}', "invalid payload: extra: Extra inputs are not permitted"),
+        ("set-threshold", b"{}", "invalid payload: flag_pct: Field required"),
+        ("set-threshold", b'{"flag_pct": "high"}', "invalid payload: flag_pct: Input should be"),
+        (
+            "set-threshold",
+            b'{"flag_pct": 101}',
+            "invalid payload: flag_pct: Input should be less than or equal",
+        ),
+        ("ping", b"[" * 1000, "payload is not JSON"),
+        ("broken", b"{}", "internal error: boom"),
+        ("refuse", b"{}", "not now"),
+    ],
+)
+def test_errors_name_what_is_wrong(name: str, payload: bytes, error: str) -> None:
+    r = commands().handle(name, payload)
+    assert not r.ok and r.result is None
+    assert r.error is not None and r.error.startswith(error), r.error
+
+
+def test_deep_nesting_is_an_error_not_a_crash() -> None:
+    c = Commands("dev-1", max_bytes=1 << 20)
+    c.register("ping", PingCommand, lambda _: {})
+    r = c.handle("ping", b'{"a":' * 100_000 + b"1" + b"}" * 100_000)
+    assert not r.ok and r.error is not None and "JSON" in r.error
+
+
+def test_request_id_of_wrong_type_is_not_echoed() -> None:
+    r = commands().handle("ping", b'{"request_id": 5}')
+    assert not r.ok and r.request_id is None and r.error is not None
+    assert "request_id" in r.error

@@ -1,0 +1,99 @@
+"""Configuration: a wrong key or value stops the agent at start, naming file and field."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.config import AgentConfig, ConfigError, commented_defaults
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("[mqtt]\nprot = 1\n", "mqtt.prot: Extra inputs are not permitted"),
+        ("[mqtt]\nport = 70000\n", "mqtt.port: Input should be less than or equal to 65535"),
+        ('[source]\nkind = "webcam"\n', "source.kind: Input should be 'camera', 'stream'"),
+        ("[mqtt.tls]\nenabled = 3\n", "mqtt.tls.enabled: Input should be a valid boolean"),
+        ("[outbox]\nmax_messages = 1\n", "outbox.max_messages: Input should be greater than"),
+        ('[mqtt]\ntopic_prefix = "a/#/"\n', "mqtt.topic_prefix: String should match pattern"),
+        ("colour = 1\n", "colour: Extra inputs are not permitted"),
+        ("[mqtt\n", "not valid TOML"),
+    ],
+)
+def test_errors_name_file_and_field(tmp_path: Path, text: str, error: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        AgentConfig.load(path)
+    assert str(info.value).startswith(f"{path}: ")
+    assert error in str(info.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope\.toml: cannot read"):
+        AgentConfig.load(tmp_path / "nope.toml")
+
+
+def test_environment_overrides_file_and_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path, '[mqtt]\nport = 1884\nhost = "a"\n')
+    monkeypatch.setenv("CORROSION_MQTT__PORT", "8883")
+    monkeypatch.setenv("CORROSION_DEVICE_ID", "drone-9")
+    config = AgentConfig.load(path)
+    assert (config.mqtt.port, config.mqtt.host, config.device_id) == (8883, "a", "drone-9")
+    assert config.topic_prefix() == "corrosion/drone-9/"
+    monkeypatch.setenv("CORROSION_MQTT__PORT", "x")
+    with pytest.raises(ConfigError, match=r"mqtt\.port \(from CORROSION_MQTT__PORT\)"):
+        AgentConfig.load(path)
+
+
+def test_check_config_masks_secrets(tmp_path: Path) -> None:
+    path = write(tmp_path, '[mqtt]\nusername = "u"\npassword = "hunter2"\n')
+    out = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "hunter2" not in out.stdout + out.stderr
+    assert json.loads(out.stdout)["mqtt"]["password"] == "**********"
+    bad = write(tmp_path, "[mqtt]\nprot = 1\n")
+    res = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "check-config", str(bad)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert res.returncode == 2 and "mqtt.prot" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_shipped_configs_are_valid() -> None:
+    files = sorted((ROOT / "config").glob("*.toml"))
+    assert {f.name for f in files} >= {
+        "agent.toml",
+        "drone.toml",
+        "gateway.toml",
+        "aws-iot-core.toml",
+    }
+    for f in files:
+        AgentConfig.load(f)
+
+
+def test_agent_toml_is_the_generated_defaults() -> None:
+    assert (ROOT / "config" / "agent.toml").read_text() == commented_defaults(), "run make config"
+    # and the commented defaults are exactly the defaults
+    defaults = AgentConfig.load(ROOT / "config" / "agent.toml", device_id="x")
+    assert defaults == AgentConfig(device_id="x")

@@ -1,0 +1,674 @@
+"""Frame sources: watched folder, lists, video files, live capture with reopen, EXIF."""
+
+from __future__ import annotations
+
+import http.server
+import logging
+import os
+import socketserver
+import struct
+import threading
+import time
+from collections.abc import Callable, Generator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
+
+import cv2
+import numpy as np
+import pytest
+
+from agent.config import SourceConfig, SourceKind
+from agent.exif import read_exif
+from agent.sources import (
+    Failed,
+    FolderSource,
+    Frame,
+    GlobSource,
+    LiveSource,
+    Source,
+    SourceError,
+    VideoSource,
+    mask_uri,
+    open_source,
+)
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def jpeg(level: int = 128, w: int = 64, h: int = 48) -> bytes:
+    ok, buf = cv2.imencode(".jpg", np.full((h, w, 3), level, np.uint8))
+    assert ok
+    return bytes(buf.tobytes())
+
+
+def write(path: Path, data: bytes, mtime: float | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    if mtime is not None:
+        os.utime(path, ns=(int(mtime * 1e9), int(mtime * 1e9)))
+    return path
+
+
+def cfg(kind: SourceKind, uri: object, **kw: Any) -> SourceConfig:
+    return SourceConfig(kind=kind, uri=str(uri), poll_s=0.05, settle_s=0.0, **kw)
+
+
+class Drain:
+    """Runs source.frames() in a thread, as the daemon's frame loop does."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+        self.items: list[Frame | Failed] = []
+        self.stop = threading.Event()
+        self.error: Exception | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for item in self.source.frames(self.stop):
+                self.items.append(item)
+        except Exception as exc:
+            self.error = exc
+
+    def wait(self, until: Callable[[list[Frame | Failed]], bool], timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not until(self.items):
+            assert time.monotonic() < deadline, f"timed out with {self.items}"
+            time.sleep(0.01)
+
+    def finish(self, timeout: float = 5.0) -> list[Frame | Failed]:
+        """Wait for a finite source to end by itself; what it delivered."""
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "frames() did not end"
+        assert self.error is None, self.error
+        return self.items
+
+    def stopped(self, within: float = 0.5) -> float:
+        start = time.monotonic()
+        self.stop.set()
+        self.thread.join(within)
+        assert not self.thread.is_alive(), "frames() ignored the stop event"
+        assert self.error is None, self.error
+        return time.monotonic() - start
+
+
+def names(items: list[Frame | Failed]) -> list[str]:
+    return [i.name if isinstance(i, Frame) else f"FAILED {i.source}" for i in items]
+
+
+def run_folder(folder: Path, state: Path, **kw: Any) -> list[Frame | Failed]:
+    source = FolderSource(cfg("folder", folder, exit_when_done=True, **kw), state_dir=state)
+    try:
+        return Drain(source).finish()
+    finally:
+        source.close()
+
+
+# --- EXIF written by hand: a big-endian TIFF with an Exif and a GPS sub-IFD -----------------
+
+
+def ascii_tag(tag: int, text: str) -> tuple[int, int, int, bytes]:
+    raw = text.encode() + b"\0"
+    return tag, 2, len(raw), raw
+
+
+def rationals(tag: int, *values: tuple[int, int]) -> tuple[int, int, int, bytes]:
+    return tag, 5, len(values), b"".join(struct.pack(">II", n, d) for n, d in values)
+
+
+def ifd(entries: list[tuple[int, int, int, bytes]], at: int) -> bytes:
+    """An IFD at offset `at`, with values over 4 bytes placed right after it."""
+    data_at = at + 2 + 12 * len(entries) + 4
+    head, tail = struct.pack(">H", len(entries)), b""
+    for tag, kind, count, value in sorted(entries):
+        if len(value) <= 4:
+            head += struct.pack(">HHI", tag, kind, count) + value.ljust(4, b"\0")
+        else:
+            head += struct.pack(">HHII", tag, kind, count, data_at + len(tail))
+            tail += value + b"\0" * (len(value) % 2)
+    return head + struct.pack(">I", 0) + tail
+
+
+def app1(image: bytes, tiff: bytes) -> bytes:
+    body = b"Exif\0\0" + tiff
+    return image[:2] + b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body + image[2:]
+
+
+def with_exif(
+    image: bytes,
+    exif: list[tuple[int, int, int, bytes]],
+    gps: Sequence[tuple[int, int, int, bytes]] = (),
+) -> bytes:
+    def pointers(exif_at: int, gps_at: int) -> list[tuple[int, int, int, bytes]]:
+        found = [(0x8769, 4, 1, struct.pack(">I", exif_at))]
+        return found + ([(0x8825, 4, 1, struct.pack(">I", gps_at))] if gps else [])
+
+    exif_at = 8 + len(ifd(pointers(0, 0), 8))
+    exif_ifd = ifd(exif, exif_at)
+    gps_at = exif_at + len(exif_ifd)
+    tiff = b"MM\0*" + struct.pack(">I", 8) + ifd(pointers(exif_at, gps_at), 8) + exif_ifd
+    return app1(image, tiff + (ifd(list(gps), gps_at) if gps else b""))
+
+
+TAKEN = ascii_tag(0x9003, "2024:05:06 07:08:09")
+SYDNEY = [  # 33 deg 51' 54.5" S, 151 deg 12' 36" E, 58.5 m below sea level
+    ascii_tag(1, "S"),
+    rationals(2, (33, 1), (51, 1), (545, 10)),
+    ascii_tag(3, "E"),
+    rationals(4, (151, 1), (12, 1), (36, 1)),
+    (5, 1, 1, b"\x01"),
+    rationals(6, (117, 2)),
+]
+
+
+# --- watched folder -------------------------------------------------------------------------
+
+
+def test_folder_takes_new_images_once_oldest_first(tmp_path: Path) -> None:
+    folder, state, now = tmp_path / "in", tmp_path / "state", time.time()
+    write(folder / "c.jpg", jpeg(10), now - 30)
+    write(folder / "b.JPG", jpeg(20), now - 20)
+    write(folder / "a.jpg", jpeg(30, 80, 60), now - 20)  # same mtime as b: name decides
+    write(folder / "d.png", cv2.imencode(".png", np.zeros((5, 7, 3), np.uint8))[1].tobytes())
+    for skipped in (".hidden.jpg", "e.jpg.part", "f.jpg.tmp", "notes.txt", "sub/g.jpg"):
+        write(folder / skipped, jpeg())
+    os.mkfifo(folder / "pipe.jpg")  # reading it would block forever
+
+    items = run_folder(folder, state, extensions=(".jpg", "png"))
+    assert names(items) == ["c.jpg", "a.jpg", "b.JPG", "d.png"]
+    first = items[1]
+    assert isinstance(first, Frame)
+    assert first.data == (folder / "a.jpg").read_bytes()
+    assert first.source == str((folder / "a.jpg").resolve())
+    assert first.full_size == (80, 60) and first.image.shape == (60, 80, 3)
+    assert [i.index for i in items if isinstance(i, Frame)] == [0, 1, 2, 3]
+    assert first.gps is None and first.captured_at.tzinfo is UTC
+
+    # A restart over the same state does not repeat anything ...
+    assert run_folder(folder, state) == []
+    # ... but a file replaced under the same name is new, and only that one is taken.
+    write(folder / "c.jpg", jpeg(200, 32, 32))
+    assert names(run_folder(folder, state)) == ["c.jpg"]
+
+
+def test_folder_recursive_skips_hidden_folders(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    write(folder / "top.jpg", jpeg(), time.time() - 10)
+    write(folder / "sub" / "deep" / "x.jpg", jpeg())
+    write(folder / ".cache" / "y.jpg", jpeg())
+    items = run_folder(folder, tmp_path / "state", recursive=True)
+    assert names(items) == ["top.jpg", "sub/deep/x.jpg"]
+
+
+def test_folder_marks_a_file_seen_only_when_the_next_is_asked_for(tmp_path: Path) -> None:
+    folder, state = tmp_path / "in", tmp_path / "state"
+    write(folder / "a.jpg", jpeg(), time.time() - 10)
+    write(folder / "b.jpg", jpeg())
+    source = FolderSource(cfg("folder", folder, exit_when_done=True), state_dir=state)
+    frames = cast("Generator[Frame | Failed]", source.frames(threading.Event()))
+    assert names([next(frames)]) == ["a.jpg"]
+    frames.close()  # a crash while a.jpg was being analysed
+    source.close()
+    assert names(run_folder(folder, state)) == ["a.jpg", "b.jpg"]  # at least once
+
+
+def test_folder_waits_until_a_growing_file_has_settled(tmp_path: Path) -> None:
+    folder, data = tmp_path / "in", jpeg(90, 640, 480)
+    part = folder / "drone.jpg"
+    write(part, data[:100])
+    config = cfg("folder", folder).model_copy(update={"settle_s": 0.5})
+    source = FolderSource(config, state_dir=tmp_path / "state")
+    drain = Drain(source)
+    step = len(data) // 6
+    for end in range(100 + step, len(data), step):  # a slow copy: a piece every 0.1 s
+        time.sleep(0.1)
+        with part.open("ab") as fh:
+            fh.write(data[fh.tell() : end])
+    with part.open("ab") as fh:
+        fh.write(data[fh.tell() :])
+    done = time.monotonic()
+    drain.wait(lambda items: len(items) == 1)
+    waited = time.monotonic() - done
+    drain.stopped()
+    source.close()
+    (item,) = drain.items
+    assert isinstance(item, Frame), item  # never read half-written
+    assert item.data == data and item.full_size == (640, 480)
+    assert waited >= 0.45
+
+
+def test_folder_corrupt_file_fails_alone_and_is_not_retried(tmp_path: Path) -> None:
+    folder, state, now = tmp_path / "in", tmp_path / "state", time.time()
+    write(folder / "broken.jpg", jpeg()[:300], now - 20)
+    write(folder / "text.png", b"hello, not a picture", now - 15)
+    with (folder / "huge.jpg").open("wb") as fh:
+        fh.truncate(300 * 1024**2)  # sparse: costs no disk
+    os.utime(folder / "huge.jpg", ns=(int((now - 12) * 1e9),) * 2)
+    write(folder / "good.jpg", jpeg(), now - 10)
+    source = FolderSource(cfg("folder", folder, exit_when_done=True), state_dir=state)
+    items = Drain(source).finish()
+    assert [type(i) for i in items] == [Failed, Failed, Failed, Frame]
+    broken, text, huge = (i for i in items if isinstance(i, Failed))
+    assert broken.source.endswith("broken.jpg")
+    assert "broken.jpg" in broken.reason and "\n" not in broken.reason
+    assert "text.png" in text.reason and "huge.jpg" in huge.reason and "too large" in huge.reason
+    assert (source.stats.failed, source.stats.delivered, source.stats.state) == (3, 1, "done")
+    source.close()
+    assert run_folder(folder, state) == []
+
+
+def test_folder_refuses_symlinks_that_escape(tmp_path: Path) -> None:
+    folder, now = tmp_path / "in", time.time()
+    outside = write(tmp_path / "secret.jpg", jpeg())
+    write(folder / "real.jpg", jpeg(), now - 20)
+    (folder / "inside.jpg").symlink_to(folder / "real.jpg")
+    (folder / "escape.jpg").symlink_to(outside)
+    os.utime(folder / "escape.jpg", ns=(int((now - 10) * 1e9),) * 2, follow_symlinks=False)
+    items = run_folder(folder, tmp_path / "state")
+    failed = [i for i in items if isinstance(i, Failed)]
+    assert len(failed) == 1 and "outside the folder" in failed[0].reason
+    assert sorted(i.name for i in items if isinstance(i, Frame)) == ["inside.jpg", "real.jpg"]
+
+
+def test_folder_watch_ends_promptly_on_stop(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    config = cfg("folder", folder).model_copy(update={"poll_s": 30.0})
+    source = FolderSource(config, state_dir=tmp_path / "state")
+    drain = Drain(source)
+    time.sleep(0.1)
+    assert drain.thread.is_alive()  # nothing there, but it keeps watching
+    assert drain.stopped(within=0.5) < 0.5
+    source.close()
+    assert source.stats.state == "closed"
+
+
+def test_max_fps_paces_file_sources(tmp_path: Path) -> None:
+    for n in range(4):
+        write(tmp_path / f"{n}.jpg", jpeg())
+    source = GlobSource(cfg("glob", tmp_path / "*.jpg", max_fps=20.0))
+    start = time.monotonic()
+    assert len(Drain(source).finish()) == 4
+    assert time.monotonic() - start >= 0.14  # three gaps of 50 ms
+
+
+# --- image lists ----------------------------------------------------------------------------
+
+
+def test_glob_delivers_sorted_matches_once_then_ends(tmp_path: Path) -> None:
+    write(tmp_path / "set" / "b.jpg", jpeg())
+    write(tmp_path / "set" / "a.jpg", jpeg())
+    write(
+        tmp_path / "set" / "deep" / "c.png",
+        cv2.imencode(".png", np.zeros((4, 4, 3), np.uint8))[1].tobytes(),
+    )
+    write(tmp_path / "set" / "readme.md", b"# not an image")
+    source = GlobSource(cfg("glob", tmp_path / "set" / "**" / "*"))
+    items = Drain(source).finish()
+    assert names(items) == ["a.jpg", "b.jpg", "deep/c.png"]
+    assert source.stats.state == "done" and not source.live
+    assert all(isinstance(i, Frame) and i.data for i in items)
+
+
+def test_list_file_keeps_its_order_and_reports_missing_entries(tmp_path: Path) -> None:
+    write(tmp_path / "photos" / "z.jpg", jpeg())
+    write(tmp_path / "photos" / "a.jpg", jpeg())
+    absolute = write(tmp_path / "elsewhere" / "m.jpg", jpeg())
+    listing = tmp_path / "photos" / "list.txt"
+    listing.write_text(f"# survey 7\nz.jpg\n\n  a.jpg  \nmissing.jpg\n{absolute}\nz.jpg\n")
+    items = Drain(open_source(cfg("glob", listing), state_dir=tmp_path)).finish()
+    assert names(items) == ["z.jpg", "a.jpg", f"FAILED {listing.parent / 'missing.jpg'}", "m.jpg"]
+    assert isinstance(items[2], Failed) and "cannot read" in items[2].reason
+
+
+# --- video file -----------------------------------------------------------------------------
+
+
+def test_video_file_delivers_every_frame_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), 10.0, (64, 48))
+    assert writer.isOpened()
+    levels = list(range(20, 240, 20))
+    for level in levels:
+        writer.write(np.full((48, 64, 3), level, np.uint8))
+    writer.release()
+
+    source = open_source(cfg("video", path), state_dir=tmp_path, decode_long_side=32)
+    assert isinstance(source, VideoSource) and not source.live
+    items = Drain(source).finish()
+    source.close()
+    assert len(items) == len(levels) and all(isinstance(i, Frame) for i in items)
+    frames = [i for i in items if isinstance(i, Frame)]
+    assert [round(float(f.image.mean()) / 20) for f in frames] == [round(v / 20) for v in levels]
+    assert {(f.full_size, f.image.shape, f.data) for f in frames} == {((64, 48), (24, 32, 3), None)}
+    assert [f.name for f in frames[:2]] == ["frame-0", "frame-1"]
+    assert source.stats.state == "closed" and source.stats.delivered == len(levels)
+
+
+# --- live sources with a stand-in camera ----------------------------------------------------
+
+
+def numbered(n: int) -> np.ndarray:
+    image = np.zeros((2, 8, 3), np.uint8)
+    image[0, :, 0] = np.frombuffer(struct.pack("<q", n), np.uint8)
+    return image
+
+
+def number(frame: Frame | Failed) -> int:
+    assert isinstance(frame, Frame)
+    return int(struct.unpack("<q", frame.image[0, :, 0].tobytes())[0])
+
+
+class FakeCamera:
+    """Frames numbered 1, 2, ... every `period` s; fails after `frames` reads if given."""
+
+    def __init__(self, frames: int | None = None, period: float = 0.002, opens: bool = True):
+        self.frames, self.period, self.opens = frames, period, opens
+        self.produced = 0
+        self.released = False
+
+    def isOpened(self) -> bool:  # noqa: N802
+        return self.opens and not self.released
+
+    def read(self) -> tuple[bool, np.ndarray | None]:
+        time.sleep(self.period)
+        if self.frames is not None and self.produced >= self.frames:
+            return False, None
+        self.produced += 1
+        return True, numbered(self.produced)
+
+    def release(self) -> None:
+        self.released = True
+
+
+def grabbers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("grab ")]
+
+
+def live(factory: Callable[[int | str], Any], **kw: Any) -> LiveSource:
+    config = SourceConfig(kind="stream", uri="rtsp://admin:hunter2@10.0.0.9/live", **kw)
+    return LiveSource(config, capture=factory)
+
+
+def test_live_source_hands_over_the_newest_frame_and_counts_drops() -> None:
+    camera = FakeCamera()
+    source = live(lambda target: camera)
+    assert source.live and source.uri == "rtsp://admin:***@10.0.0.9/live"
+    stop = threading.Event()
+    frames = source.frames(stop)
+    first = number(next(frames))
+    time.sleep(0.15)  # the analysis is slow; the camera is not
+    produced = camera.produced
+    second = number(next(frames))
+    assert second >= produced - 1 and second - first > 10  # newest, not the next in line
+    stop.set()
+    assert list(frames) == []  # ends on stop, and stops its grabber thread
+    assert not grabbers() and camera.released
+    stats = source.stats
+    assert stats.delivered == 2
+    assert camera.produced - 2 - 1 <= stats.dropped <= camera.produced - 2
+    assert stats.last_frame_at is not None and stats.state == "open"
+    source.close()
+    assert stats.state == "closed"
+
+
+def test_live_source_close_stops_the_grabber_of_a_running_loop() -> None:
+    source = live(lambda target: FakeCamera(period=0.1))
+    drain = Drain(source)
+    drain.wait(lambda items: len(items) >= 2)
+    source.close()
+    assert not grabbers()
+    drain.stopped()
+
+
+def test_live_source_reopens_with_backoff_and_never_ends_on_its_own() -> None:
+    attempts: list[float] = []
+    steps: list[FakeCamera | Exception] = [RuntimeError("no such device")]
+    steps += [FakeCamera(opens=False), FakeCamera(frames=3)] + [FakeCamera(opens=False)] * 5
+    script = iter(steps)
+
+    def factory(target: int | str) -> FakeCamera:
+        assert target == "rtsp://admin:hunter2@10.0.0.9/live"  # the real uri, not the mask
+        attempts.append(time.monotonic())
+        step = next(script, None) or FakeCamera(frames=0)
+        if isinstance(step, Exception):
+            raise step
+        return step
+
+    source = live(factory, reopen_min_s=0.04, reopen_max_s=0.16)
+    drain = Drain(source)
+    drain.wait(lambda items: len(attempts) >= 9)
+    assert source.stats.state == "reopening" and drain.thread.is_alive()
+    drain.stopped()
+
+    gaps = np.diff(attempts)
+    assert gaps[0] >= 0.04 and gaps[1] >= 0.08  # exponential ...
+    assert 0.04 <= gaps[2] < 0.12  # ... and back to the minimum after frames flowed
+    assert all(gap <= 0.16 + 0.1 for gap in gaps)  # never longer than reopen_max_s
+    assert source.stats.reopens == len(attempts) - 1
+    got = [number(i) for i in drain.items]  # the third attempt's frames, newest first
+    assert got and got == sorted(set(got)) and got[-1] == 3
+    assert source.stats.delivered + source.stats.dropped == 3
+
+
+def test_live_source_is_paced_by_max_fps() -> None:
+    source = live(lambda target: FakeCamera(), max_fps=10.0)
+    stop = threading.Event()
+    frames = source.frames(stop)
+    start = time.monotonic()
+    for _ in range(4):
+        next(frames)
+    assert time.monotonic() - start >= 0.28
+    stop.set()
+    assert list(frames) == []
+
+
+# --- a real MJPEG stream over HTTP that goes away and comes back ----------------------------
+
+
+class MjpegServer:
+    """multipart/x-mixed-replace on 127.0.0.1, one JPEG every 20 ms, restartable on its port."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.level = 0
+        self.halt = threading.Event()
+        self.server: socketserver.TCPServer | None = None
+
+    def start(self, level: int) -> None:
+        self.level, self.halt = level, threading.Event()
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                halt, frame = owner.halt, jpeg(owner.level)
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                head = b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n"
+                while not halt.wait(0.02):
+                    try:
+                        self.wfile.write(head % len(frame) + frame + b"\r\n")
+                    except OSError:
+                        return
+
+        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+            daemon_threads = True
+
+        self.server = Server(("127.0.0.1", self.port), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        assert self.server is not None
+        self.halt.set()  # ends the open response, as a camera that reboots would
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_real_http_mjpeg_stream_is_reopened_after_it_disappears() -> None:
+    server = MjpegServer()
+    server.start(level=40)
+    config = SourceConfig(
+        kind="stream",
+        uri=f"http://viewer:pw@127.0.0.1:{server.port}/stream.mjpg",
+        reopen_min_s=0.05,
+        reopen_max_s=0.2,
+    )
+    source = open_source(config, state_dir=Path("unused"), decode_long_side=32)
+    assert isinstance(source, LiveSource)
+    assert source.uri == f"http://viewer:***@127.0.0.1:{server.port}/stream.mjpg"
+    drain = Drain(source)
+
+    def levels(items: list[Frame | Failed]) -> set[int]:
+        return {round(float(i.image.mean()) / 20) * 20 for i in items if isinstance(i, Frame)}
+
+    try:
+        drain.wait(lambda items: len(items) >= 3)
+        assert source.stats.state == "open"
+        server.stop()
+        drain.wait(lambda items: source.stats.reopens >= 2)  # refused while it is down
+        assert source.stats.state == "reopening"
+        server.start(level=200)
+        drain.wait(lambda items: 200 in levels(items))
+        assert source.stats.state == "open"
+    finally:
+        drain.stopped(within=2.0)
+        server.stop()
+    frame = drain.items[-1]
+    assert isinstance(frame, Frame) and frame.full_size == (64, 48) and frame.data is None
+    assert frame.image.shape == (24, 32, 3) and frame.source == source.uri
+    assert levels(drain.items) == {40, 200}
+
+
+# --- configuration errors -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "uri", "message"),
+    [
+        ("folder", "no/such/folder", "folder not found"),
+        ("video", "no/such/clip.avi", "video file not found"),
+        ("glob", "no/such/*.jpg", "matches no image files"),
+        ("camera", "front-door", "a camera is an index"),
+        ("stream", "ftp://user:secret@cam/x", "rtsp://"),
+        ("stream", "http://[::1/x", "rtsp://"),
+    ],
+)
+def test_bad_configurations_fail_at_open_naming_the_uri(
+    tmp_path: Path, kind: SourceKind, uri: str, message: str
+) -> None:
+    with pytest.raises(SourceError, match=message) as caught:
+        open_source(SourceConfig(kind=kind, uri=uri), state_dir=tmp_path)
+    assert mask_uri(uri) in str(caught.value) and "secret" not in str(caught.value)
+
+
+def test_a_file_that_is_not_a_video_fails_at_open(tmp_path: Path) -> None:
+    clip = write(tmp_path / "clip.avi", b"not a video at all")
+    with pytest.raises(SourceError, match=r"clip\.avi: not a video"):
+        open_source(cfg("video", clip), state_dir=tmp_path)
+
+
+def test_a_camera_that_is_not_up_yet_is_no_error(tmp_path: Path) -> None:
+    for uri in ("0", "/dev/video42"):
+        source = open_source(SourceConfig(kind="camera", uri=uri), state_dir=tmp_path)
+        assert source.live and source.stats.state == "starting"
+
+
+def test_mask_uri_hides_passwords_and_secret_parameters() -> None:
+    assert mask_uri("rtsp://u:p%40ss@cam:554/s?x=1") == "rtsp://u:***@cam:554/s?x=1"
+    assert mask_uri("https://cam/s.mjpg?user=a&password=b&api_key=c") == (
+        "https://cam/s.mjpg?user=a&password=***&api_key=***"
+    )
+    assert mask_uri("rtsp://cam/stream") == "rtsp://cam/stream"
+
+
+# --- EXIF -----------------------------------------------------------------------------------
+
+
+def frame_of(tmp_path: Path, data: bytes) -> Frame:
+    path = write(tmp_path / f"{len(list(tmp_path.iterdir()))}.jpg", data)
+    (item,) = Drain(GlobSource(cfg("glob", path))).finish()
+    assert isinstance(item, Frame), item
+    return item
+
+
+def test_exif_time_with_offset_and_gps_reach_the_frame(tmp_path: Path) -> None:
+    exif = [TAKEN, ascii_tag(0x9011, "+02:00"), ascii_tag(0x9291, "25")]
+    frame = frame_of(tmp_path, with_exif(jpeg(), exif, SYDNEY))
+    assert frame.captured_at == datetime(2024, 5, 6, 5, 8, 9, 250000, tzinfo=UTC)
+    assert frame.gps is not None
+    assert frame.gps.lat == pytest.approx(-(33 + 51 / 60 + 54.5 / 3600))
+    assert frame.gps.lon == pytest.approx(151 + 12 / 60 + 36 / 3600)
+    assert frame.gps.alt == pytest.approx(-58.5)
+
+
+def test_exif_time_without_offset_is_local_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TZ", "EST+5")
+    time.tzset()
+    try:
+        frame = frame_of(tmp_path, with_exif(jpeg(), [TAKEN]))
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert frame.captured_at == datetime(2024, 5, 6, 12, 8, 9, tzinfo=UTC)
+    assert frame.gps is None
+
+
+@pytest.mark.parametrize(
+    ("data", "local"),
+    [
+        pytest.param(
+            app1(jpeg(), b"MM\0*\xff\xff\xff\x00" + bytes(range(256))), False, id="offset"
+        ),
+        pytest.param(app1(jpeg(), b"II*\0\x08\0\0\0\xff\xff" + b"\x07" * 64), False, id="count"),
+        pytest.param(app1(jpeg(), b"MM"), False, id="truncated"),
+        pytest.param(
+            with_exif(jpeg(), [ascii_tag(0x9003, "0000:00:00 00:00:00")], SYDNEY[1:]),
+            False,
+            id="zero-date-no-ref",
+        ),
+        pytest.param(
+            with_exif(jpeg(), [ascii_tag(0x9003, "garbage")], [*SYDNEY[:1], rationals(2, (1, 0))]),
+            False,
+            id="zero-denominator",
+        ),
+        pytest.param(
+            with_exif(
+                jpeg(),
+                [TAKEN, ascii_tag(0x9011, "+99:99")],
+                [*SYDNEY[:1], rationals(2, (95, 1)), *SYDNEY[2:4]],
+            ),
+            True,
+            id="impossible-offset-and-latitude",
+        ),
+    ],
+)
+def test_garbage_exif_falls_back_to_clock_and_no_gps(
+    tmp_path: Path, data: bytes, local: bool
+) -> None:
+    before = datetime.now(UTC)
+    frame = frame_of(tmp_path, data)
+    assert frame.gps is None
+    if local:
+        assert frame.captured_at == datetime(2024, 5, 6, 7, 8, 9).astimezone(UTC)
+    else:
+        assert before <= frame.captured_at <= datetime.now(UTC)
+
+
+def test_photos_without_exif_do_not_spam_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="agent")
+    png = cv2.imencode(".png", np.zeros((4, 4, 3), np.uint8))[1].tobytes()
+    for data in (jpeg(), png, b"\x00" * 10):
+        assert read_exif(data).taken_at is None
+    frame_of(tmp_path, jpeg())
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
