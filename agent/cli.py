@@ -8,22 +8,24 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tqdm import tqdm
-
-from agent import __version__, imageio
-from agent.archive import iter_inputs
-from agent.batch import detect_file, overlay_path, run_batch, write_overlay
+from agent import __version__
 from agent.config import AgentConfig, ClassifierConfig, TlsConfig
-from agent.contract import write_schemas
-from agent.engine.detector import Analysis, Detector
-from agent.engine.model import ModelError, resolve_manifest
 from agent.health import heartbeat_age
 from agent.memory import tune_malloc
 
+if TYPE_CHECKING:
+    from agent.engine.detector import Analysis, Detector
+
+# The engine, OpenCV and the broker stack load inside the commands that need them, so
+# `health` (a Docker HEALTHCHECK every minute) and `check-config` start in a blink.
+
 
 def _detector(args: argparse.Namespace) -> Detector:
+    from agent.engine.detector import Detector
+    from agent.engine.model import resolve_manifest
+
     config = ClassifierConfig(
         analysis_long_side=args.analysis_long_side, threads=args.threads, flag_pct=args.flag_pct
     )
@@ -39,6 +41,9 @@ def _line(name: str, a: Analysis) -> str:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
+    from agent import imageio
+    from agent.batch import detect_file, overlay_path, write_overlay
+
     detector = _detector(args)
     failed = 0
     for i, path in enumerate(args.images):
@@ -57,6 +62,11 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from agent.archive import iter_inputs
+    from agent.batch import run_batch
+
     detector = _detector(args)
     try:
         inputs = iter_inputs(args.path)
@@ -137,6 +147,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_schemas(args: argparse.Namespace) -> int:
+    from agent.contract import write_schemas
+
     for path in write_schemas(args.out):
         print(path)
     return 0
@@ -223,10 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune_malloc()
     try:
         return int(args.func(args))
-    except ModelError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:  # pydantic errors name the field
+    except ValueError as exc:  # ModelError, ConfigError, SourceError: one line naming the fault
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

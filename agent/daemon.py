@@ -234,11 +234,11 @@ class Agent:
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         log.info("%s: stopping", signal.Signals(signum).name)
-        self.notify.send("STOPPING=1")
+        self.notify.stopping()
         self.stop_event.set()
 
     def shutdown(self) -> None:
-        self.notify.send("STOPPING=1")
+        self.notify.stopping()
         self.source.close()
         self.ticker.stop()
         link = self.link

@@ -23,6 +23,7 @@ from agent.contract.messages import Latency, MetricsMessage, OutboxStats, Source
 log = logging.getLogger(__name__)
 
 HEARTBEAT_FILE = "heartbeat"
+IDLE_READY_S = 2.0
 
 
 class SdNotify:
@@ -38,6 +39,19 @@ class SdNotify:
         pid = os.environ.get("WATCHDOG_PID", "")
         mine = not pid or pid == str(os.getpid())
         self.watchdog_s = int(usec) / 1e6 if usec.isdigit() and mine else None
+        self.is_ready = False
+        self._stopping = False
+
+    def ready(self, status: str) -> None:
+        """READY=1, once: after the first frame, or when the source is open with none yet."""
+        if not self.is_ready:
+            self.is_ready = True
+            self.send("READY=1", f"STATUS={status}")
+
+    def stopping(self) -> None:
+        if not self._stopping:
+            self._stopping = True
+            self.send("STOPPING=1")
 
     @property
     def enabled(self) -> bool:
@@ -69,6 +83,10 @@ class Heartbeat:
     def idle(self) -> None:
         self._busy_since = None
         self._last = time.monotonic()
+
+    def idle_for(self) -> float:
+        """Seconds the loop has been waiting for its source (0 while a frame is in hand)."""
+        return 0.0 if self._busy_since is not None else time.monotonic() - self._last
 
     def alive(self, hung_after_s: float) -> bool:
         busy = self._busy_since
@@ -204,6 +222,7 @@ class HealthTicker:
                     "frame loop busy on one frame for over %.0f s: watchdog pings stopped",
                     self.config.hung_after_s,
                 )
+            self._ready_when_idle()
             if watchdog_every and alive and now - last_ping >= watchdog_every:
                 self.notify.send("WATCHDOG=1")
                 last_ping = now
@@ -213,6 +232,14 @@ class HealthTicker:
                 last_metrics = now
                 self._publish(message)
                 self.notify.send(self._status_line(message))
+
+    def _ready_when_idle(self) -> None:
+        """An empty watched folder is a working agent: tell systemd, or it kills us at start."""
+        if self.notify.is_ready or self.heartbeat.idle_for() < IDLE_READY_S:
+            return
+        source = self._source_status()
+        if source is not None and source.state in ("open", "done"):
+            self.notify.ready(f"waiting for frames from {source.uri}")
 
     @staticmethod
     def _status_line(m: MetricsMessage) -> str:

@@ -70,7 +70,7 @@ class FrameLoop:
                 )
                 if not ready:
                     ready = True
-                    self.notify.send("READY=1", f"STATUS=classifying {self.source.uri}")
+                    self.notify.ready(f"classifying {self.source.uri}")
                     log.info("first frame classified: %s", line)
                 else:
                     log.debug("%s", line)

@@ -1,0 +1,133 @@
+"""systemd notifications, the hung-loop watchdog, the heartbeat file, latency figures."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.config import HealthConfig
+from agent.contract.messages import OutboxStats, SourceStatus
+from agent.health import FrameStats, HealthTicker, Heartbeat, SdNotify, latency_of
+from tests.agentproc import AgentProcess, agent_settings, write_config, write_frames
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.settimeout(0.2)
+    yield sock
+    sock.close()
+
+
+def received(sock: socket.socket, seconds: float) -> list[str]:
+    out: list[str] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with contextlib.suppress(TimeoutError):
+            out.extend(sock.recv(4096).decode().splitlines())
+    return out
+
+
+def test_daemon_under_systemd_notify(
+    tmp_path: Path,
+    logistic_model: Path,
+    notify_socket: socket.socket,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    settings = agent_settings(tmp_path, logistic_model, 1, frames, mqtt={"enabled": False})
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")
+    agent = AgentProcess(write_config(tmp_path / "a.toml", settings))
+    try:
+        lines = received(notify_socket, 4.0)
+        # An empty watched folder is a working agent: READY comes without a frame.
+        assert "READY=1" in lines, agent.text()
+        assert any(line.startswith("STATUS=waiting for frames") for line in lines)
+        assert lines.count("WATCHDOG=1") >= 3  # every WATCHDOG_USEC / 2
+        write_frames(frames, 2)
+        time.sleep(1.0)
+        agent.signal(signal.SIGTERM)
+        assert agent.wait(10) == 0
+        after = received(notify_socket, 0.5)
+        assert after.count("STOPPING=1") == 1
+        assert "READY=1" not in after  # once only
+    finally:
+        agent.stop()
+    assert (tmp_path / "state" / "heartbeat").exists()
+
+
+class _Recorder(SdNotify):
+    def __init__(self) -> None:
+        super().__init__(address="")
+        self.watchdog_s = 0.2
+        self.sent: list[str] = []
+
+    def send(self, *lines: str) -> None:
+        self.sent.extend(lines)
+
+
+def _ticker(heartbeat: Heartbeat, notify: SdNotify, hung_after_s: float) -> HealthTicker:
+    return HealthTicker(
+        HealthConfig(metrics_interval_s=3600, hung_after_s=hung_after_s),
+        device_id="d",
+        heartbeat=heartbeat,
+        stats=FrameStats(),
+        notify=notify,
+        outbox_stats=lambda: OutboxStats(depth=0, bytes=0, dropped_total=0, published=0),
+        source_status=lambda: SourceStatus(
+            kind="folder", uri="x", state="open", delivered=0, dropped=0, failed=0, reopens=0
+        ),
+        connected=lambda: False,
+        publish=lambda _m: None,
+    )
+
+
+def test_hung_frame_loop_stops_the_watchdog(caplog: pytest.LogCaptureFixture) -> None:
+    heartbeat = Heartbeat()
+    notify = _Recorder()
+    ticker = _ticker(heartbeat, notify, hung_after_s=1.0)
+    ticker.start()
+    time.sleep(1.2)
+    assert notify.sent.count("WATCHDOG=1") >= 1
+    heartbeat.busy()  # a frame that never finishes
+    time.sleep(1.2)
+    before = notify.sent.count("WATCHDOG=1")
+    time.sleep(1.5)
+    ticker.stop()
+    assert notify.sent.count("WATCHDOG=1") == before, "pings went on while the loop hung"
+    assert "frame loop busy on one frame" in caplog.text
+
+
+def test_health_command_reads_the_heartbeat(tmp_path: Path) -> None:
+    def health(*extra: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "agent.cli", "health", "--state-dir", str(tmp_path), *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, check=False)
+
+    missing = health()
+    assert missing.returncode == 1 and "no heartbeat" in missing.stderr
+    (tmp_path / "heartbeat").touch()
+    assert health().returncode == 0
+    old = time.time() - 300
+    os.utime(tmp_path / "heartbeat", (old, old))
+    stale = health("--max-age", "60")
+    assert stale.returncode == 1 and "silent for 300 s" in stale.stderr
+
+
+def test_latency_percentiles() -> None:
+    assert latency_of([]) is None
+    one = latency_of([5.0])
+    assert one is not None and one.p95_ms == 5.0
+    lat = latency_of([float(i) for i in range(1, 101)])
+    assert lat is not None and lat.p50_ms == 50.5 and 94 <= lat.p95_ms <= 96 and lat.max_ms == 100
