@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from agent import __version__
-from agent.contract import Decision, Provenance
-from agent.engine.model import ModelError, sha256_file
-from export import demo
+from agent.contract import Decision, Provenance, RegistryUrl, manifest_key
+from agent.engine.model import ModelError
+from agent.signing import key_id, keyring, load_public_key
+from export import demo, registry, sagemaker
 from export.convert import ConvertError, export_model, load_booster
+from export.datasets import DEFAULT_LABELS, Config, DatasetError, build
 from export.synthetic import generate
-from export.train import AWS_PAYLOAD, DatasetError, read_csv, train
+from export.train import fit, hyperparameters
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -30,27 +35,62 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _label(pair: str) -> tuple[str, int]:
+    name, sep, value = pair.rpartition("=")
+    if not sep or not name or value not in ("0", "1"):
+        raise argparse.ArgumentTypeError(f"expected NAME=0 or NAME=1, not {pair!r}")
+    return name, int(value)
+
+
+def cmd_dataset(args: argparse.Namespace) -> int:
+    config = Config(
+        voc=tuple(args.voc),
+        crops=tuple(args.crops),
+        masks=tuple(args.masks),
+        negatives=tuple(args.negatives),
+        labels=dict(args.label or DEFAULT_LABELS),
+        ignore=frozenset(args.ignore_label),
+        crop=args.crop,
+        outside_boxes_negatives=args.outside_boxes_negatives,
+        validation_fraction=args.validation_fraction,
+        max_pixels_per_image=args.max_pixels_per_image,
+        balance=args.balance,
+        seed=args.seed,
+    )
+    if not (config.voc or config.crops or config.masks or config.negatives):
+        raise DatasetError("no sources: give --voc, --crops, --masks and/or --negatives")
+    report = build(config, args.out)
+    for name, split in report.splits.items():
+        counts = split["counts"]
+        print(
+            f"{name}: {len(split['images'])} images, {split['rows']} rows "
+            f"(clean {counts['0']}, corroded {counts['1']}) -> {args.out / split['csv']}"
+        )
+    if report.unknown:
+        names = ", ".join(f"{k!r} x{v}" for k, v in sorted(report.unknown.items()))
+        print(
+            f"warning: unknown labels (map with --label or drop with --ignore-label): {names}",
+            file=sys.stderr,
+        )
+    if report.skipped:
+        print(
+            f"warning: {len(report.skipped)} problems, see above and dataset.json", file=sys.stderr
+        )
+    return 1 if report.skipped or report.unknown else 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    params = dict(AWS_PAYLOAD)
-    if args.objective:
-        params["objective"] = args.objective
-        if args.objective == "binary:logistic":
-            params.pop("num_class", None)
-    if args.num_round:
-        params["num_round"] = args.num_round
-    print("hyperparameters: " + json.dumps(params), file=sys.stderr)
-    x, y = read_csv(args.train)
-    valid = read_csv(args.validation) if args.validation else None
-    trained = train(x, y, params, valid=valid, early_stopping=args.early_stopping, seed=args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
-    trained.booster.save_model(str(args.out / "model.json"))
-    record = {
-        "metrics": trained.metrics,
-        "hyperparameters": params,
-        "training_data_sha256": sha256_file(args.train),
-    }
-    (args.out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps(trained.metrics))
+    params = hyperparameters(args.objective, args.num_round, args.set)
+    record = fit(
+        args.train,
+        args.out,
+        params,
+        validation=args.validation,
+        early_stopping=args.early_stopping,
+        threads=args.threads,
+        seed=args.seed,
+    )
+    print(json.dumps(record["metrics"]))
     return 0
 
 
@@ -80,6 +120,104 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registry(args: argparse.Namespace) -> tuple[Any, RegistryUrl]:
+    return registry.s3_client(args.endpoint_url), RegistryUrl.parse(args.registry)
+
+
+def _operator() -> str:
+    try:
+        return f"{getpass.getuser()}@{socket.gethostname()}"
+    except OSError:  # no user name in a bare container
+        return socket.gethostname()
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    kid = registry.keygen(args.out)
+    print(f"private key {args.out / registry.PRIVATE_KEY_FILE} (keep it secret)", file=sys.stderr)
+    print(f"public key {args.out / registry.PUBLIC_KEY_FILE} (for devices)", file=sys.stderr)
+    print(kid)
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    s3, url = _registry(args)
+    key = registry.load_private_key(args.key)
+    m = registry.publish(s3, url, args.model_dir, key)
+    where = url.uri(manifest_key(url.prefix, m.name, m.version))
+    print(f"published {m.name} {m.version}: {where} (key {key_id(key.public_key())})")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    s3, url = _registry(args)
+    keys = keyring(load_public_key(p) for p in args.public_key) if args.public_key else None
+    pointer, previous = registry.promote(
+        s3,
+        url,
+        args.name,
+        args.version,
+        args.channel,
+        public_keys=keys,
+        promoted_by=args.by or _operator(),
+    )
+    was = "nothing"
+    if previous is not None:
+        when = f"{previous.promoted_at:%Y-%m-%d %H:%M %Z}"
+        was = f"{previous.version} (promoted {when} by {previous.promoted_by})"
+    print(f"{pointer.name} {pointer.channel}: now {pointer.version}, was {was}")
+    if keys is None:
+        print("warning: no --public-key, the signature was not checked", file=sys.stderr)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    s3, url = _registry(args)
+    listing = registry.list_registry(s3, url, args.name)
+    if args.json:
+        print(json.dumps(registry.listing_json(listing), indent=2))
+    else:
+        print(registry.format_listing(listing))
+    return 0
+
+
+def cmd_sagemaker_train(args: argparse.Namespace) -> int:
+    params = hyperparameters(args.objective, args.num_round, args.set)
+    work = RegistryUrl.parse(args.s3)
+    aws = sagemaker.clients(args.region)
+    image = args.image_uri or sagemaker.image_uri(aws.region, args.xgboost_version)
+    name = args.job_name or sagemaker.job_name()
+    sources = {"train": args.train} | ({"validation": args.validation} if args.validation else {})
+    job = sagemaker.Job(
+        name=name,
+        role_arn=args.role,
+        image=image,
+        channels=sagemaker.stage_inputs(aws.s3, work, name, sources),
+        output=work.uri(sagemaker.jobs_key(work)) + "/",
+        hyperparameters=params,
+        instance_type=args.instance_type,
+        max_runtime=args.max_runtime,
+    )
+    print(f"started {sagemaker.start(aws, job)}", file=sys.stderr)
+    try:
+        described = sagemaker.wait(aws.sagemaker, name, args.poll)
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted: training job {name} keeps running (and billing) on SageMaker; "
+            f"stop it with: aws sagemaker stop-training-job --region {aws.region} "
+            f"--training-job-name {name}",
+            file=sys.stderr,
+        )
+        return 130
+    model = sagemaker.fetch_model(aws.s3, described, args.out)
+    sagemaker.write_record(described, params, args.train, args.out)
+    print(model)
+    print(
+        f"next: corrosion-export convert {model} --out DIR --name NAME --version X.Y.Z",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="corrosion-export", description=__doc__)
     ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -98,13 +236,68 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=480)
     p.set_defaults(func=cmd_synth)
 
+    p = sub.add_parser("dataset", help="pixel CSVs from labelled images, split by image")
+    for flag, text in (
+        ("--voc", "Pascal VOC: images + labelImg XML"),
+        ("--crops", "crops named <Label>-*.png: every pixel gets the label"),
+        ("--masks", "images with <stem>.mask.png beside them: nonzero = corroded"),
+        ("--negatives", "photos without corrosion: every pixel clean"),
+    ):
+        p.add_argument(flag, type=Path, action="append", default=[], metavar="DIR", help=text)
+    p.add_argument(
+        "--label",
+        type=_label,
+        action="append",
+        default=[],
+        metavar="NAME=CLASS",
+        help="VOC/crop label to class 0 or 1 (default Clean=0 Corroded=1)",
+    )
+    p.add_argument(
+        "--ignore-label",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="drop this label on purpose (other unknown labels fail the run)",
+    )
+    p.add_argument(
+        "--crop",
+        choices=["middle", "whole"],
+        default="middle",
+        help="VOC box crop: the AWS middle third (1/9 of the area) or the whole box",
+    )
+    p.add_argument(
+        "--outside-boxes-negatives",
+        action="store_true",
+        help="sample VOC pixels outside every box as clean",
+    )
+    p.add_argument("--validation-fraction", type=float, default=0.2)
+    p.add_argument("--max-pixels-per-image", type=int, default=None, metavar="N")
+    p.add_argument("--balance", action="store_true", help="cut the majority class per split")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.set_defaults(func=cmd_dataset)
+
     p = sub.add_parser("train", help="XGBoost on a label-first CSV (AWS payload by default)")
-    p.add_argument("train", type=Path, metavar="TRAIN_CSV")
+    p.add_argument("train", type=Path, metavar="TRAIN", help="CSV, or a `dataset` directory")
     p.add_argument("--validation", type=Path, default=None, metavar="CSV")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="model .json/.ubj, or a directory")
     p.add_argument("--objective", choices=["multi:softmax", "multi:softprob", "binary:logistic"])
     p.add_argument("--num-round", type=int, default=None)
-    p.add_argument("--early-stopping", type=int, default=None, metavar="ROUNDS")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any hyperparameter",
+    )
+    p.add_argument(
+        "--early-stopping",
+        type=int,
+        default=10,
+        metavar="ROUNDS",
+        help="on the validation data; 0 disables",
+    )
+    p.add_argument("--threads", type=int, default=0, help="0 = all cores")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)
 
@@ -118,7 +311,75 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-parity", action="store_true", help="skip the all-colour parity proof")
     p.add_argument("--no-table", action="store_true", help="let devices compile the table")
     p.set_defaults(func=cmd_convert)
+    _add_registry_commands(sub)
+    _add_sagemaker_commands(sub)
     return ap
+
+
+def _add_registry_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("keygen", help="Ed25519 key pair that signs registry models")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.set_defaults(func=cmd_keygen)
+
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--registry", required=True, metavar="s3://BUCKET/PREFIX")
+    where.add_argument(
+        "--endpoint-url", metavar="URL", help="S3-compatible store (default: AWS_ENDPOINT_URL_S3)"
+    )
+
+    p = sub.add_parser("publish", parents=[where], help="sign an export and upload it, immutable")
+    p.add_argument("model_dir", type=Path, metavar="DIR", help="directory written by convert")
+    p.add_argument("--key", type=Path, required=True, metavar="PRIVATE.pem")
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("promote", parents=[where], help="point a channel at a published version")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("version", metavar="VERSION")
+    p.add_argument("--channel", default="stable")
+    p.add_argument(
+        "--public-key",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PUBLIC.pem",
+        help="refuse unless the manifest verifies with this key (repeatable; recommended)",
+    )
+    p.add_argument("--by", help="who promotes, recorded in the pointer (default: user@host)")
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("list", parents=[where], help="published versions and channel pointers")
+    p.add_argument("name", nargs="?", metavar="NAME")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+
+
+def _add_sagemaker_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sm = sub.add_parser("sagemaker", help="train on AWS SageMaker").add_subparsers(
+        dest="sagemaker_command", required=True
+    )
+    p = sm.add_parser(
+        "train", help="built-in XGBoost training job; waits, then downloads model.tar.gz"
+    )
+    p.add_argument("train", metavar="TRAIN", help="label-first CSV, local or s3://")
+    p.add_argument("--validation", metavar="CSV", help="local or s3://")
+    p.add_argument(
+        "--s3", required=True, metavar="s3://BUCKET/PREFIX", help="inputs and outputs: jobs/JOB/"
+    )
+    p.add_argument("--role", required=True, metavar="ARN", help="SageMaker execution role")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="model.tar.gz goes here")
+    p.add_argument("--region", help="default: the AWS configuration's")
+    p.add_argument("--xgboost-version", default=sagemaker.DEFAULT_VERSION, metavar="VERSION")
+    p.add_argument("--image-uri", help="training image, instead of the built-in XGBoost's")
+    p.add_argument("--instance-type", default="ml.c5.2xlarge")
+    p.add_argument("--max-runtime", type=int, default=7200, metavar="SECONDS")
+    p.add_argument("--job-name", help="default: corrosion-xgb-YYYYMMDD-HHMMSS")
+    p.add_argument("--objective", choices=["multi:softmax", "multi:softprob", "binary:logistic"])
+    p.add_argument("--num-round", type=int, default=None)
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="any hyperparameter"
+    )
+    p.add_argument("--poll", type=float, default=30.0, metavar="SECONDS")
+    p.set_defaults(func=cmd_sagemaker_train)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

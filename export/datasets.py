@@ -1,8 +1,100 @@
-"""Pixel datasets: label-first rows from labelled images."""
+"""Pixel datasets: label-first `class,R,G,B` rows from labelled images, split by image.
+
+Sources: Pascal VOC boxes (middle-third or whole-box crops, as the AWS solution does), crops
+named `Clean-*.png` / `Corroded-*.png`, images with a `<stem>.mask.png` beside them (nonzero =
+corroded, what `export.synthetic` writes) and whole photos without corrosion. Unlike the AWS
+notebook, which shuffles pixels into train and validation, whole images (and byte-identical
+copies of them) go to one side, so validation measures photos the model has never seen.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import sys
+from collections import Counter
+from collections.abc import Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
 import numpy as np
+import numpy.typing as npt
+
+from agent.imageio import ImageError, read
+from export.voc import IMAGE_SUFFIXES, Annotation, VocError, box_problem, middle_third, parse
+
+U8 = npt.NDArray[np.uint8]
+Kind = Literal["voc", "crop", "mask", "negative"]
+DEFAULT_LABELS: Mapping[str, int] = {"Clean": 0, "Corroded": 1}
+MASK_SUFFIX = ".mask.png"
+SPLITS = ("train", "validation")
+# Outside-box pixels are sampled at the middle third's density (1/9): neighbours are
+# near-duplicates, and a full outside region would swamp the boxes of the same image.
+OUTSIDE_FRACTION = 1.0 / 9.0
+_CHUNK = 1 << 20  # rows formatted at a time: bounds memory on 100-megapixel photos
+
+
+class DatasetError(ValueError):
+    """Input that cannot become training rows; the message names the file (and row or box)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    voc: tuple[Path, ...] = ()
+    crops: tuple[Path, ...] = ()
+    masks: tuple[Path, ...] = ()
+    negatives: tuple[Path, ...] = ()
+    labels: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_LABELS))
+    ignore: frozenset[str] = frozenset()
+    crop: Literal["middle", "whole"] = "middle"
+    outside_boxes_negatives: bool = False
+    validation_fraction: float = 0.2
+    max_pixels_per_image: int | None = None
+    balance: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image that yields rows; `label` is the class of every pixel of a crop or negative."""
+
+    kind: Kind
+    image: Path
+    sha256: str
+    label: int = 0
+    mask: Path | None = None
+    annotation: Annotation | None = None
+
+
+@dataclass
+class Rows:
+    labels: U8
+    rgb: U8  # N x 3
+    problems: list[str] = field(default_factory=list)
+    unknown: Counter[str] = field(default_factory=Counter)
+    ignored: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class Report:
+    """What `build` did: every skipped input and unknown label, per-split counts."""
+
+    skipped: list[str] = field(default_factory=list)
+    unknown: Counter[str] = field(default_factory=Counter)
+    ignored: Counter[str] = field(default_factory=Counter)
+    splits: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def skip(self, message: str) -> None:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+        self.skipped.append(message)
+
+    def add(self, rows: Rows) -> None:
+        for problem in rows.problems:
+            self.skip(problem)
+        self.unknown.update(rows.unknown)
+        self.ignored.update(rows.ignored)
 
 
 def sample_mask_pixels(
@@ -25,3 +117,296 @@ def sample_mask_pixels(
     if not xs:
         return np.empty((0, 3), np.float32), np.empty(0, np.int64)
     return np.concatenate(xs).astype(np.float32), np.concatenate(ys)
+
+
+def _lut(end: str) -> U8:
+    """Text of 0..255 followed by `end`, NUL-padded to 4 bytes: rows are formatted by lookup."""
+    table = np.zeros((256, 4), np.uint8)
+    for v in range(256):
+        text = f"{v}{end}".encode()
+        table[v, : len(text)] = np.frombuffer(text, np.uint8)
+    return table
+
+
+_FIELD, _LAST = _lut(","), _lut("\n")
+
+
+def csv_bytes(labels: U8, rgb: U8) -> bytes:
+    """`class,R,G,B` lines, vectorised: ~50x faster than np.savetxt, and byte-for-byte stable."""
+    cells = np.concatenate(
+        (_FIELD[labels], _FIELD[rgb[:, 0]], _FIELD[rgb[:, 1]], _LAST[rgb[:, 2]]), axis=1
+    ).ravel()
+    data: bytes = cells[cells != 0].tobytes()
+    return data
+
+
+def _images(directory: Path) -> list[Path]:
+    """Image files under `directory`, recursively and sorted; masks are not photos."""
+    if not directory.is_dir():
+        raise DatasetError(f"{directory}: not a directory")
+    return sorted(
+        p
+        for p in directory.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.endswith(MASK_SUFFIX) and p.is_file()
+    )
+
+
+def _sha256(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def discover(config: Config, report: Report) -> list[Item]:
+    """Every usable image of every source, in a stable order; bad files are reported."""
+    items: list[Item] = []
+
+    def add(kind: Kind, image: Path, **extra: Any) -> None:
+        try:
+            items.append(Item(kind, image, _sha256(image), **extra))
+        except DatasetError as exc:
+            report.skip(str(exc))
+
+    for directory in config.voc:
+        if not directory.is_dir():
+            raise DatasetError(f"{directory}: not a directory")
+        for xml in sorted(directory.rglob("*.xml")):
+            try:
+                annotation = parse(xml)
+            except VocError as exc:
+                report.skip(str(exc))
+                continue
+            add("voc", annotation.image, annotation=annotation)
+    for directory in config.crops:
+        for image in _images(directory):
+            name = image.name.split(".")[0].split("-")[0]  # the AWS notebook's rule
+            if name in config.labels:
+                add("crop", image, label=config.labels[name])
+            else:
+                (report.ignored if name in config.ignore else report.unknown)[name] += 1
+    for directory in config.masks:
+        for image in _images(directory):
+            mask = image.with_name(image.stem + MASK_SUFFIX)
+            if mask.is_file():
+                add("mask", image, mask=mask)
+            else:
+                report.skip(f"{image}: no mask {mask.name} beside it")
+    for directory in config.negatives:
+        for image in _images(directory):
+            add("negative", image, label=0)
+    return items
+
+
+def validation_groups(shas: list[str], fraction: float, seed: int) -> set[str]:
+    """Draw whole groups of identical images at random until `fraction` of the images are in
+    validation; at least one group each side whenever there are two groups and fraction > 0."""
+    counts = Counter(shas)
+    groups = sorted(counts)
+    target = max(1, round(fraction * len(shas))) if fraction > 0 else 0
+    chosen: set[str] = set()
+    taken = 0
+    for i in np.random.default_rng([seed, 3]).permutation(len(groups))[:-1]:
+        if taken >= target:
+            break
+        chosen.add(groups[i])
+        taken += counts[groups[i]]
+    return chosen
+
+
+def _voc_rows(item: Item, rgb: U8, config: Config, rng: np.random.Generator) -> Rows:
+    ann = item.annotation
+    assert ann is not None
+    h, w = rgb.shape[:2]
+    if ann.size is not None and ann.size != (w, h):
+        raise DatasetError(
+            f"{ann.xml}: <size> {ann.size[0]}x{ann.size[1]} but {item.image.name} decodes to "
+            f"{w}x{h} (EXIF rotation?); image skipped"
+        )
+    rows = Rows(np.empty(0, np.uint8), np.empty((0, 3), np.uint8))
+    covered = np.zeros((h, w), bool)
+    labels, pixels = [], []
+    for i, obj in enumerate(ann.objects):
+        xmin, ymin, xmax, ymax = (max(0, c) for c in obj.box)
+        covered[ymin:ymax, xmin:xmax] = True  # even a bad box's pixels are not "clean"
+        problem = box_problem(obj.box, w, h)
+        if problem:
+            rows.problems.append(f"{ann.xml}: box {i} {obj.name!r} {obj.box} {problem}; skipped")
+        elif obj.name not in config.labels:
+            (rows.ignored if obj.name in config.ignore else rows.unknown)[obj.name] += 1
+        else:
+            x0, y0, x1, y1 = middle_third(obj.box) if config.crop == "middle" else obj.box
+            crop = rgb[y0:y1, x0:x1].reshape(-1, 3)
+            pixels.append(crop)
+            labels.append(np.full(len(crop), config.labels[obj.name], np.uint8))
+    if config.outside_boxes_negatives:
+        outside = np.flatnonzero(~covered.ravel())
+        pick = rng.choice(outside, round(len(outside) * OUTSIDE_FRACTION), replace=False)
+        pixels.append(rgb.reshape(-1, 3)[np.sort(pick)])
+        labels.append(np.zeros(len(pick), np.uint8))
+    if pixels:
+        rows.labels, rows.rgb = np.concatenate(labels), np.concatenate(pixels)
+    return rows
+
+
+def image_rows(item: Item, config: Config, rng: np.random.Generator) -> Rows:
+    """All rows of one image (after the per-image cap); the same rng gives the same rows."""
+    try:
+        rgb = np.ascontiguousarray(read(item.image).image[..., ::-1])
+        if item.kind == "voc":
+            rows = _voc_rows(item, rgb, config, rng)
+        elif item.kind == "mask":
+            assert item.mask is not None
+            mask = read(item.mask).image
+            if mask.shape != rgb.shape:
+                raise DatasetError(
+                    f"{item.mask}: mask is {mask.shape[1]}x{mask.shape[0]}, "
+                    f"image {rgb.shape[1]}x{rgb.shape[0]}; image skipped"
+                )
+            rows = Rows(mask.any(axis=2).ravel().astype(np.uint8), rgb.reshape(-1, 3))
+        else:
+            rows = Rows(
+                np.full(rgb.shape[0] * rgb.shape[1], item.label, np.uint8), rgb.reshape(-1, 3)
+            )
+    except ImageError as exc:
+        raise DatasetError(f"{exc}; image skipped") from None
+    cap = config.max_pixels_per_image
+    if cap is not None and len(rows.labels) > cap:
+        pick = np.sort(rng.choice(len(rows.labels), cap, replace=False))
+        rows.labels, rows.rgb = rows.labels[pick], rows.rgb[pick]
+    return rows
+
+
+def _rng(config: Config, stream: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([config.seed, stream, index])
+
+
+def _balance_quotas(
+    items: list[Item], sides: list[str], config: Config
+) -> dict[int, tuple[int, int]]:
+    """First pass: count classes per image, then spread the minority count of each split over
+    its images' majority-class rows at random. Maps image index -> (class to cut, rows kept)."""
+    counts = np.zeros((len(items), 2), np.int64)
+    for i, item in enumerate(items):
+        try:
+            labels = image_rows(item, config, _rng(config, 0, i)).labels
+        except DatasetError:
+            continue  # reported by the writing pass
+        counts[i] = np.bincount(labels, minlength=2)[:2]
+    quotas: dict[int, tuple[int, int]] = {}
+    for side in SPLITS:
+        where = [i for i, s in enumerate(sides) if s == side]
+        total = counts[where].sum(axis=0)
+        if total.min() == 0:
+            if total.max() > 0:
+                print(f"warning: --balance: {side} has one class only", file=sys.stderr)
+            continue
+        major = int(total.argmax())
+        kept = np.random.default_rng(
+            [config.seed, 2, SPLITS.index(side)]
+        ).multivariate_hypergeometric(counts[where, major], int(total.min()))
+        quotas.update({i: (major, int(k)) for i, k in zip(where, kept, strict=True)})
+    return quotas
+
+
+class _SplitWriter:
+    """Streams one split's CSV and groups file, hashing the CSV as it goes."""
+
+    def __init__(self, stack: ExitStack, out: Path, name: str) -> None:
+        self.name = name
+        self.csv: BinaryIO = stack.enter_context((out / f"{name}.csv").open("wb"))
+        self.groups: BinaryIO = stack.enter_context((out / f"{name}.groups").open("wb"))
+        self.digest = hashlib.sha256()
+        self.counts = [0, 0]
+        self.images: list[dict[str, Any]] = []
+
+    def write(self, item: Item, group: int, rows: Rows) -> None:
+        for start in range(0, len(rows.labels), _CHUNK):  # text is 16 B/row before packing
+            data = csv_bytes(rows.labels[start : start + _CHUNK], rows.rgb[start : start + _CHUNK])
+            self.csv.write(data)
+            self.digest.update(data)
+        self.groups.write(f"{group}\n".encode() * len(rows.labels))
+        n0, n1 = np.bincount(rows.labels, minlength=2)[:2].tolist()
+        self.counts = [self.counts[0] + n0, self.counts[1] + n1]
+        record: dict[str, Any] = {"path": str(item.image), "kind": item.kind}
+        if item.annotation is not None:
+            record["annotation"] = str(item.annotation.xml)
+        if item.mask is not None:
+            record["mask"] = str(item.mask)
+        record.update(sha256=item.sha256, group=group, rows=n0 + n1, counts={"0": n0, "1": n1})
+        self.images.append(record)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "csv": f"{self.name}.csv",
+            "groups": f"{self.name}.groups",
+            "sha256": self.digest.hexdigest(),
+            "rows": sum(self.counts),
+            "counts": {"0": self.counts[0], "1": self.counts[1]},
+            "images": self.images,
+        }
+
+
+def build(config: Config, out: Path) -> Report:
+    """Write out/{train,validation}.csv, .groups and dataset.json; see Report for problems."""
+    if not 0.0 <= config.validation_fraction < 1.0:
+        raise DatasetError(
+            f"validation fraction must be in [0, 1), not {config.validation_fraction}"
+        )
+    if config.max_pixels_per_image is not None and config.max_pixels_per_image < 1:
+        raise DatasetError("--max-pixels-per-image must be at least 1")
+    if set(config.labels.values()) - {0, 1} or set(config.labels) & config.ignore:
+        raise DatasetError(f"labels must map to 0 or 1 and not be ignored: {dict(config.labels)}")
+    report = Report()
+    items = discover(config, report)
+    valid = validation_groups([it.sha256 for it in items], config.validation_fraction, config.seed)
+    sides = ["validation" if it.sha256 in valid else "train" for it in items]
+    quotas = _balance_quotas(items, sides, config) if config.balance else {}
+    group_of: dict[str, int] = {}
+    out.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        writers = {name: _SplitWriter(stack, out, name) for name in SPLITS}
+        for i, (item, side) in enumerate(zip(items, sides, strict=True)):
+            try:
+                rows = image_rows(item, config, _rng(config, 0, i))
+            except DatasetError as exc:
+                report.skip(str(exc))
+                continue
+            report.add(rows)
+            if i in quotas:
+                major, kept = quotas[i]
+                keep = rows.labels != major
+                where = np.flatnonzero(~keep)
+                keep[_rng(config, 1, i).choice(where, kept, replace=False)] = True
+                rows.labels, rows.rgb = rows.labels[keep], rows.rgb[keep]
+            writers[side].write(item, group_of.setdefault(item.sha256, len(group_of)), rows)
+    report.splits = {name: w.summary() for name, w in writers.items()}
+    _write_manifest(config, out, report)
+    return report
+
+
+def _write_manifest(config: Config, out: Path, report: Report) -> None:
+    """dataset.json: enough to cite exactly what a model saw and to redo the split."""
+    record = {
+        "format": "class,R,G,B per row, no header, label first; 0 = clean, 1 = corroded",
+        "groups": "<split>.groups: per CSV row, the group of its image (identical files share one)",
+        "sources": {
+            kind: [str(p) for p in getattr(config, kind)]
+            for kind in ("voc", "crops", "masks", "negatives")
+            if getattr(config, kind)
+        },
+        "labels": dict(config.labels),
+        "ignored_labels": sorted(config.ignore),
+        "crop": config.crop,
+        "outside_boxes_negatives": config.outside_boxes_negatives,
+        "outside_fraction": OUTSIDE_FRACTION if config.outside_boxes_negatives else None,
+        "validation_fraction": config.validation_fraction,
+        "max_pixels_per_image": config.max_pixels_per_image,
+        "balance": config.balance,
+        "seed": config.seed,
+        "splits": report.splits,
+        "unknown_labels": dict(sorted(report.unknown.items())),
+        "ignored": dict(sorted(report.ignored.items())),
+        "skipped": report.skipped,
+    }
+    (out / "dataset.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import sys
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import xgboost as xgb
+
+from agent.engine.model import sha256_file
+from export.datasets import DatasetError
+
+F32 = npt.NDArray[np.float32]
 
 # The "Rust detection using machine learning on AWS" training payload, as it was sent.
 AWS_PAYLOAD: dict[str, Any] = {
@@ -22,29 +31,80 @@ AWS_PAYLOAD: dict[str, Any] = {
     "subsample": 0.8,
     "colsample_bytree": 0.9,
 }
+MODEL_SUFFIXES = (".json", ".ubj")  # XGBoost's own formats: stable across versions, convertible
+_COMMA, _NEWLINE = ord(","), ord("\n")
 
 
-class DatasetError(ValueError):
-    """A dataset file that cannot be trained on; the message names the file and the row."""
+def _unsigned_ints(buf: npt.NDArray[np.uint8], starts: np.ndarray, lengths: np.ndarray) -> F32:
+    """Digit fields to numbers: one vectorised pass per digit position, not per row."""
+    values = np.zeros(len(starts), np.int64)
+    last = len(buf) - 1
+    for k in range(int(lengths.max())):
+        digit = buf[np.minimum(starts + k, last)].astype(np.int64) - ord("0")
+        values = np.where(lengths > k, values * 10 + digit, values)
+    return values.astype(np.float32)
+
+
+def _general(text: bytes, path: Path, width: int) -> F32:
+    """Decimals, signs, exponents: numpy's own conversion, and the bad cell when it fails."""
+    cells = text.replace(b"\n", b",").split(b",")
+    try:
+        return np.array(cells).astype(np.float32)
+    except ValueError:
+        for k, cell in enumerate(cells):
+            try:
+                float(cell)
+            except ValueError:
+                raise DatasetError(
+                    f"{path}: row {k // width + 1} column {k % width + 1} is not a number "
+                    f"({cell.decode(errors='replace')!r})"
+                ) from None
+        raise
+
+
+def _parse(data: bytes, path: Path) -> F32:
+    """Label-first CSV bytes to a float32 table. Integer files (what `dataset` writes, and the
+    AWS CSVs) take a vectorised path: 283k rows in ~0.05 s where np.loadtxt needs ~0.17 s."""
+    text = data.replace(b"\r", b"").rstrip(b"\n")
+    if not text:
+        raise DatasetError(f"{path}: empty file, expected rows of class,feature...")
+    buf = np.frombuffer(text + b"\n", np.uint8)
+    is_sep = (buf == _COMMA) | (buf == _NEWLINE)
+    seps = np.flatnonzero(is_sep)
+    row_ends = np.flatnonzero(buf[seps] == _NEWLINE)
+    fields = np.diff(row_ends, prepend=-1)
+    width = int(fields[0])
+    if (bad := np.flatnonzero(fields != width)).size:
+        row = int(bad[0])
+        raise DatasetError(f"{path}: row {row + 1} has {fields[row]} fields, row 1 has {width}")
+    starts = np.concatenate(([0], seps[:-1] + 1))
+    lengths = seps - starts
+    if (empty := np.flatnonzero(lengths == 0)).size:
+        k = int(empty[0])
+        raise DatasetError(f"{path}: row {k // width + 1} column {k % width + 1} is empty")
+    if lengths.max() <= 9 and bool(np.all((buf[~is_sep] - ord("0")) < 10)):
+        values = _unsigned_ints(buf, starts, lengths)
+    else:
+        values = _general(text, path, width)
+    return values.reshape(-1, width)
 
 
 def read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """SageMaker-style CSV: no header, label first. Returns (X float32, y int)."""
     try:
-        data = np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=2)
-    except ValueError as exc:
-        raise DatasetError(f"{path}: not a numeric label-first CSV ({exc})") from exc
+        data = path.read_bytes()
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read ({exc.strerror})") from exc
-    if data.shape[0] == 0 or data.shape[1] < 2:
-        raise DatasetError(f"{path}: expected rows of class,feature..., got shape {data.shape}")
-    labels = data[:, 0]
+    table = _parse(data, path)
+    if table.shape[1] < 2:
+        raise DatasetError(f"{path}: expected rows of class,feature..., got {table.shape[1]} field")
+    labels = table[:, 0]
     bad = np.flatnonzero((labels != 0) & (labels != 1))
     if len(bad):
         raise DatasetError(
             f"{path}: row {bad[0] + 1} has class {labels[bad[0]]:g}, expected 0 or 1"
         )
-    return data[:, 1:], labels.astype(np.int64)
+    return table[:, 1:], labels.astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -52,6 +112,7 @@ class Trained:
     booster: xgb.Booster
     params: dict[str, Any]
     metrics: dict[str, float]
+    best_iteration: int  # 0-based round the booster ends at (the last one without early stopping)
 
 
 def xgb_params(params: Mapping[str, Any], threads: int, seed: int) -> tuple[dict[str, Any], int]:
@@ -60,6 +121,37 @@ def xgb_params(params: Mapping[str, Any], threads: int, seed: int) -> tuple[dict
     booster_params.setdefault("tree_method", "hist")
     booster_params.update(nthread=threads, seed=seed)
     return booster_params, int(params.get("num_round", 100))
+
+
+def hyperparameters(
+    objective: str | None = None, num_round: int | None = None, overrides: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The AWS payload with CLI changes; `num_class` goes when the objective is not multi-class
+    (binary:logistic refuses it) unless it was set explicitly."""
+    params = dict(AWS_PAYLOAD)
+    if objective:
+        params["objective"] = objective
+    if num_round:
+        params["num_round"] = num_round
+    explicit = {}
+    for pair in overrides:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects key=value, not {pair!r}")
+        explicit[key.strip()] = _scalar(value.strip())
+    params.update(explicit)
+    if not str(params["objective"]).startswith("multi:") and "num_class" not in explicit:
+        params.pop("num_class", None)
+    return params
+
+
+def _scalar(text: str) -> int | float | str:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
 
 
 def positive_score(booster: xgb.Booster, x: np.ndarray) -> np.ndarray:
@@ -115,22 +207,101 @@ def train(
     threads: int = 0,
     seed: int = 0,
 ) -> Trained:
-    """Train; metrics are on `valid` when given (early stopping watches it too)."""
+    """Train; metrics are on `valid` when given. With early stopping on `valid`, the booster is
+    cut back to its best round, so what is saved and converted is the model that was scored."""
     booster_params, rounds = xgb_params(params, threads, seed)
     dtrain = xgb.DMatrix(x, label=y)
     evals = [(dtrain, "train")]
     if valid is not None:
         evals.append((xgb.DMatrix(valid[0], label=valid[1]), "validation"))
+    stopping = early_stopping if valid is not None and early_stopping else None
     booster = xgb.train(
         booster_params,
         dtrain,
         rounds,
         evals=evals,
-        early_stopping_rounds=early_stopping if valid is not None else None,
+        early_stopping_rounds=stopping,
         verbose_eval=False,
     )
+    best = booster.num_boosted_rounds() - 1
+    if stopping:
+        best = booster.best_iteration
+        booster = booster[: best + 1]
     vx, vy = valid if valid is not None else (x, y)
-    return Trained(booster, dict(params), metrics(vy, positive_score(booster, vx)))
+    return Trained(booster, dict(params), metrics(vy, positive_score(booster, vx)), best)
+
+
+def model_path(out: Path) -> Path:
+    """--out is a .json/.ubj model file (metrics.json is written beside it) or a directory
+    that gets model.json; pickles and the legacy binary format are refused."""
+    if out.suffix.lower() in MODEL_SUFFIXES and out.name != "metrics.json":
+        return out
+    if not out.suffix or out.is_dir():
+        return out / "model.json"
+    raise ValueError(f"{out}: save the model as .json or .ubj (XGBoost's own formats)")
+
+
+def _inputs(source: Path, validation: Path | None) -> tuple[Path, Path | None, Path | None]:
+    """A `dataset` directory stands for its train.csv, validation.csv (unless empty or given)
+    and dataset.json, which the metrics then cite."""
+    if not source.is_dir():
+        return source, validation, None
+    if validation is None and (source / "validation.csv").is_file():
+        validation = source / "validation.csv"
+        validation = validation if validation.stat().st_size else None
+    manifest = source / "dataset.json"
+    return source / "train.csv", validation, manifest if manifest.is_file() else None
+
+
+def fit(
+    source: Path,
+    out: Path,
+    params: Mapping[str, Any],
+    *,
+    validation: Path | None = None,
+    early_stopping: int | None = 10,
+    threads: int = 0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The `train` command: read, train, save the model and metrics.json; returns the record."""
+    model_file = model_path(out)
+    train_csv, validation, manifest = _inputs(source, validation)
+    print("hyperparameters: " + json.dumps(dict(params)), file=sys.stderr)
+    start = time.perf_counter()
+    x, y = read_csv(train_csv)
+    valid = read_csv(validation) if validation else None
+    print(f"read {len(y)} training rows in {time.perf_counter() - start:.2f} s", file=sys.stderr)
+    trained = train(
+        x, y, params, valid=valid, early_stopping=early_stopping, threads=threads, seed=seed
+    )
+    rounds = trained.booster.num_boosted_rounds()
+    if valid is not None and early_stopping:
+        print(f"early stopping: best iteration {trained.best_iteration}", file=sys.stderr)
+    m = trained.metrics
+    record = {
+        "model": model_file.name,
+        "metrics": m,
+        "evaluated_on": "validation" if valid is not None else "train (no validation data)",
+        "confusion_matrix": {
+            "rows": "true class 0, 1",
+            "columns": "predicted class 0, 1",
+            "matrix": [[int(m["tn"]), int(m["fp"])], [int(m["fn"]), int(m["tp"])]],
+        },
+        "best_iteration": trained.best_iteration,
+        "boosted_rounds": rounds,
+        "early_stopping_rounds": early_stopping if valid is not None else None,
+        "hyperparameters": dict(params),
+        "seed": seed,
+        "train_rows": len(y),
+        "validation_rows": len(valid[1]) if valid is not None else 0,
+        "training_data_sha256": sha256_file(train_csv),
+        "validation_data_sha256": sha256_file(validation) if validation else None,
+        "dataset_json_sha256": sha256_file(manifest) if manifest else None,
+    }
+    model_file.parent.mkdir(parents=True, exist_ok=True)
+    trained.booster.save_model(str(model_file))
+    (model_file.parent / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
 
 
 def choose_flag_pct(pcts: np.ndarray, rusty: np.ndarray) -> float:

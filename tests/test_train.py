@@ -1,0 +1,186 @@
+"""`corrosion-export train`: the AWS payload locally, early stopping, metrics.json, CSV reading."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xgboost as xgb
+
+from export.cli import main as export_main
+from export.datasets import DatasetError
+from export.train import AWS_PAYLOAD, hyperparameters, read_csv, train
+from tests.conftest import rust_pixels
+from tests.test_datasets import scenes
+
+
+def write_csv(path: Path, n: int, seed: int) -> Path:
+    x, y = rust_pixels(n, seed)
+    np.savetxt(path, np.column_stack((y, x)).astype(int), fmt="%d", delimiter=",")
+    return path
+
+
+@pytest.fixture
+def csvs(tmp_path: Path) -> tuple[Path, Path]:
+    return write_csv(tmp_path / "train.csv", 3000, 1), write_csv(tmp_path / "valid.csv", 1000, 2)
+
+
+def metrics_of(path: Path) -> dict[str, object]:
+    return dict(json.loads(path.read_text()))
+
+
+def booster_config(model: Path) -> dict[str, object]:
+    booster = xgb.Booster(model_file=str(model))
+    return dict(json.loads(booster.save_config())["learner"])
+
+
+def test_aws_payload_is_the_default_and_printed(
+    tmp_path: Path, csvs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    train_csv, valid_csv = csvs
+    out = tmp_path / "m"
+    assert (
+        export_main(["train", str(train_csv), "--validation", str(valid_csv), "--out", str(out)])
+        == 0
+    )
+    err = capsys.readouterr().err
+    printed = next(line for line in err.splitlines() if line.startswith("hyperparameters: "))
+    assert json.loads(printed.removeprefix("hyperparameters: ")) == AWS_PAYLOAD
+    assert metrics_of(out / "metrics.json")["hyperparameters"] == AWS_PAYLOAD
+    learner = booster_config(out / "model.json")
+    assert learner["objective"]["name"] == "multi:softmax"  # type: ignore[index]
+    assert learner["learner_model_param"]["num_class"] == "2"  # type: ignore[index]
+    config = json.loads(train(*rust_pixels(500)).booster.save_config())  # the API's default too
+    gbtree = config["learner"]["gradient_booster"]
+    assert gbtree["gbtree_train_param"]["tree_method"] == "hist"
+    for key in ("max_depth", "eta", "gamma", "min_child_weight", "subsample", "colsample_bytree"):
+        assert float(gbtree["tree_train_param"][key]) == pytest.approx(AWS_PAYLOAD[key]), key
+
+
+def test_early_stopping_keeps_the_best_round() -> None:
+    x, y = rust_pixels(3000, 1)
+    vx, vy = rust_pixels(1000, 2)
+    params = {**AWS_PAYLOAD, "eta": 1.0, "max_depth": 6, "subsample": 1.0, "gamma": 0.0}
+    # Inverted validation labels: every round fits train better and validation worse.
+    trained = train(x, y, params, valid=(vx, 1 - vy), early_stopping=3)
+    assert trained.best_iteration < 10
+    assert trained.booster.num_boosted_rounds() == trained.best_iteration + 1
+    full = train(x, y, {**params, "num_round": 12}, valid=(vx, vy))
+    assert full.booster.num_boosted_rounds() == 12 and full.best_iteration == 11
+
+
+def test_metrics_json_fields(
+    tmp_path: Path, csvs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    train_csv, valid_csv = csvs
+    out = tmp_path / "m" / "rgb.ubj"
+    args = ["train", str(train_csv), "--validation", str(valid_csv), "--out", str(out)]
+    assert export_main(args) == 0
+    assert "early stopping: best iteration" in capsys.readouterr().err
+    record = metrics_of(out.with_name("metrics.json"))
+    m = record["metrics"]
+    assert isinstance(m, dict)
+    assert set(m) == {"accuracy", "precision", "recall", "f1", "auc", "tp", "fp", "fn", "tn"}
+    assert all(isinstance(v, float) for v in m.values())  # the manifest's provenance wants floats
+    assert m["accuracy"] > 0.9 and 0 < m["f1"] <= 1
+    assert record["confusion_matrix"]["matrix"] == [  # type: ignore[index]
+        [m["tn"], m["fp"]],
+        [m["fn"], m["tp"]],
+    ]
+    assert sum(m[k] for k in ("tp", "fp", "fn", "tn")) == record["validation_rows"] == 1000
+    assert record["evaluated_on"] == "validation" and record["early_stopping_rounds"] == 10
+    assert isinstance(record["best_iteration"], int)
+    assert record["boosted_rounds"] == record["best_iteration"] + 1
+    sha = hashlib.sha256(train_csv.read_bytes()).hexdigest()
+    assert record["training_data_sha256"] == sha and record["model"] == "rgb.ubj"
+    with pytest.raises(ValueError):  # binary UBJ, as the suffix asked, not JSON
+        json.loads(out.read_bytes())
+    assert xgb.Booster(model_file=str(out)).num_boosted_rounds() == record["boosted_rounds"]
+
+
+def test_dataset_directory_is_read_and_cited(tmp_path: Path) -> None:
+    scenes(tmp_path / "m", 6)
+    data = tmp_path / "data"
+    assert export_main(["dataset", "--masks", str(tmp_path / "m"), "--out", str(data)]) == 0
+    assert export_main(["train", str(data), "--out", str(tmp_path / "model")]) == 0
+    record = metrics_of(tmp_path / "model" / "metrics.json")
+    assert record["evaluated_on"] == "validation"
+    digest = hashlib.sha256((data / "dataset.json").read_bytes()).hexdigest()
+    assert record["dataset_json_sha256"] == digest
+
+
+def test_binary_logistic_gives_probabilities(
+    tmp_path: Path, csvs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    train_csv, valid_csv = csvs
+    out = tmp_path / "m"
+    args = ["train", str(train_csv), "--validation", str(valid_csv), "--out", str(out)]
+    assert export_main([*args, "--objective", "binary:logistic"]) == 0
+    record = metrics_of(out / "metrics.json")
+    assert "num_class" not in record["hyperparameters"]  # type: ignore[operator]
+    booster = xgb.Booster(model_file=str(out / "model.json"))
+    score = booster.inplace_predict(rust_pixels(500, 3)[0])
+    assert score.ndim == 1 and len(np.unique(score)) > 2 and 0 < score.min() < score.max() < 1
+    assert record["metrics"]["auc"] > 0.8  # type: ignore[index]
+
+
+def test_set_overrides_any_hyperparameter(
+    tmp_path: Path, csvs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "m"
+    sets = ["--set", "max_depth=2", "--set", "eta=0.5", "--set", "num_round=7"]
+    assert export_main(["train", str(csvs[0]), "--out", str(out), *sets]) == 0
+    record = metrics_of(out / "metrics.json")
+    assert record["hyperparameters"] == {**AWS_PAYLOAD, "max_depth": 2, "eta": 0.5, "num_round": 7}
+    assert record["evaluated_on"].startswith("train")  # type: ignore[attr-defined]
+    assert xgb.Booster(model_file=str(out / "model.json")).num_boosted_rounds() == 7
+    assert hyperparameters(overrides=["objective=binary:logistic"]).get("num_class") is None
+    with pytest.raises(ValueError, match="key=value"):
+        hyperparameters(overrides=["max_depth"])
+
+
+@pytest.mark.parametrize("name", ["model.pkl", "model.bin", "metrics.json"])
+def test_other_model_suffixes_are_refused(
+    tmp_path: Path, csvs: tuple[Path, Path], capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    out = tmp_path / name
+    assert export_main(["train", str(csvs[0]), "--out", str(out)]) == 2
+    assert f"{out}: save the model as .json or .ubj" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("0,1,2,3\n7,1,2,3\n", "row 2 has class 7, expected 0 or 1"),
+        ("0,1,2,3\n1,2,3,4\n0,1,x,3\n", "row 3 column 3 is not a number ('x')"),
+        ("0,1,2,3\n1,2,3\n", "row 2 has 3 fields, row 1 has 4"),
+        ("0,1,2,3\n1,2,,3\n", "row 2 column 3 is empty"),
+        ("0,1,2,3\n\n1,2,3,4\n", "row 2 has 1 fields, row 1 has 4"),
+        ("", "empty file"),
+        ("0\n1\n", "expected rows of class,feature"),
+    ],
+)
+def test_bad_csv_rows_are_named(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(DatasetError, match="^" + str(path).replace(".", r"\.") + ": ") as info:
+        read_csv(path)
+    assert message in str(info.value)
+
+
+def test_csv_parser_matches_loadtxt(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    table = np.column_stack((rng.integers(0, 2, 2000), rng.integers(0, 100000, (2000, 3))))
+    path = tmp_path / "ints.csv"
+    np.savetxt(path, table, fmt="%d", delimiter=",")
+    x, y = read_csv(path)
+    assert (
+        x.dtype == np.float32 and np.array_equal(x, table[:, 1:]) and np.array_equal(y, table[:, 0])
+    )
+    path.write_bytes(b"1,0.5,-2,1e2\r\n0,3,4,5")  # decimals, signs, CRLF, no final newline
+    x, y = read_csv(path)
+    assert np.array_equal(x, [[0.5, -2, 100], [3, 4, 5]]) and y.tolist() == [1, 0]
