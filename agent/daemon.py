@@ -13,37 +13,51 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from agent import __version__
-from agent.commands import Commands
+from agent.capture import Capturer
+from agent.commands import CommandError, Commands
 from agent.config import AgentConfig
+from agent.contract import ModelManifest
 from agent.contract.messages import (
     AgentState,
     ModelStatus,
     OutboxStats,
     PingCommand,
+    PullModelCommand,
+    RollbackCommand,
     SetThresholdCommand,
     SnapshotCommand,
     SourceStatus,
     StatusCommand,
     StatusMessage,
     Topics,
+    UploadStats,
 )
+from agent.engine.classifier import ColourModel
 from agent.engine.detector import Detector
-from agent.engine.model import resolve_manifest
+from agent.engine.model import ModelError, resolve_manifest
 from agent.health import FrameStats, HealthTicker, Heartbeat, SdNotify
 from agent.mqtt import MqttLink, Retained
 from agent.outbox import Outbox
 from agent.pipeline import FrameLoop
+from agent.policy import Policy
+from agent.signing import keyring, load_public_key, verify_manifest
 from agent.sources import Source, open_source
+from agent.spool import Spool
+from agent.updater import ModelStore, Outcome, Updater
+from agent.uploader import Uploader
 
 log = logging.getLogger(__name__)
 
 OUTBOX_FILE = "outbox.sqlite"
 DRAIN_S = 5.0  # how long a finished run waits for the broker to take the outbox
+UPLOAD_DRAIN_S = 60.0  # ... and for S3 to take the captures (while it is reachable)
 
 
 class Agent:
@@ -57,8 +71,11 @@ class Agent:
         self.stop_event = threading.Event()
         self.topics = Topics(config.topic_prefix())
         config.state_dir.mkdir(parents=True, exist_ok=True)
-        self.detector = Detector.load(resolve_manifest(config.model.path), config.classifier)
+        self.keys = keyring(load_public_key(p) for p in config.model.public_keys)
+        self.store = ModelStore(config.state_dir / "models")
+        self.detector = Detector(self._boot_model(), config.classifier)
         self.model_since = self.started_at
+        self.model_refused: str | None = None
         self.outbox = Outbox(config.state_dir / OUTBOX_FILE, config.outbox)
         self.source: Source = open_source(
             config.source,
@@ -69,6 +86,37 @@ class Agent:
         self.heartbeat = Heartbeat(config.state_dir)
         self.notify = SdNotify()
         self.commands = Commands(config.device_id, config.mqtt.max_command_bytes)
+        self.policy: Policy | None = None
+        self.spool: Spool | None = None
+        self.uploader: Uploader | None = None
+        capturer = None
+        if config.upload.enabled:
+            self.policy = Policy(config.upload)
+            self.spool = Spool(config.state_dir / "spool", config.upload.spool_max_bytes)
+            self.uploader = Uploader(
+                config.upload,
+                device_id=config.device_id,
+                spool=self.spool,
+                outbox=self.outbox,
+                topics=self.topics,
+            )
+            capturer = Capturer(
+                config.upload,
+                device_id=config.device_id,
+                policy=self.policy,
+                spool=self.spool,
+                on_stored=self.uploader.wake,
+            )
+        self.updater: Updater | None = None
+        if config.model.registry is not None:
+            self.updater = Updater(
+                config.model,
+                store=self.store,
+                detector=self.detector,
+                load=self._load_from_store,
+                serving=lambda: self.detector.model.ref,
+                report=self._on_model_outcome,
+            )
         self.loop = FrameLoop(
             source=self.source,
             detector=self.detector,
@@ -78,6 +126,7 @@ class Agent:
             stats=self.stats,
             heartbeat=self.heartbeat,
             notify=self.notify,
+            capturer=capturer,
         )
         self.link: MqttLink | None = None
         if config.mqtt.enabled:
@@ -98,9 +147,39 @@ class Agent:
             outbox_stats=self._outbox_stats,
             source_status=self.source_status,
             connected=lambda: self.link is not None and self.link.connected,
+            upload_stats=self._upload_stats,
             publish=lambda m: self._publish(self.topics.metrics, m.model_dump_json().encode()),
         )
         self._register_commands()
+
+    # ------------------------------------------------------------------ models
+
+    def _load(self, manifest: Path) -> ColourModel:
+        return ColourModel.load(manifest, threads=self.config.classifier.threads)
+
+    def _load_from_store(self, manifest: Path) -> ColourModel:
+        """A registry model is verified again at every load: the disk may have been altered."""
+        verify_manifest(
+            ModelManifest.read(manifest), self.keys, required=self.config.model.require_signature
+        )
+        return self._load(manifest)
+
+    def _boot_model(self) -> ColourModel:
+        """The last good registry model on disk (a device may boot offline), else the bundled."""
+        for rel in reversed(self.store.history()):
+            try:
+                return self._load_from_store(self.store.root / rel)
+            except (ModelError, ValueError) as exc:
+                log.error("stored model %s unusable, trying an earlier one: %s", rel, exc)
+                self.store.drop_current()
+        return self._load(resolve_manifest(self.config.model.path))
+
+    def _on_model_outcome(self, outcome: Outcome) -> None:
+        if outcome.served is not None:
+            self.model_since = datetime.now(UTC)
+        self.model_refused = outcome.refused or self.model_refused
+        if self.link is not None:
+            self.link.publish_state()
 
     # ------------------------------------------------------------------ state
 
@@ -153,9 +232,30 @@ class Agent:
                 serving=self.detector.model.ref,
                 since=self.model_since,
                 flag_pct=self.detector.threshold,
+                refused=self.model_refused,
             )
             .model_dump_json()
             .encode()
+        )
+
+    def _upload_stats(self) -> UploadStats | None:
+        if self.spool is None or self.policy is None or self.uploader is None:
+            return None
+        counters = self.spool.counters()
+
+        def by(kind: str) -> dict[str, int]:
+            head = kind + "."
+            return {k[len(head) :]: v for k, v in counters.items() if k.startswith(head)}
+
+        return UploadStats(
+            spool_depth=self.spool.depth,
+            spool_bytes=self.spool.used,
+            uploaded=by("uploaded"),
+            evicted=by("evicted"),
+            refused=by("refused"),
+            rate_limited=dict(self.policy.stats.limited),
+            duplicates=self.policy.stats.duplicates,
+            s3_reachable=self.uploader.reachable,
         )
 
     def _outbox_stats(self) -> OutboxStats:
@@ -177,6 +277,8 @@ class Agent:
         c.register("status", StatusCommand, self._cmd_status)
         c.register("snapshot", SnapshotCommand, self._cmd_snapshot)
         c.register("set-threshold", SetThresholdCommand, self._cmd_set_threshold)
+        c.register("pull-model", PullModelCommand, self._cmd_pull_model)
+        c.register("rollback", RollbackCommand, self._cmd_rollback)
 
     def _cmd_status(self, _: StatusCommand) -> dict[str, Any]:
         return {
@@ -188,7 +290,24 @@ class Agent:
         }
 
     def _cmd_snapshot(self, request: SnapshotCommand) -> dict[str, Any]:
-        return {"pending": self.loop.request_snapshot(request.note)}
+        if self.policy is None:
+            raise CommandError("uploads are not enabled (upload.enabled = false)")
+        return {"pending": self.policy.request_snapshot(request.note)}
+
+    def _updater(self) -> Updater:
+        if self.updater is None:
+            raise CommandError("no registry to pull from (model.registry is not set)")
+        return self.updater
+
+    def _cmd_pull_model(self, _: PullModelCommand) -> dict[str, Any]:
+        self._updater().pull()
+        serving = self.detector.model.ref
+        return {"requested": True, "serving": serving.model_dump(mode="json"), "see": "model"}
+
+    def _cmd_rollback(self, _: RollbackCommand) -> dict[str, Any]:
+        self._updater().rollback()
+        serving = self.detector.model.ref
+        return {"requested": True, "serving": serving.model_dump(mode="json"), "see": "model"}
 
     def _cmd_set_threshold(self, request: SetThresholdCommand) -> dict[str, Any]:
         old = self.detector.threshold
@@ -196,11 +315,8 @@ class Agent:
         new = self.detector.threshold
         log.info("flag threshold %.3f%% -> %.3f%% (command)", old, new)
         if self.link is not None:
-            self._publish_model()
+            self.link.publish_state()
         return {"previous_flag_pct": old, "flag_pct": new}
-
-    def _publish_model(self) -> None:
-        self.outbox.put(self.topics.model, self._model_payload(), retain=True)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -221,8 +337,9 @@ class Agent:
             self.source.kind,
             self.source.uri,
         )
-        if self.link is not None:
-            self.link.start()
+        for part in (self.link, self.uploader, self.updater):
+            if part is not None:
+                part.start()
         self.ticker.start()
         try:
             self.loop.run(self.stop_event)
@@ -241,6 +358,21 @@ class Agent:
         self.notify.stopping()
         self.source.close()
         self.ticker.stop()
+        if self.updater is not None:
+            self.updater.stop()
+        if self.uploader is not None and self.spool is not None:
+            spool, uploader = self.spool, self.uploader
+            if not self.stop_event.is_set():  # a finished file run: let S3 have the captures
+                self._wait(lambda: spool.depth > 0 and uploader.reachable, UPLOAD_DRAIN_S)
+            self.uploader.stop()
+            self.uploader.flush()
+            if self.spool.depth:
+                log.warning(
+                    "%d capture(s) (%s) wait in the spool %s; they go up at the next start",
+                    self.spool.depth,
+                    _bytes(self.spool.used),
+                    self.spool.dir,
+                )
         link = self.link
         if link is not None:
             patience = DRAIN_S if link.ever_connected else 1.0
@@ -257,6 +389,8 @@ class Agent:
                 where,
             )
         self.outbox.close()
+        if self.spool is not None:
+            self.spool.close()
         self.detector.close()
         log.info(
             "stopped: %d frames, %d flagged, %d failed, %d published",
@@ -267,9 +401,13 @@ class Agent:
         )
 
     def _drain(self, link: MqttLink) -> None:
-        deadline = time.monotonic() + DRAIN_S
-        while self.outbox.depth and link.connected and time.monotonic() < deadline:
-            time.sleep(0.05)
+        self._wait(lambda: self.outbox.depth > 0 and link.connected, DRAIN_S)
+
+    def _wait(self, busy: Callable[[], bool], limit_s: float) -> None:
+        """Wait while `busy()`, at most `limit_s`; a second SIGTERM cuts it short."""
+        deadline = time.monotonic() + limit_s
+        while busy() and time.monotonic() < deadline and not self.stop_event.wait(0.05):
+            pass
 
 
 def _bytes(n: int) -> str:

@@ -18,7 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent.config import HealthConfig
-from agent.contract.messages import Latency, MetricsMessage, OutboxStats, SourceStatus
+from agent.contract.messages import (
+    Latency,
+    MetricsMessage,
+    OutboxStats,
+    SourceStatus,
+    UploadStats,
+)
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +171,7 @@ class HealthTicker:
         outbox_stats: Callable[[], OutboxStats],
         source_status: Callable[[], SourceStatus | None],
         connected: Callable[[], bool],
+        upload_stats: Callable[[], UploadStats | None],
         publish: Callable[[MetricsMessage], None],
     ) -> None:
         self.config = config
@@ -175,6 +182,7 @@ class HealthTicker:
         self._outbox_stats = outbox_stats
         self._source_status = source_status
         self._connected = connected
+        self._upload_stats = upload_stats
         self._publish = publish
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="health", daemon=True)
@@ -205,6 +213,7 @@ class HealthTicker:
             outbox=self._outbox_stats(),
             source=self._source_status(),
             connected=self._connected(),
+            uploads=self._upload_stats(),
         )
 
     def _run(self) -> None:

@@ -131,6 +131,16 @@ class MqttLink:
         for thread in self._threads:
             thread.start()
 
+    def publish_state(self) -> None:
+        """Republish the retained status and model now (they changed); a no-op offline,
+        since every connect publishes them afresh."""
+        if not self._connected.is_set():
+            return
+        self._client.publish(self.topics.status, self.retained.status("online"), qos=1, retain=True)
+        model = self.retained.model()
+        if model is not None:
+            self._client.publish(self.topics.model, model, qos=1, retain=True)
+
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
 
@@ -184,13 +194,10 @@ class MqttLink:
             log.error("broker %s refused the connection: %s", self.where, reason)
             return
         log.info("connected to broker %s", self.where)
-        client.publish(self.topics.status, self.retained.status("online"), qos=1, retain=True)
-        model = self.retained.model()
-        if model is not None:
-            client.publish(self.topics.model, model, qos=1, retain=True)
-        client.subscribe(self.topics.commands, qos=1)
         self._connected_ok = self._connected_once = True
         self._connected.set()
+        self.publish_state()
+        client.subscribe(self.topics.commands, qos=1)
         self._wake.set()
 
     def _on_disconnect(

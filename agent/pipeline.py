@@ -10,11 +10,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
 
+from agent.capture import Capturer
 from agent.contract.messages import DetectionMessage, Topics
-from agent.engine.detector import Analysis, Detector
+from agent.engine.detector import Detector
 from agent.health import FrameStats, Heartbeat, SdNotify
 from agent.outbox import Outbox
 from agent.sources import Failed, Frame, Source
@@ -36,6 +35,7 @@ class FrameLoop:
         stats: FrameStats,
         heartbeat: Heartbeat,
         notify: SdNotify,
+        capturer: Capturer | None = None,
     ) -> None:
         self.source = source
         self.detector = detector
@@ -45,13 +45,7 @@ class FrameLoop:
         self.stats = stats
         self.heartbeat = heartbeat
         self.notify = notify
-        self._snapshots: deque[str | None] = deque(maxlen=100)
-        self.on_detection: Callable[[Frame, Analysis, DetectionMessage], None] | None = None
-
-    def request_snapshot(self, note: str | None) -> int:
-        """Mark the next classified frame for capture; returns how many marks are pending."""
-        self._snapshots.append(note)
-        return len(self._snapshots)
+        self.capturer = capturer
 
     def run(self, stop: threading.Event) -> None:
         """Classify until the source is exhausted or `stop` is set."""
@@ -87,11 +81,11 @@ class FrameLoop:
             latency_ms=latency_ms,
             gps=frame.gps,
         )
+        if self.capturer is not None:
+            try:
+                message = self.capturer.consider(frame, analysis, message)
+            except (OSError, ValueError) as exc:  # a full disk must not stop the detections
+                log.error("capture of %s failed: %s", frame.name, exc)
         self.outbox.put(self.topics.detections, message.model_dump_json().encode())
         self.stats.frame(latency_ms, analysis.flagged)
-        if self._snapshots:
-            note = self._snapshots.popleft()
-            log.info("snapshot of frame %d (%s) requested: %s", frame.index, frame.name, note)
-        if self.on_detection is not None:
-            self.on_detection(frame, analysis, message)
         return message

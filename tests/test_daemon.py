@@ -39,8 +39,11 @@ def statuses(sub: Subscriber) -> list[str]:
 
 
 def outbox_rows(state: Path) -> list[dict[str, Any]]:
-    with sqlite3.connect(state / "outbox.sqlite") as db:
-        rows = db.execute("SELECT topic, payload FROM messages ORDER BY id").fetchall()
+    try:
+        with sqlite3.connect(state / "outbox.sqlite") as db:
+            rows = db.execute("SELECT topic, payload FROM messages ORDER BY id").fetchall()
+    except sqlite3.OperationalError:  # the daemon is still creating it
+        return []
     return [json.loads(p) for t, p in rows if t.endswith("/detections")]
 
 

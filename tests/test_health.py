@@ -90,6 +90,7 @@ def _ticker(heartbeat: Heartbeat, notify: SdNotify, hung_after_s: float) -> Heal
             kind="folder", uri="x", state="open", delivered=0, dropped=0, failed=0, reopens=0
         ),
         connected=lambda: False,
+        upload_stats=lambda: None,
         publish=lambda _m: None,
     )
 

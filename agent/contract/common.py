@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -44,3 +45,8 @@ class Strict(BaseModel):
     """Base of every contract model: unknown fields are errors, instances are immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def utc_now() -> datetime:
+    """Default of every timestamp field: aware UTC, so readers never guess a zone."""
+    return datetime.now(UTC)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import AwareDatetime, Field
@@ -16,6 +15,7 @@ from agent.contract.common import (
     SemVer,
     Sha256,
     Strict,
+    utc_now,
 )
 
 
@@ -50,10 +50,6 @@ class ModelRef(Strict):
     sha256: Sha256 = Field(description="SHA-256 of the ONNX file")
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 class DetectionMessage(Strict):
     """One per frame: the `detections` MQTT payload and the capture sidecar's core."""
 
@@ -67,7 +63,9 @@ class DetectionMessage(Strict):
     source: str = Field(max_length=1024, description="Source URI or file the frame came from")
     frame_index: int = Field(ge=0, description="Index of the frame within its source")
     captured_at: AwareDatetime = Field(description="When the frame was taken (EXIF or clock)")
-    processed_at: AwareDatetime = Field(default_factory=_now, description="When it was classified")
+    processed_at: AwareDatetime = Field(
+        default_factory=utc_now, description="When it was classified"
+    )
     model: ModelRef = Field(description="Model that classified the frame")
     corrosion_pct: Percent = Field(description="Corroded pixels, % of the analysed frame")
     flagged: bool = Field(description="corrosion_pct >= threshold")
@@ -133,7 +131,7 @@ class StatusMessage(Strict):
     schema_version: SchemaVersion = Field(default=CONTRACT_VERSION, description="Contract version")
     device_id: str = Field(min_length=1, max_length=128, description="Device")
     state: AgentState = Field(description="Agent state")
-    at: AwareDatetime = Field(default_factory=_now, description="When this state was set")
+    at: AwareDatetime = Field(default_factory=utc_now, description="When this state was set")
     agent_version: str = Field(description="corrosion-edge version")
     started_at: AwareDatetime = Field(description="When the agent process started")
     uptime_s: float = Field(ge=0, description="Seconds since start, at `at`")
@@ -167,12 +165,25 @@ class OutboxStats(Strict):
     published: int = Field(ge=0, description="Messages acknowledged by the broker since start")
 
 
+class UploadStats(Strict):
+    """The capture spool and the uploader; counters are since the spool was created."""
+
+    spool_depth: int = Field(ge=0, description="Captures waiting for upload")
+    spool_bytes: int = Field(ge=0, description="Bytes they take on disk")
+    uploaded: dict[str, int] = Field(description="Captures uploaded, per category")
+    evicted: dict[str, int] = Field(description="Captures evicted by the disk budget, per category")
+    refused: dict[str, int] = Field(description="Captures refused by the disk budget, per category")
+    rate_limited: dict[str, int] = Field(description="Frames over a rate limit since start")
+    duplicates: int = Field(ge=0, description="Near-identical frames skipped since start")
+    s3_reachable: bool = Field(description="The last S3 request succeeded")
+
+
 class MetricsMessage(Strict):
     """Every `health.metrics_interval_s` on `metrics`: counters over the last interval."""
 
     schema_version: SchemaVersion = Field(default=CONTRACT_VERSION, description="Contract version")
     device_id: str = Field(min_length=1, max_length=128, description="Device")
-    at: AwareDatetime = Field(default_factory=_now, description="End of the interval")
+    at: AwareDatetime = Field(default_factory=utc_now, description="End of the interval")
     interval_s: float = Field(gt=0, description="Length of the interval")
     fps: float = Field(ge=0, description="Frames classified per second over the interval")
     frames: int = Field(ge=0, description="Frames classified in the interval")
@@ -184,6 +195,7 @@ class MetricsMessage(Strict):
     outbox: OutboxStats = Field(description="Durable outbox")
     source: SourceStatus | None = Field(default=None, description="Frame source")
     connected: bool = Field(description="Connected to the broker now")
+    uploads: UploadStats | None = Field(default=None, description="None when uploads are off")
 
 
 class CommandResult(Strict):
@@ -198,7 +210,7 @@ class CommandResult(Strict):
     ok: bool = Field(description="True when the command was carried out")
     error: str | None = Field(default=None, description="Why not, naming the field at fault")
     result: dict[str, Any] | None = Field(default=None, description="Command-specific answer")
-    at: AwareDatetime = Field(default_factory=_now, description="When it was answered")
+    at: AwareDatetime = Field(default_factory=utc_now, description="When it was answered")
 
 
 # --------------------------------------------------------------------------- commands
@@ -236,10 +248,21 @@ class SetThresholdCommand(CommandRequest):
     )
 
 
+class PullModelCommand(CommandRequest):
+    """Check the registry channel now instead of at the next poll."""
+
+
+class RollbackCommand(CommandRequest):
+    """Serve the previous model version on disk; the channel's version is skipped until it
+    moves on."""
+
+
 COMMAND_REQUESTS: dict[str, type[CommandRequest]] = {
     "ping": PingCommand,
     "status": StatusCommand,
     "snapshot": SnapshotCommand,
     "set-threshold": SetThresholdCommand,
+    "pull-model": PullModelCommand,
+    "rollback": RollbackCommand,
 }
 """Commands of this contract version, by the name in `cmd/<name>`."""

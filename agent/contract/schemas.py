@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from agent.contract.captures import CaptureSidecar, ManifestLine, UploadNotice
 from agent.contract.common import CONTRACT_VERSION
 from agent.contract.manifest import ModelManifest
 from agent.contract.messages import (
@@ -29,6 +30,9 @@ CONTRACT_MODELS: dict[str, type[BaseModel]] = {
     "command-result": CommandResult,
     **{f"command-{name}": request for name, request in COMMAND_REQUESTS.items()},
     "channel-pointer": ChannelPointer,
+    "capture-sidecar": CaptureSidecar,
+    "upload-notice": UploadNotice,
+    "capture-manifest-line": ManifestLine,
 }
 """Every payload with a published JSON Schema, by schema file stem."""
 

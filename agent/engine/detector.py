@@ -20,6 +20,10 @@ from agent.contract import DetectionMessage, Gps, ModelRef, Region, Size
 from agent.engine.classifier import ColourModel, corroded_mask
 from agent.engine.regions import find_regions, fit_long_side
 
+BORDERLINE = (96, 159)
+"""Scores of pixels the model is unsure of: P within about 1/4 of the way from the pixel
+threshold to either end (scores are 128 at the threshold, 0 and 255 at P = 0 and 1)."""
+
 
 @dataclass(frozen=True)
 class Analysis:
@@ -27,6 +31,7 @@ class Analysis:
 
     mask: np.ndarray  # 0/255 at analysis size
     corrosion_pct: float
+    uncertain_pct: float  # borderline pixels (see BORDERLINE), % of the frame
     flagged: bool
     threshold: float
     regions: tuple[Region, ...]
@@ -100,7 +105,9 @@ class Detector:
         work = fit_long_side(image, cfg.analysis_long_side)
         height, width = work.shape[:2]
         full = frame_size or (image.shape[1], image.shape[0])
-        mask = corroded_mask(model.scores(work))
+        scores = model.scores(work)
+        borderline = cv2.countNonZero(cv2.inRange(scores, *BORDERLINE))
+        mask = corroded_mask(scores)
         pct = 100.0 * cv2.countNonZero(mask) / float(width * height)
         regions = find_regions(
             mask,
@@ -116,6 +123,7 @@ class Detector:
         return Analysis(
             mask=mask,
             corrosion_pct=pct,
+            uncertain_pct=100.0 * borderline / float(width * height),
             flagged=pct >= threshold,
             threshold=threshold,
             regions=regions,

@@ -1,0 +1,249 @@
+"""The capture spool: files on disk plus a SQLite queue, within a disk budget.
+
+A capture (image, sidecar, optional mask) is written and committed before anything is
+sent, so an S3 outage, a SIGKILL or a reboot only delays it. The spool never grows past
+its byte budget: when a new capture does not fit, the oldest capture of the lowest
+priority goes first (flagged frames last), but never one more important than the
+newcomer; if nothing may go, the newcomer is refused. Both are counted, per category,
+in counters that survive restarts and are published in metrics: nothing is lost silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from agent.contract.captures import CATEGORY_PRIORITY, IMAGE_SUFFIX, MASK_SUFFIX, Category
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS captures (
+    frame_id TEXT PRIMARY KEY,
+    category TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    captured_at TEXT NOT NULL,
+    created REAL NOT NULL,
+    bytes INTEGER NOT NULL,
+    has_mask INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_try REAL NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS captures_order ON captures (priority DESC, created);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+SIDECAR = ".json"
+
+
+@dataclass(frozen=True)
+class Spooled:
+    """One capture waiting for upload."""
+
+    frame_id: str
+    category: Category
+    captured_at: datetime
+    has_mask: bool
+    attempts: int
+
+
+@dataclass(frozen=True)
+class CaptureFiles:
+    image: bytes
+    sidecar: bytes
+    mask: bytes | None
+
+    @property
+    def size(self) -> int:
+        return len(self.image) + len(self.sidecar) + len(self.mask or b"")
+
+
+class Spool:
+    """Owned by the daemon; the frame loop adds, the uploader takes. Thread-safe."""
+
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.dir = directory
+        self.max_bytes = max_bytes
+        directory.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(
+            directory / "spool.sqlite", check_same_thread=False, isolation_level=None
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._sweep_orphans()
+        self.used = int(
+            self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM captures").fetchone()[0]
+        )
+
+    def _sweep_orphans(self) -> None:
+        """Files without a row are from a crash between write and commit: not captures."""
+        known = {row[0] for row in self._db.execute("SELECT frame_id FROM captures")}
+        for path in self.dir.iterdir():
+            if path.name.startswith("spool.sqlite") or not path.is_file():
+                continue
+            if path.name.split(".", 1)[0] not in known:
+                path.unlink(missing_ok=True)
+
+    def paths(self, frame_id: str) -> tuple[Path, Path, Path]:
+        """(image, sidecar, mask) files of a capture."""
+        base = self.dir / frame_id
+        return (
+            base.with_suffix(IMAGE_SUFFIX),
+            base.with_suffix(SIDECAR),
+            self.dir / f"{frame_id}{MASK_SUFFIX}",
+        )
+
+    @property
+    def depth(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM captures").fetchone()[0])
+
+    def counters(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._db.execute("SELECT name, value FROM counters").fetchall())
+
+    def _bump(self, name: str, n: int = 1) -> None:
+        self._db.execute(
+            "INSERT INTO counters (name, value) VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+            (name, n),
+        )
+
+    def add(
+        self, frame_id: str, category: Category, captured_at: datetime, files: CaptureFiles
+    ) -> bool:
+        """Store a capture within the budget; False if it had to be refused (counted)."""
+        size = files.size
+        priority = CATEGORY_PRIORITY[category]
+        with self._lock:
+            victims = self._victims(size, priority)
+            if victims is None:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._bump(f"refused.{category}")
+                self._db.execute("COMMIT")
+                log.warning(
+                    "spool full (%d of %d bytes): %s capture %s refused",
+                    self.used,
+                    self.max_bytes,
+                    category,
+                    frame_id,
+                )
+                return False
+            if victims:  # make room first: the budget holds at every instant
+                self._db.execute("BEGIN IMMEDIATE")
+                for victim, victim_category, freed in victims:
+                    self._db.execute("DELETE FROM captures WHERE frame_id=?", (victim,))
+                    self._bump(f"evicted.{victim_category}")
+                    self.used -= freed
+                self._db.execute("COMMIT")
+                for victim, victim_category, _ in victims:
+                    self._unlink(victim)
+                    log.warning("spool full: evicted %s capture %s", victim_category, victim)
+            image, sidecar, mask = self.paths(frame_id)
+            for path, data in ((image, files.image), (sidecar, files.sidecar), (mask, files.mask)):
+                if data is not None:
+                    _write(path, data)
+            with self._db:
+                self._db.execute(
+                    "INSERT INTO captures (frame_id, category, priority, captured_at, created, "
+                    "bytes, has_mask) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        frame_id,
+                        category,
+                        priority,
+                        captured_at.isoformat(),
+                        time.time(),
+                        size,
+                        files.mask is not None,
+                    ),
+                )
+            self.used += size
+        return True
+
+    def _victims(self, size: int, priority: int) -> list[tuple[str, str, int]] | None:
+        """Captures to evict so `size` more bytes fit, lowest priority and oldest first."""
+        if size > self.max_bytes:
+            return None
+        need = self.used + size - self.max_bytes
+        victims: list[tuple[str, str, int]] = []
+        if need <= 0:
+            return victims
+        rows = self._db.execute(
+            "SELECT frame_id, category, bytes FROM captures WHERE priority <= ? "
+            "ORDER BY priority, created",
+            (priority,),
+        )
+        for frame_id, category, freed in rows:
+            victims.append((frame_id, category, int(freed)))
+            need -= int(freed)
+            if need <= 0:
+                return victims
+        return None
+
+    def next(self, now: float | None = None) -> Spooled | None:
+        """The most important, oldest capture that is due for an attempt."""
+        now = time.time() if now is None else now
+        with self._lock:
+            row = self._db.execute(
+                "SELECT frame_id, category, captured_at, has_mask, attempts FROM captures "
+                "WHERE next_try <= ? ORDER BY priority DESC, created LIMIT 1",
+                (now,),
+            ).fetchone()
+        if row is None:
+            return None
+        return Spooled(row[0], row[1], datetime.fromisoformat(row[2]), bool(row[3]), row[4])
+
+    def retry_later(self, frame_id: str, delay_s: float) -> None:
+        with self._lock, self._db:
+            self._db.execute(
+                "UPDATE captures SET attempts = attempts + 1, next_try = ? WHERE frame_id=?",
+                (time.time() + delay_s, frame_id),
+            )
+
+    def done(self, frame_id: str, category: str) -> None:
+        """Uploaded: forget it (row first, so a crash leaves orphans, never a lost capture)."""
+        self._remove(frame_id, f"uploaded.{category}")
+
+    def lost(self, frame_id: str, category: str) -> None:
+        """Its files vanished (someone cleaned the disk): counted, not retried forever."""
+        log.error("capture %s: files missing from %s; dropped (counted)", frame_id, self.dir)
+        self._remove(frame_id, f"lost.{category}")
+
+    def _remove(self, frame_id: str, counter: str) -> None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT bytes FROM captures WHERE frame_id=?", (frame_id,)
+            ).fetchone()
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DELETE FROM captures WHERE frame_id=?", (frame_id,))
+            self._bump(counter)
+            self._db.execute("COMMIT")
+            if row is not None:
+                self.used -= int(row[0])
+        self._unlink(frame_id)
+
+    def _unlink(self, frame_id: str) -> None:
+        for path in self.paths(frame_id):
+            path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.close()
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Write-then-rename, so a file that exists is whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

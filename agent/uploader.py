@@ -1,0 +1,230 @@
+"""Drains the spool to S3 on its own thread; a dead S3 slows nothing and loses nothing.
+
+Per capture: the image, then the mask, then the sidecar (its presence marks a complete
+capture), each with an S3 checksum and metadata, through boto3's managed transfer
+(multipart above `multipart_mb`, botocore's standard retry mode underneath). Then a
+notice on `uploads` and a line in the hour's JSON Lines manifest, re-uploaded whole while
+the hour's captures come in. When S3 cannot be reached the uploader waits with full-jitter
+backoff up to `retry_max_s` and the captures wait on disk. Multipart uploads left
+unfinished by a killed agent are aborted at start; the capture is then sent again whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from boto3.s3.transfer import TransferConfig
+from botocore.exceptions import BotoCoreError, ClientError
+
+from agent.config import UploadConfig
+from agent.contract.captures import (
+    IMAGE_SUFFIX,
+    MASK_SUFFIX,
+    SIDECAR_SUFFIX,
+    CaptureSidecar,
+    ManifestLine,
+    UploadNotice,
+    capture_manifest_key,
+    capture_stem,
+    captures_prefix,
+)
+from agent.contract.messages import Topics
+from agent.mqtt import full_jitter
+from agent.outbox import Outbox
+from agent.s3 import describe_error, error_code, s3_client
+from agent.spool import Spool, Spooled
+
+log = logging.getLogger(__name__)
+
+MANIFEST_EVERY_S = 30.0
+
+
+class Uploader:
+    """Owns the upload thread; `stop` finishes the file in flight or gives up at its timeout."""
+
+    def __init__(
+        self,
+        config: UploadConfig,
+        *,
+        device_id: str,
+        spool: Spool,
+        outbox: Outbox,
+        topics: Topics,
+    ) -> None:
+        self.config = config
+        self.device_id = device_id
+        self.spool = spool
+        self.outbox = outbox
+        self.topics = topics
+        self.s3 = s3_client(config.endpoint_url, config.region, config.max_attempts)
+        mib = config.multipart_mb * 1024 * 1024
+        self.transfer = TransferConfig(
+            multipart_threshold=mib, multipart_chunksize=mib, max_concurrency=2
+        )
+        self.manifests = spool.dir / "manifests"
+        self.manifests.mkdir(exist_ok=True)
+        self._dirty: set[Path] = set(self.manifests.glob("*.jsonl"))
+        self._manifest_at = 0.0
+        self.reachable = True
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="uploader", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float = 3.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        attempt = 0
+        aborted = False
+        while not self._stop.is_set():
+            try:
+                if not aborted:
+                    self._abort_stale_multipart()
+                    aborted = True
+                capture = self.spool.next()
+                if capture is not None:
+                    self._upload(capture)
+                if time.monotonic() - self._manifest_at > MANIFEST_EVERY_S or capture is None:
+                    self._flush_manifests()
+            except (BotoCoreError, ClientError, OSError) as exc:
+                delay = full_jitter(attempt, 1.0, self.config.retry_max_s)
+                if self.reachable or attempt == 0:
+                    log.warning(
+                        "S3 %s: %s; %d capture(s) wait in the spool, retrying in %.0f s",
+                        self.config.bucket,
+                        describe_error(exc),
+                        self.spool.depth,
+                        delay,
+                    )
+                self.reachable = False
+                attempt += 1
+                self._wake.clear()
+                self._stop.wait(delay)
+                continue
+            if not self.reachable:
+                log.info("S3 %s reachable again", self.config.bucket)
+            self.reachable, attempt = True, 0
+            if capture is None:
+                self._wake.wait(1.0)
+                self._wake.clear()
+
+    def _abort_stale_multipart(self) -> None:
+        """A killed agent leaves parts nobody will complete (and S3 bills for)."""
+        prefix = captures_prefix(self.config.prefix, self.device_id)
+        paginator = self.s3.get_paginator("list_multipart_uploads")
+        for page in paginator.paginate(Bucket=self.config.bucket, Prefix=prefix):
+            for upload in page.get("Uploads", []):
+                self.s3.abort_multipart_upload(
+                    Bucket=self.config.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                )
+                log.info("aborted an unfinished upload of %s", upload["Key"])
+
+    def _upload(self, capture: Spooled) -> None:
+        image, sidecar_path, mask = self.spool.paths(capture.frame_id)
+        needed = [image, sidecar_path] + ([mask] if capture.has_mask else [])
+        if not all(path.is_file() for path in needed):
+            self.spool.lost(capture.frame_id, capture.category)
+            return
+        sidecar = CaptureSidecar.model_validate_json(sidecar_path.read_bytes())
+        stem = capture_stem(
+            self.config.prefix, self.device_id, capture.captured_at, capture.frame_id
+        )
+        detection = sidecar.detection
+        metadata = {
+            "device": self.device_id,
+            "model-version": f"{sidecar.model.name}@{sidecar.model.version}",
+            "corrosion-pct": f"{detection.corrosion_pct:.4f}",
+            "category": capture.category,
+            "frame-id": capture.frame_id,
+        }
+        self._put(image, stem + IMAGE_SUFFIX, sidecar.image.content_type, metadata)
+        mask_key = None
+        if capture.has_mask:
+            mask_key = stem + MASK_SUFFIX
+            self._put(mask, mask_key, "image/png", metadata)
+        self._put(sidecar_path, stem + SIDECAR_SUFFIX, "application/json", metadata)
+        self.spool.done(capture.frame_id, capture.category)
+        notice = UploadNotice(
+            device_id=self.device_id,
+            frame_id=capture.frame_id,
+            category=capture.category,
+            bucket=self.config.bucket,
+            image_key=stem + IMAGE_SUFFIX,
+            sidecar_key=stem + SIDECAR_SUFFIX,
+            mask_key=mask_key,
+            corrosion_pct=detection.corrosion_pct,
+        )
+        self.outbox.put(self.topics.uploads, notice.model_dump_json().encode())
+        self._add_to_manifest(sidecar, stem)
+
+    def _put(self, path: Path, key: str, content_type: str, metadata: dict[str, str]) -> None:
+        self.s3.upload_file(
+            str(path),
+            self.config.bucket,
+            key,
+            ExtraArgs={
+                "ContentType": content_type,
+                "Metadata": metadata,
+                "ChecksumAlgorithm": self.config.checksum,
+            },
+            Config=self.transfer,
+        )
+
+    def _add_to_manifest(self, sidecar: CaptureSidecar, stem: str) -> None:
+        bucket = self.config.bucket
+        line = ManifestLine(
+            source_ref=f"s3://{bucket}/{stem}{IMAGE_SUFFIX}",
+            frame_id=sidecar.frame_id,
+            device_id=self.device_id,
+            category=sidecar.category,
+            corrosion_pct=sidecar.detection.corrosion_pct,
+            model_version=f"{sidecar.model.name}@{sidecar.model.version}",
+            captured_at=sidecar.captured_at,
+            sidecar_ref=f"s3://{bucket}/{stem}{SIDECAR_SUFFIX}",
+        )
+        hour = sidecar.captured_at.astimezone(UTC)
+        path = self.manifests / f"{hour:%Y%m%d%H}.jsonl"
+        if not path.exists():  # a late capture of an hour already flushed: extend, not replace
+            key = capture_manifest_key(self.config.prefix, self.device_id, hour)
+            try:
+                body = self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+            except ClientError as exc:
+                if error_code(exc) not in ("NoSuchKey", "404"):
+                    raise
+                body = b""
+            path.write_bytes(body)
+        with path.open("a") as fh:
+            fh.write(line.model_dump_json(by_alias=True) + "\n")
+        self._dirty.add(path)
+
+    def _flush_manifests(self) -> None:
+        """Upload each changed hour's manifest whole; drop local files of finished hours."""
+        self._manifest_at = time.monotonic()
+        current = f"{datetime.now(UTC):%Y%m%d%H}"
+        for path in sorted(self._dirty):
+            hour = datetime.strptime(path.stem, "%Y%m%d%H").replace(tzinfo=UTC)
+            key = capture_manifest_key(self.config.prefix, self.device_id, hour)
+            self._put(path, key, "application/x-ndjson", {"device": self.device_id})
+            self._dirty.discard(path)
+            if path.stem < current:
+                path.unlink(missing_ok=True)
+
+    def flush(self) -> None:
+        """At shutdown: the manifests of what was uploaded, if S3 is there."""
+        if self._dirty and self.reachable:
+            try:
+                self._flush_manifests()
+            except (BotoCoreError, ClientError, OSError) as exc:
+                log.warning("could not upload capture manifests: %s", describe_error(exc))

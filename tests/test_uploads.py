@@ -1,0 +1,248 @@
+"""Captures to S3 over real HTTP (moto's server) from the real daemon: outages, a full
+disk budget, a SIGKILL in the middle of a multipart upload."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import signal
+import sqlite3
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from agent.contract.captures import CaptureSidecar, ManifestLine, UploadNotice
+from tests.agentproc import AgentProcess, Subscriber, agent_settings, write_config, write_frames
+from tests.broker import Broker
+from tests.netproxy import Proxy
+
+FREE = {"per_minute": 100000, "per_hour": 100000, "per_day": 100000}
+
+
+def upload_settings(bucket: str, endpoint: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "enabled": True,
+        "bucket": bucket,
+        "prefix": "fleet",
+        "endpoint_url": endpoint,
+        "region": "us-east-1",
+        "retry_max_s": 0.5,
+        "dedupe_diff": 0.0,
+        "sample_fraction": 1.0,
+        "limits": {c: dict(FREE) for c in ("snapshot", "flagged", "near_threshold", "sample")},
+        **extra,
+    }
+
+
+@dataclass(frozen=True)
+class S3:
+    client: Any
+    bucket: str
+    port: int
+
+
+@pytest.fixture
+def target(s3: Any, s3_bucket: str, moto_server: str) -> S3:
+    return S3(s3, s3_bucket, int(moto_server.rsplit(":", 1)[1]))
+
+
+def keys(s3: Any, bucket: str, suffix: str) -> list[str]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    return [o["Key"] for p in pages for o in p.get("Contents", []) if o["Key"].endswith(suffix)]
+
+
+def wait(check: Any, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.1)
+    return bool(check())
+
+
+def spool_files(spool: Path) -> int:
+    total = 0
+    for path in spool.glob("*"):
+        if path.suffix in (".jpg", ".png", ".json", ".tmp"):
+            with contextlib.suppress(FileNotFoundError):  # uploaded or evicted meanwhile
+                total += path.stat().st_size
+    return total
+
+
+def spool_rows(state: Path) -> int:
+    db = state / "spool" / "spool.sqlite"
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db) as con:
+            return int(con.execute("SELECT COUNT(*) FROM captures").fetchone()[0])
+    except sqlite3.OperationalError:  # the daemon is still creating it
+        return 0
+
+
+def test_s3_outage_spools_then_delivers_everything(
+    tmp_path: Path, logistic_model: Path, broker: Broker, target: S3
+) -> None:
+    s3, s3_bucket = target.client, target.bucket
+    frames = tmp_path / "frames"
+    names = write_frames(frames, 30)
+    proxy = Proxy(target.port)
+    proxy.cut()  # S3 unreachable from the start
+    settings = agent_settings(
+        tmp_path,
+        logistic_model,
+        broker.port,
+        frames,
+        device="up-dev",
+        upload=upload_settings(s3_bucket, proxy.url),
+    )
+    sub = Subscriber(broker.port, ["corrosion/up-dev/#"], client_id="up-sub")
+    agent = AgentProcess(write_config(tmp_path / "a.toml", settings))
+    try:
+        assert wait(lambda: spool_rows(tmp_path / "state") == 30), agent.text()
+        assert keys(s3, s3_bucket, ".jpg") == []
+        proxy.restore()
+        assert wait(lambda: len(keys(s3, s3_bucket, ".json")) == 30, 60), agent.text()
+        assert wait(lambda: len(sub.payloads("/uploads")) == 30)
+        agent.signal(signal.SIGTERM)
+        assert agent.wait(15) == 0
+    finally:
+        agent.stop()
+        proxy.close()
+        sub.close()
+    assert "S3 fleet" not in agent.text()  # the bucket is named, never credentials
+    assert "testing" not in agent.text()
+    images = keys(s3, s3_bucket, ".jpg")
+    assert len(images) == 30 and len(keys(s3, s3_bucket, ".mask.png")) == 30
+    originals = {hashlib.sha256((frames / n).read_bytes()).hexdigest() for n in names}
+    for key in images:
+        head = s3.head_object(Bucket=s3_bucket, Key=key, ChecksumMode="ENABLED")
+        body = s3.get_object(Bucket=s3_bucket, Key=key)["Body"].read()
+        crc = base64.b64encode(zlib.crc32(body).to_bytes(4, "big")).decode()
+        assert head["ChecksumCRC32"] == crc
+        assert hashlib.sha256(body).hexdigest() in originals  # the JPEG byte for byte
+        assert head["Metadata"]["device"] == "up-dev" and head["Metadata"]["category"]
+        assert key.startswith("fleet/captures/up-dev/")
+        sidecar = CaptureSidecar.model_validate_json(
+            s3.get_object(Bucket=s3_bucket, Key=key[: -len(".jpg")] + ".json")["Body"].read()
+        )
+        assert sidecar.image.key == key and sidecar.image.original
+        assert sidecar.detection.upload_key == key
+    notices = [UploadNotice.model_validate(p) for p in sub.payloads("/uploads")]
+    assert {n.image_key for n in notices} == set(images)
+    detections = sub.payloads("/detections")
+    assert {d["upload_key"] for d in detections} == set(images)
+    lines = [
+        ManifestLine.model_validate(json.loads(line))
+        for key in keys(s3, s3_bucket, ".jsonl")
+        for line in s3.get_object(Bucket=s3_bucket, Key=key)["Body"].read().splitlines()
+    ]
+    assert sorted(line.source_ref for line in lines) == sorted(
+        f"s3://{s3_bucket}/{k}" for k in images
+    )
+    assert spool_rows(tmp_path / "state") == 0
+
+
+def test_flood_with_small_disk_budget(tmp_path: Path, logistic_model: Path, broker: Broker) -> None:
+    frames = tmp_path / "frames"
+    write_frames(frames, 80)
+    budget = 100_000
+    settings = agent_settings(
+        tmp_path,
+        logistic_model,
+        broker.port,
+        frames,
+        device="flood-dev",
+        upload=upload_settings("nowhere", "http://127.0.0.1:9", spool_max_bytes=budget),
+        classifier={"flag_pct": 6.0},  # about half the frames are flagged
+    )
+    settings["source"]["max_fps"] = 40.0
+    agent = AgentProcess(write_config(tmp_path / "a.toml", settings), "--exit-when-done")
+    spool = tmp_path / "state" / "spool"
+    peak = 0
+    while agent.proc.poll() is None:
+        if spool.exists():
+            peak = max(peak, spool_files(spool))
+        time.sleep(0.02)
+    assert agent.wait(5) == 0, agent.text()
+    assert peak <= budget
+    with sqlite3.connect(spool / "spool.sqlite") as con:
+        counters = dict(con.execute("SELECT name, value FROM counters").fetchall())
+        kept = dict(
+            con.execute("SELECT category, COUNT(*) FROM captures GROUP BY category").fetchall()
+        )
+    evicted = {k.split(".")[1]: v for k, v in counters.items() if k.startswith("evicted.")}
+    refused = {k.split(".")[1]: v for k, v in counters.items() if k.startswith("refused.")}
+    # every frame was captured (sample_fraction 1): each one is kept, evicted or refused
+    assert sum(kept.values()) + sum(evicted.values()) + sum(refused.values()) == 80
+    assert evicted.get("sample", 0) > 0
+    # flagged frames go last: none evicted while a sample was left to evict
+    assert kept.get("flagged", 0) >= kept.get("sample", 0)
+    assert "capture(s)" in agent.text() and "wait in the spool" in agent.text()
+
+
+def big_jpeg(path: Path) -> bytes:
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (2400, 3200, 3), dtype=np.uint8)
+    noise[:, :1600] = (40, 70, 160)  # half rust-brown: flagged
+    cv2.imwrite(str(path), noise, [cv2.IMWRITE_JPEG_QUALITY, 100])
+    return path.read_bytes()
+
+
+def test_sigkill_during_multipart_upload(
+    tmp_path: Path, logistic_model: Path, broker: Broker, target: S3
+) -> None:
+    s3, s3_bucket = target.client, target.bucket
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    original = big_jpeg(frames / "big.jpg")
+    assert len(original) > 6 * 1024 * 1024  # two parts of 5 MiB
+    proxy = Proxy(target.port, rate=4 * 1024 * 1024)  # a slow uplink
+    settings = agent_settings(
+        tmp_path,
+        logistic_model,
+        broker.port,
+        frames,
+        device="mpu-dev",
+        upload=upload_settings(s3_bucket, proxy.url, multipart_mb=5),
+    )
+    cfg = write_config(tmp_path / "a.toml", settings)
+    agent = AgentProcess(cfg)
+
+    def parts_in_flight() -> bool:
+        uploads = s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
+        return any(
+            s3.list_parts(Bucket=s3_bucket, Key=u["Key"], UploadId=u["UploadId"]).get("Parts")
+            for u in uploads
+        )
+
+    try:
+        assert wait(parts_in_flight, 60), agent.text()
+        agent.signal(signal.SIGKILL)
+        agent.wait(10)
+    finally:
+        agent.stop()
+    assert keys(s3, s3_bucket, ".jpg") == []  # nothing half-visible
+    proxy.restore()  # full speed
+    again = AgentProcess(cfg)
+    try:
+        assert wait(lambda: len(keys(s3, s3_bucket, ".json")) == 1, 60), again.text()
+    finally:
+        again.signal(signal.SIGTERM)
+        again.wait(15)
+        again.stop()
+        proxy.close()
+    images = keys(s3, s3_bucket, ".jpg")
+    assert len(images) == 1
+    body = s3.get_object(Bucket=s3_bucket, Key=images[0])["Body"].read()
+    assert body == original
+    assert s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+    assert "aborted an unfinished upload" in again.text()
