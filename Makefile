@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO := demo
 DATA ?= ../shared/data
 
-PHONY_EXTRA := run-batch config bench-daemon
+PHONY_EXTRA := run-batch config bench-daemon bench-updates
 .PHONY: $(PHONY_EXTRA) run test lint bench bench-classify bench-resolution demo schemas system-deps clean
 
 $(STAMP): pyproject.toml
@@ -52,7 +52,7 @@ lint: $(STAMP)
 schemas: $(STAMP)
 	$(VENV)/bin/corrosion-agent schemas --out docs/schemas
 
-bench: bench-classify bench-resolution bench-daemon
+bench: bench-classify bench-resolution bench-daemon bench-updates
 
 ## Pixel engine against xgboost and onnxruntime on the same frames (reads $(DATA) for the AWS model).
 bench-classify: $(STAMP)
@@ -64,6 +64,10 @@ clean:
 ## The daemon end to end: 300 1080p JPEGs, watched folder -> PUBACK from a local Mosquitto.
 bench-daemon: $(STAMP) system-deps demo
 	PYTHONPATH=. $(PY) bench/daemon.py --data $(DATA)
+
+## Model swap time (promote -> first frame on the new model) and capture uploads/s, local S3.
+bench-updates: $(STAMP) demo
+	PYTHONPATH=. $(PY) bench/updates.py --data $(DATA)
 
 ## Corrosion % error and decode time of reduced-size JPEG decoding on the real photos.
 bench-resolution: $(STAMP)

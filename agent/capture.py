@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -90,7 +91,7 @@ class Capturer:
         self.on_stored()
         return message
 
-    def _image(self, frame: Frame) -> tuple[bytes, str, bool]:
+    def _image(self, frame: Frame) -> tuple[bytes, Literal["image/jpeg"], bool]:
         data = frame.data
         if data is not None and data.startswith(JPEG_MAGIC):
             return data, "image/jpeg", True

@@ -194,10 +194,19 @@ class Updater:
             return Outcome()
         if pointer.manifest_sha256 in self._refused or pointer.version == self.store.skipped():
             return Outcome()
+        folder = self.store.incoming()
         try:
-            model = self.load(self._fetch(pointer))
+            model = self.load(self._fetch(pointer, folder))
         except (ModelError, ValueError) as exc:
+            shutil.rmtree(folder, ignore_errors=True)
             return self._refuse(pointer.manifest_sha256, f"{pointer.name} {pointer.version}: {exc}")
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        final = self.store.root / pointer.name / pointer.version
+        shutil.rmtree(final, ignore_errors=True)  # a copy left by an earlier, rolled-back serve
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(folder, final)  # only a version that passed every check enters the store
         return self._serve(model)
 
     def _poll(self) -> ChannelPointer | Outcome:
@@ -245,8 +254,11 @@ class Updater:
             raise ModelError(f"{self.url.uri(key)}: {size} bytes, more than the {limit} allowed")
         return bytes(response["Body"].read(limit + 1))
 
-    def _fetch(self, pointer: ChannelPointer) -> Path:
-        """Download and check one version into the store; returns its manifest path."""
+    def _fetch(self, pointer: ChannelPointer, folder: Path) -> Path:
+        """Download and check one version into `folder`; returns its manifest path.
+
+        The manifest is written last: its presence means every file arrived.
+        """
         where = self.url.uri(pointer.manifest_key)
         raw = self._get(pointer.manifest_key, MAX_MANIFEST_BYTES)
         digest = hashlib.sha256(raw).hexdigest()
@@ -266,19 +278,11 @@ class Updater:
                     f"{ref.file}: claims {ref.size} bytes, model.max_model_bytes is "
                     f"{self.config.max_model_bytes}"
                 )
-        folder = self.store.incoming()
-        try:
-            for ref in refs:
-                key = file_key(self.url.prefix, manifest.name, manifest.version, ref.file)
-                (folder / ref.file).write_bytes(self._get(key, ref.size))
-            (folder / MANIFEST).write_bytes(raw)
-            final = self.store.root / manifest.name / manifest.version
-            shutil.rmtree(final, ignore_errors=True)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(folder, final)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-        return final / MANIFEST
+        for ref in refs:
+            key = file_key(self.url.prefix, manifest.name, manifest.version, ref.file)
+            (folder / ref.file).write_bytes(self._get(key, ref.size))
+        (folder / MANIFEST).write_bytes(raw)
+        return folder / MANIFEST
 
     def _roll_back(self) -> Outcome:
         history = self.store.history()

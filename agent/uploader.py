@@ -11,11 +11,13 @@ unfinished by a killed agent are aborted at start; the capture is then sent agai
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import BotoCoreError, ClientError
@@ -25,6 +27,7 @@ from agent.contract.captures import (
     IMAGE_SUFFIX,
     MASK_SUFFIX,
     SIDECAR_SUFFIX,
+    TRANSFORM_SUFFIX,
     CaptureSidecar,
     ManifestLine,
     UploadNotice,
@@ -41,6 +44,19 @@ from agent.spool import Spool, Spooled
 log = logging.getLogger(__name__)
 
 MANIFEST_EVERY_S = 30.0
+
+
+def transform_manifest(lines: list[str]) -> list[Any]:
+    """The same captures as a Batch Transform ManifestFile: [{"prefix": ...}, key, ...].
+
+    Transform jobs refuse augmented (JSON Lines) manifests, Ground Truth wants them: one
+    list, two files. Keys are relative to the bucket root, which is the prefix.
+    """
+    refs = [ManifestLine.model_validate_json(line).source_ref for line in lines if line.strip()]
+    if not refs:
+        return []
+    bucket = refs[0].split("/", 3)[2]
+    return [{"prefix": f"s3://{bucket}/"}, *(ref.split("/", 3)[3] for ref in refs)]
 
 
 class Uploader:
@@ -216,7 +232,14 @@ class Uploader:
         for path in sorted(self._dirty):
             hour = datetime.strptime(path.stem, "%Y%m%d%H").replace(tzinfo=UTC)
             key = capture_manifest_key(self.config.prefix, self.device_id, hour)
-            self._put(path, key, "application/x-ndjson", {"device": self.device_id})
+            meta = {"device": self.device_id}
+            self._put(path, key, "application/x-ndjson", meta)
+            transform = path.with_suffix(TRANSFORM_SUFFIX)
+            transform.write_text(json.dumps(transform_manifest(path.read_text().splitlines())))
+            self._put(
+                transform, key.removesuffix(".jsonl") + TRANSFORM_SUFFIX, "application/json", meta
+            )
+            transform.unlink()
             self._dirty.discard(path)
             if path.stem < current:
                 path.unlink(missing_ok=True)

@@ -148,6 +148,12 @@ def test_s3_outage_spools_then_delivers_everything(
     assert sorted(line.source_ref for line in lines) == sorted(
         f"s3://{s3_bucket}/{k}" for k in images
     )
+    transform = [
+        json.loads(s3.get_object(Bucket=s3_bucket, Key=key)["Body"].read())
+        for key in keys(s3, s3_bucket, ".manifest")
+    ]
+    assert all(t[0] == {"prefix": f"s3://{s3_bucket}/"} for t in transform)
+    assert sorted(k for t in transform for k in t[1:]) == sorted(images)
     assert spool_rows(tmp_path / "state") == 0
 
 

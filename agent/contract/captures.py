@@ -7,11 +7,13 @@ Under s3://BUCKET/PREFIX:
     captures/{device}/{yyyy}/{mm}/{dd}/{frame_id}.json       CaptureSidecar
     captures/{device}/{yyyy}/{mm}/{dd}/{frame_id}.mask.png   the corroded mask (optional)
     manifests/{device}/{yyyy}/{mm}/{dd}/{hh}.jsonl           one ManifestLine per capture
+    manifests/{device}/{yyyy}/{mm}/{dd}/{hh}.manifest        the same images as a list
 
 The date is the frame's capture time in UTC; `frame_id` is the DetectionMessage's
-message_id, so a detection on MQTT, its sidecar and its image share one id. A manifest
-line has `source-ref`, so the same file is a Ground Truth labelling input and a SageMaker
-Batch Transform input (S3DataType=AugmentedManifestFile, AttributeNames=["source-ref"]).
+message_id, so a detection on MQTT, its sidecar and its image share one id. The `.jsonl`
+lines carry `source-ref`: a Ground Truth labelling input. Batch Transform refuses
+augmented manifests, so the `.manifest` beside it holds the same images as a SageMaker
+ManifestFile ([{"prefix": "s3://bucket/"}, key, ...]): one list of captures, two formats.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ _DEVICE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 IMAGE_SUFFIX = ".jpg"
 SIDECAR_SUFFIX = ".json"
 MASK_SUFFIX = ".mask.png"
+TRANSFORM_SUFFIX = ".manifest"
 
 
 def _day(when: datetime) -> str:
@@ -86,7 +89,7 @@ class CapturedImage(Strict):
     key: str = Field(description="S3 key of the image")
     sha256: Sha256 = Field(description="SHA-256 of the image bytes")
     size: int = Field(gt=0, description="Bytes")
-    content_type: str = Field(description="image/jpeg or image/png")
+    content_type: Literal["image/jpeg"] = Field(description="Always JPEG (keys end in .jpg)")
     original: bool = Field(description="True: the source's own bytes; False: encoded once")
 
 
