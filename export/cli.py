@@ -15,7 +15,7 @@ from agent import __version__
 from agent.contract import Decision, Provenance, RegistryUrl, manifest_key
 from agent.engine.model import ModelError
 from agent.signing import key_id, keyring, load_public_key
-from export import demo, registry, sagemaker
+from export import demo, reanalyze, registry, retrain, sagemaker
 from export.convert import ConvertError, export_model, load_booster
 from export.datasets import DEFAULT_LABELS, Config, DatasetError, build
 from export.synthetic import generate
@@ -313,6 +313,8 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
     _add_registry_commands(sub)
     _add_sagemaker_commands(sub)
+    reanalyze.add_command(sub)
+    retrain.add_command(sub, _label)
     return ap
 
 
