@@ -67,7 +67,6 @@ class Agent:
         self.config = config
         self.started_at = datetime.now(UTC)
         self._t0 = time.monotonic()
-        self._stale = False
         self.stop_event = threading.Event()
         self.topics = Topics(config.topic_prefix())
         config.state_dir.mkdir(parents=True, exist_ok=True)
@@ -187,29 +186,7 @@ class Agent:
         return time.monotonic() - self._t0
 
     def source_status(self) -> SourceStatus:
-        """The source's own state, plus `stale` when a live source has gone quiet."""
-        s = self.source.stats
-        state = s.state
-        if self.source.live and state == "open":
-            last = s.last_frame_at if s.last_frame_at is not None else self._t0
-            silent = time.monotonic() - last
-            stale = silent > self.config.source.stale_after_s
-            if stale != self._stale:
-                self._stale = stale
-                if stale:
-                    log.warning("source %s stale: no frame for %.0f s", self.source.uri, silent)
-                else:
-                    log.info("source %s delivers again", self.source.uri)
-            state = "stale" if stale else state
-        return SourceStatus(
-            kind=self.source.kind,
-            uri=self.source.uri,
-            state=state,
-            delivered=s.delivered,
-            dropped=s.dropped,
-            failed=s.failed,
-            reopens=s.reopens,
-        )
+        return self.source.status(self.config.source.stale_after_s, since=self._t0)
 
     def _status(self, state: AgentState) -> StatusMessage:
         return StatusMessage(

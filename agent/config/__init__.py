@@ -1,0 +1,178 @@
+"""Agent configuration: one strict pydantic model per area, TOML file plus environment.
+
+`extra="forbid"` everywhere, so a misspelt key fails at start with the path of the field
+instead of being silently ignored on a device nobody can reach. Environment variables
+override the file: `CORROSION_MQTT__PORT=8883` sets `mqtt.port`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from agent.config.areas import Area, ClassifierConfig, HealthConfig, SourceConfig, SourceKind
+from agent.config.cloud import CategoryLimits, ModelConfig, RateLimit, UploadConfig
+from agent.config.link import MqttConfig, OutboxConfig, TlsConfig
+
+__all__ = [
+    "AgentConfig",
+    "Area",
+    "CategoryLimits",
+    "ClassifierConfig",
+    "ConfigError",
+    "HealthConfig",
+    "ModelConfig",
+    "MqttConfig",
+    "OutboxConfig",
+    "RateLimit",
+    "SourceConfig",
+    "SourceKind",
+    "TlsConfig",
+    "UploadConfig",
+    "commented_defaults",
+]
+
+
+class AgentConfig(BaseSettings):
+    """The whole agent; `load` reads TOML, then environment overrides on top."""
+
+    model_config = SettingsConfigDict(
+        extra="forbid",
+        env_prefix="CORROSION_",
+        env_nested_delimiter="__",
+        validate_assignment=True,
+    )
+
+    device_id: str = Field(
+        default_factory=socket.gethostname,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="Device id: MQTT client id and topic part; default the host name",
+    )
+    state_dir: Path = Field(
+        default=Path("state"), description="Outbox, seen-files record and models live here"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Log level"
+    )
+    source: SourceConfig = Field(default_factory=SourceConfig, description="Frame source")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Model")
+    classifier: ClassifierConfig = Field(
+        default_factory=ClassifierConfig, description="Classification"
+    )
+    mqtt: MqttConfig = Field(default_factory=MqttConfig, description="Broker")
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="Durable outbox")
+    health: HealthConfig = Field(default_factory=HealthConfig, description="Health")
+    upload: UploadConfig = Field(default_factory=UploadConfig, description="Uploads to S3")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (env_settings, init_settings)  # environment beats the file
+
+    @classmethod
+    def load(cls, path: Path | None, **overrides: Any) -> AgentConfig:
+        """Read `path` (TOML); errors name the file and the field's dotted path."""
+        data: dict[str, Any] = {}
+        where = str(path) if path else "configuration"
+        if path is not None:
+            try:
+                with path.open("rb") as fh:
+                    data = tomllib.load(fh)
+            except OSError as exc:
+                raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        _merge(data, overrides)
+        try:
+            return cls(**data)
+        except ValidationError as exc:
+            raise ConfigError(f"{where}: {_describe(exc)}") from exc
+
+    def topic_prefix(self) -> str:
+        return self.mqtt.topic_prefix.replace("{device_id}", self.device_id)
+
+    def effective(self) -> str:
+        """The config as the agent will use it, secrets masked (SecretStr dumps as ***)."""
+        return json.dumps(self.model_dump(mode="json"), indent=2)
+
+
+class ConfigError(ValueError):
+    """A configuration that must not start the agent; the message names file and field."""
+
+
+def _describe(exc: ValidationError) -> str:
+    """Like contract.describe, but says when the bad value came from the environment."""
+    env = os.environ
+    parts = []
+    for err in exc.errors(include_url=False):
+        path = ".".join(str(p) for p in err["loc"]) or "(root)"
+        var = "CORROSION_" + "__".join(str(p) for p in err["loc"]).upper()
+        origin = f" (from {var})" if var in env else ""
+        parts.append(f"{path}{origin}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
+    """Deep-merge `extra` (command-line overrides) into `base`."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def _render(area: BaseModel, table: str, out: list[str]) -> None:
+    """Values come from a default instance: a sub-area's defaults may differ per parent."""
+    nested: list[tuple[str, BaseModel]] = []
+    if table:
+        out += ["", f"[{table}]"]
+    for name, field in type(area).model_fields.items():
+        value = getattr(area, name)
+        if isinstance(value, BaseModel):
+            nested.append((f"{table}.{name}" if table else name, value))
+            continue
+        out.append(f"# {field.description}")
+        if name == "device_id":  # the host name: differs per machine
+            out.append(f"# {name} =  # default: computed at start")
+        elif value is None:
+            out.append(f"# {name} =  # default: unset")
+        else:
+            out.append(f"{name} = {_toml_value(value)}")
+    for path, sub in nested:
+        _render(sub, path, out)
+
+
+def commented_defaults() -> str:
+    """config/agent.toml: every field with its description and default (a test keeps it true)."""
+    out = [
+        "# corrosion-agent configuration: every setting with its default.",
+        "# Generated by `make config` from agent/config.py; environment variables override",
+        "# the file: CORROSION_<AREA>__<FIELD>, e.g. CORROSION_MQTT__HOST=broker.local.",
+    ]
+    _render(AgentConfig(device_id="unset"), "", out)
+    return "\n".join(out) + "\n"
