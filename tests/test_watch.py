@@ -1,0 +1,68 @@
+"""corrosion-agent watch: every kind of message readable, invalid payloads named."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from tests.agentproc import AgentProcess, agent_settings, write_config, write_frames
+from tests.broker import Broker
+
+
+def watcher(broker: Broker, *args: str) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "agent.cli", "watch", "--broker", broker.url, *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_watch_prints_what_a_device_publishes(
+    tmp_path: Path, logistic_model: Path, broker: Broker
+) -> None:
+    write_frames(tmp_path / "frames", 3)
+    settings = agent_settings(
+        tmp_path, logistic_model, broker.port, tmp_path / "frames", device="watched"
+    )
+    human = watcher(broker, "--device", "watched", "--count", "6")
+    as_json = watcher(broker, "--device", "watched", "--count", "6", "--json")
+    time.sleep(1.0)  # both subscribed
+    agent = AgentProcess(write_config(tmp_path / "a.toml", settings), "--exit-when-done")
+    assert agent.wait(60) == 0, agent.text()
+    out, err = human.communicate(timeout=30)
+    lines = out.splitlines()
+    assert any(line.startswith("watched status ONLINE") for line in lines), (out, err)
+    assert any(line.startswith("watched model test-rgb 1.0.0") for line in lines), out
+    assert sum(line.startswith("watched detection #") for line in lines) >= 3, out
+    records = [json.loads(line) for line in as_json.communicate(timeout=30)[0].splitlines()]
+    topics = {r["topic"] for r in records}
+    assert "corrosion/watched/detections" in topics
+    assert all(isinstance(r["payload"], dict) for r in records)
+
+
+def test_watch_names_an_invalid_payload(broker: Broker) -> None:
+    proc = watcher(broker, "--device", "rogue", "--count", "1")
+    time.sleep(1.0)
+    pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="rogue-pub")
+    pub.connect("127.0.0.1", broker.port)
+    pub.loop_start()
+    pub.publish("corrosion/rogue/detections", b'{"corrosion_pct": 250}', qos=1).wait_for_publish()
+    pub.loop_stop()
+    out, _ = proc.communicate(timeout=30)
+    assert out.startswith("rogue detections INVALID detections: ")
+    assert "corrosion_pct: Input should be less than or equal to 100" in out
+
+
+def test_watch_unreachable_broker_is_one_line() -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "watch", "--broker", "mqtt://127.0.0.1:9"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert res.returncode == 2 and res.stderr.startswith("error: broker 127.0.0.1:9")
+    assert "Traceback" not in res.stderr
