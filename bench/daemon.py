@@ -22,9 +22,10 @@ import cv2
 import numpy as np
 
 from agent import imageio
-from agent.config import AgentConfig
+from agent.config import AgentConfig, OutboxConfig
 from agent.contract import DetectionMessage
 from agent.daemon import Agent
+from agent.outbox import Outbox
 from tests.agentproc import write_config
 from tests.broker import Broker
 
@@ -67,6 +68,22 @@ def floor_fps(paths: list[Path], sample: DetectionMessage) -> float:
     return len(paths) / (time.perf_counter() - start)
 
 
+def outbox_rates(tmp: Path) -> dict[str, float]:
+    """Commits per second of put + ack (one PUBACK each), by SQLite synchronous mode."""
+    payload = b"x" * 900  # a typical DetectionMessage
+    rates = {}
+    for mode in ("normal", "full"):
+        box = Outbox(tmp / f"outbox-{mode}.sqlite", OutboxConfig(synchronous=mode))
+        start = time.perf_counter()
+        for _ in range(2000):
+            row = box.put("t", payload)
+            assert row is not None
+            box.ack([row])
+        rates[mode] = 2000 / (time.perf_counter() - start)
+        box.close()
+    return rates
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--data", type=Path, default=Path("../shared/data"))
@@ -78,6 +95,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-daemon-") as tmp_name:
         tmp = Path(tmp_name)
         tmp.chmod(0o755)
+        rates = outbox_rates(tmp)
         paths = write_jpegs(tmp / "frames", photos(args.data))
         broker = Broker(tmp / "mosquitto", persistence=False).start()
         try:
@@ -136,6 +154,10 @@ def main() -> None:
     print(f"daemon                 {fps:7.1f} frames/s  ({elapsed:.2f} s incl. the final drain)")
     slowest = max(latencies)
     print(f"latency read->PUBACK   p50 {p50:6.1f} ms   p95 {p95:6.1f} ms   max {slowest:.1f} ms")
+    print(
+        f"outbox put+ack        synchronous=normal {rates['normal']:7.0f}/s   "
+        f"synchronous=full {rates['full']:7.0f}/s"
+    )
     print(f"floor (decode+encode)  {floor:7.1f} frames/s   daemon/floor = {fps / floor:.2f}")
     print(f"daemon_fps={fps:.1f} p95_ms={p95:.1f} floor_fps={floor:.1f}")
 

@@ -70,3 +70,12 @@ def test_request_id_of_wrong_type_is_not_echoed() -> None:
     r = commands().handle("ping", b'{"request_id": 5}')
     assert not r.ok and r.request_id is None and r.error is not None
     assert "request_id" in r.error
+
+
+def test_reconnect_backoff_is_full_jitter_capped() -> None:
+    from agent.mqtt import full_jitter
+
+    for attempt in range(40):
+        waits = [full_jitter(attempt, 0.5, 30.0) for _ in range(200)]
+        assert all(0.5 <= w <= min(30.0, 0.5 * 2**attempt) for w in waits)
+    assert len({round(full_jitter(5, 0.5, 30.0), 6) for _ in range(50)}) > 40  # spread out
