@@ -124,7 +124,13 @@ def make_pki(directory: Path) -> Pki:
 class Broker:
     """One mosquitto process; `kill` and `start` keep the same ports and persistence."""
 
-    def __init__(self, directory: Path, pki: Pki | None = None, persistence: bool = True) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        pki: Pki | None = None,
+        persistence: bool = True,
+        users: dict[str, str] | None = None,
+    ) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -133,7 +139,7 @@ class Broker:
         self.log = self.dir / "mosquitto.log"
         lines = [
             "per_listener_settings false",
-            "allow_anonymous true",
+            f"allow_anonymous {'false' if users else 'true'}",
             f"persistence {'true' if persistence else 'false'}",
             f"persistence_location {self.dir}/",
             "autosave_interval 1",
@@ -144,6 +150,14 @@ class Broker:
             "max_queued_messages 100000",
             f"listener {self.port} 127.0.0.1",
         ]
+        if users:
+            passwords = self.dir / "passwords"
+            passwords.touch()
+            for user, password in users.items():
+                subprocess.run(
+                    ["mosquitto_passwd", "-b", str(passwords), user, password], check=True
+                )
+            lines.append(f"password_file {passwords}")
         if pki is not None:
             lines += [
                 f"listener {self.tls_port} 127.0.0.1",
@@ -217,6 +231,15 @@ def broker(pki: Pki) -> Iterator[Broker]:
     """One broker for the session (plain and mutual-TLS listeners). Do not kill it."""
     with _broker_dir("mosquitto") as directory:
         b = Broker(directory, pki).start()
+        yield b
+        b.kill()
+
+
+@pytest.fixture
+def password_broker() -> Iterator[Broker]:
+    """A broker that takes only user `device-1` with password `s3cret-pass`."""
+    with _broker_dir("mosquitto") as directory:
+        b = Broker(directory, users={"device-1": "s3cret-pass"}).start()
         yield b
         b.kill()
 

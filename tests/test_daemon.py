@@ -324,3 +324,36 @@ def test_mqtt_311(tmp_path: Path, logistic_model: Path, broker: Broker, protocol
     assert agent.wait(60) == 0, agent.text()
     assert sub.wait_for(lambda: len(sub.payloads("/detections")) == 4)
     sub.close()
+
+
+def test_username_and_password(
+    tmp_path: Path, logistic_model: Path, password_broker: Broker
+) -> None:
+    write_frames(tmp_path / "frames", 2)
+    settings = agent_settings(
+        tmp_path, logistic_model, password_broker.port, tmp_path / "frames", device="pw-dev"
+    )
+    settings["mqtt"].update(username="device-1", password="wrong-pass")
+    agent = AgentProcess(write_config(tmp_path / "bad.toml", settings), "--exit-when-done")
+    assert agent.wait(60) == 0
+    assert "refused the connection: Not authorized" in agent.text()
+    assert "wrong-pass" not in agent.text()
+    assert "2 message(s)" in agent.text()  # kept in the outbox for the next start
+
+    settings["mqtt"]["password"] = "s3cret-pass"
+    sub = paho.Client(CallbackAPIVersion.VERSION2, client_id="pw-sub", protocol=paho.MQTTv5)
+    sub.username_pw_set("device-1", "s3cret-pass")
+    got: list[bytes] = []
+    sub.on_message = lambda _c, _u, m: got.append(bytes(m.payload))
+    sub.connect("127.0.0.1", password_broker.port)
+    sub.subscribe("corrosion/pw-dev/detections", qos=1)
+    sub.loop_start()
+    time.sleep(0.5)
+    agent = AgentProcess(write_config(tmp_path / "good.toml", settings), "--exit-when-done")
+    assert agent.wait(60) == 0, agent.text()
+    deadline = time.monotonic() + 10
+    while len(got) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sub.loop_stop()
+    assert len(got) == 2  # the two from the refused run, replayed from the outbox
+    assert "s3cret-pass" not in agent.text()
