@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from agent.config import MqttConfig, TlsConfig
 from agent.contract import DetectionMessage, describe
+from agent.contract.captures import UploadNotice
 from agent.contract.messages import CommandResult, MetricsMessage, ModelStatus, StatusMessage
 from agent.mqtt import make_client
 
@@ -27,6 +28,7 @@ KINDS: dict[str, type[BaseModel]] = {
     "model": ModelStatus,
     "metrics": MetricsMessage,
     "result": CommandResult,
+    "uploads": UploadNotice,
 }
 
 
@@ -76,6 +78,11 @@ def describe_message(kind: str, device: str, payload: Any) -> str:
             f"{device} metrics {payload.fps:.1f} fps {timing}  frames {payload.frames_total} "
             f"dropped {payload.frames_dropped} failed {payload.frames_failed}  "
             f"outbox {payload.outbox.depth} ({payload.outbox.dropped_total} dropped ever)"
+        )
+    if isinstance(payload, UploadNotice):
+        return (
+            f"{device} upload {payload.category} {payload.corrosion_pct:.2f}%  "
+            f"s3://{payload.bucket}/{payload.image_key}"
         )
     if isinstance(payload, CommandResult):
         answer = payload.result if payload.ok else f"ERROR {payload.error}"

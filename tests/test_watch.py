@@ -11,6 +11,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.contract.captures import UploadNotice
 from tests.agentproc import AgentProcess, agent_settings, write_config, write_frames
 from tests.broker import Broker
 
@@ -41,6 +42,27 @@ def test_watch_prints_what_a_device_publishes(
     topics = {r["topic"] for r in records}
     assert "corrosion/watched/detections" in topics
     assert all(isinstance(r["payload"], dict) for r in records)
+
+
+def test_watch_shows_an_upload_notice(broker: Broker) -> None:
+    proc = watcher(broker, "--device", "up", "--count", "1")
+    time.sleep(1.0)
+    notice = UploadNotice(
+        device_id="up",
+        frame_id="a" * 32,
+        category="flagged",
+        bucket="b",
+        image_key="k.jpg",
+        sidecar_key="k.json",
+        corrosion_pct=7.5,
+    )
+    pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="up-pub")
+    pub.connect("127.0.0.1", broker.port)
+    pub.loop_start()
+    pub.publish("corrosion/up/uploads", notice.model_dump_json(), qos=1).wait_for_publish()
+    pub.loop_stop()
+    out, _ = proc.communicate(timeout=30)
+    assert out.strip() == "up upload flagged 7.50%  s3://b/k.jpg"
 
 
 def test_watch_names_an_invalid_payload(broker: Broker) -> None:
