@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from collections.abc import Callable
 from typing import Any, TextIO
 from urllib.parse import unquote, urlsplit
 
@@ -49,45 +50,60 @@ def broker_config(
     )
 
 
+def _detection(m: DetectionMessage) -> str:
+    flag = "FLAGGED" if m.flagged else "ok"
+    return (
+        f"detection #{m.frame_index} {m.corrosion_pct:6.2f}% {flag:7s} {len(m.regions)} "
+        f"regions  {m.model.name} {m.model.version}  {m.latency_ms:.0f} ms  {m.source}"
+    )
+
+
+def _status(m: StatusMessage) -> str:
+    model = f"{m.model.name} {m.model.version}" if m.model else "no model"
+    source = f"{m.source.kind} {m.source.state}" if m.source else "-"
+    return (
+        f"status {m.state.upper()}  v{m.agent_version}  {model}  "
+        f"up {m.uptime_s:.0f} s  source {source}"
+    )
+
+
+def _model(m: ModelStatus) -> str:
+    refused = f"  refused: {m.refused}" if m.refused else ""
+    return f"model {m.serving.name} {m.serving.version}  flag >= {m.flag_pct:g}%{refused}"
+
+
+def _metrics(m: MetricsMessage) -> str:
+    lat = m.latency
+    timing = f"p50 {lat.p50_ms:.1f} ms p95 {lat.p95_ms:.1f} ms" if lat else "idle"
+    return (
+        f"metrics {m.fps:.1f} fps {timing}  frames {m.frames_total} "
+        f"dropped {m.frames_dropped} failed {m.frames_failed}  "
+        f"outbox {m.outbox.depth} ({m.outbox.dropped_total} dropped ever)"
+    )
+
+
+def _upload(m: UploadNotice) -> str:
+    return f"upload {m.category} {m.corrosion_pct:.2f}%  s3://{m.bucket}/{m.image_key}"
+
+
+def _result(m: CommandResult) -> str:
+    return f"cmd {m.command} -> {m.result if m.ok else f'ERROR {m.error}'}"
+
+
+LINES: dict[type[BaseModel], Callable[[Any], str]] = {
+    DetectionMessage: _detection,
+    StatusMessage: _status,
+    ModelStatus: _model,
+    MetricsMessage: _metrics,
+    UploadNotice: _upload,
+    CommandResult: _result,
+}
+
+
 def describe_message(kind: str, device: str, payload: Any) -> str:
     """One line for a person: the fields that matter for each kind of message."""
-    if isinstance(payload, DetectionMessage):
-        flag = "FLAGGED" if payload.flagged else "ok"
-        return (
-            f"{device} detection #{payload.frame_index} {payload.corrosion_pct:6.2f}% {flag:7s} "
-            f"{len(payload.regions)} regions  {payload.model.name} {payload.model.version}  "
-            f"{payload.latency_ms:.0f} ms  {payload.source}"
-        )
-    if isinstance(payload, StatusMessage):
-        model = f"{payload.model.name} {payload.model.version}" if payload.model else "no model"
-        source = f"{payload.source.kind} {payload.source.state}" if payload.source else "-"
-        return (
-            f"{device} status {payload.state.upper()}  v{payload.agent_version}  {model}  "
-            f"up {payload.uptime_s:.0f} s  source {source}"
-        )
-    if isinstance(payload, ModelStatus):
-        refused = f"  refused: {payload.refused}" if payload.refused else ""
-        return (
-            f"{device} model {payload.serving.name} {payload.serving.version}  "
-            f"flag >= {payload.flag_pct:g}%{refused}"
-        )
-    if isinstance(payload, MetricsMessage):
-        lat = payload.latency
-        timing = f"p50 {lat.p50_ms:.1f} ms p95 {lat.p95_ms:.1f} ms" if lat else "idle"
-        return (
-            f"{device} metrics {payload.fps:.1f} fps {timing}  frames {payload.frames_total} "
-            f"dropped {payload.frames_dropped} failed {payload.frames_failed}  "
-            f"outbox {payload.outbox.depth} ({payload.outbox.dropped_total} dropped ever)"
-        )
-    if isinstance(payload, UploadNotice):
-        return (
-            f"{device} upload {payload.category} {payload.corrosion_pct:.2f}%  "
-            f"s3://{payload.bucket}/{payload.image_key}"
-        )
-    if isinstance(payload, CommandResult):
-        answer = payload.result if payload.ok else f"ERROR {payload.error}"
-        return f"{device} cmd {payload.command} -> {answer}"
-    return f"{device} {kind} {payload}"
+    line = LINES.get(type(payload))
+    return f"{device} {line(payload) if line else f'{kind} {payload}'}"
 
 
 def parse(topic: str, prefix: str, raw: bytes) -> tuple[str, str, Any]:
