@@ -9,6 +9,7 @@ DATA ?= ../shared/data
 
 PHONY_EXTRA := run-batch config bench-daemon bench-updates
 .PHONY: $(PHONY_EXTRA) run test lint bench bench-classify bench-resolution demo schemas system-deps clean
+.PHONY: model evaluate bench-features
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -72,3 +73,33 @@ bench-updates: $(STAMP) demo
 ## Corrosion % error and decode time of reduced-size JPEG decoding on the real photos.
 bench-resolution: $(STAMP)
 	PYTHONPATH=bench $(PY) bench/resolution.py --data $(DATA)
+
+## The recommended model (texture features, export/recipe.py) from $(DATA) into build/model.
+model: $(STAMP)
+	$(VENV)/bin/corrosion-export recipe texture --data $(DATA) --out build/model
+
+## Accuracy on $(DATA), cross-validated where there is no test set; writes bench/ACCURACY.md.
+EVAL := build/evaluate
+CE := $(VENV)/bin/corrosion-export
+evaluate: model
+	rm -rf $(EVAL) && mkdir -p $(EVAL)/results
+	$(CE) recipe aws-rgb --data $(DATA) --out $(EVAL)/aws-rgb
+	$(CE) recipe aws-rgb --payload --data $(DATA) --out $(EVAL)/aws-payload
+	$(CE) evaluate pixels --model $(EVAL)/aws-rgb --csv $(DATA)/aws-rust-detection/validation.csv \
+	  --json --report $(EVAL)/report > $(EVAL)/results/pixels-aws-rgb.json
+	$(CE) evaluate pixels --model $(EVAL)/aws-payload \
+	  --csv $(DATA)/aws-rust-detection/validation.csv --json > $(EVAL)/results/pixels-aws-payload.json
+	$(CE) evaluate cv-images --data $(DATA) --json --report $(EVAL)/report > $(EVAL)/results/cv-images.json
+	$(CE) evaluate cv-boxes --data $(DATA) --json --report $(EVAL)/report > $(EVAL)/results/cv-boxes.json
+	$(CE) evaluate cv-images --data $(DATA) --outside-pixels 3000 --json \
+	  > $(EVAL)/results/cv-images-outside-3000.json
+	$(CE) evaluate cv-boxes --data $(DATA) --outside-pixels 3000 --json \
+	  > $(EVAL)/results/cv-boxes-outside-3000.json
+	$(CE) evaluate images --model build/model --rust $(DATA)/corrosion-detector/rustnorust/validation/rust \
+	  --norust $(DATA)/corrosion-detector/rustnorust/validation/norust --json \
+	  > $(EVAL)/results/images-validation.json
+	$(CE) evaluate summary --results $(EVAL)/results --report $(EVAL)/report --out bench/ACCURACY.md
+
+## Feature model ms per 640x360 frame on one core: served (stride) vs brute force.
+bench-features: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) bench/features.py --data $(DATA) --model build/model

@@ -39,7 +39,7 @@ from agent.contract.messages import (
     Topics,
     UploadStats,
 )
-from agent.engine.classifier import ColourModel
+from agent.engine.classifier import ServingModel, load_model
 from agent.engine.detector import Detector
 from agent.engine.model import ModelError, resolve_manifest
 from agent.health import FrameStats, HealthTicker, Heartbeat, SdNotify
@@ -153,17 +153,17 @@ class Agent:
 
     # ------------------------------------------------------------------ models
 
-    def _load(self, manifest: Path) -> ColourModel:
-        return ColourModel.load(manifest, threads=self.config.classifier.threads)
+    def _load(self, manifest: Path) -> ServingModel:
+        return load_model(manifest, threads=self.config.classifier.threads)
 
-    def _load_from_store(self, manifest: Path) -> ColourModel:
+    def _load_from_store(self, manifest: Path) -> ServingModel:
         """A registry model is verified again at every load: the disk may have been altered."""
         verify_manifest(
             ModelManifest.read(manifest), self.keys, required=self.config.model.require_signature
         )
         return self._load(manifest)
 
-    def _boot_model(self) -> ColourModel:
+    def _boot_model(self) -> ServingModel:
         """The last good registry model on disk (a device may boot offline), else the bundled."""
         for rel in reversed(self.store.history()):
             try:

@@ -30,7 +30,7 @@ from agent.capture import Capturer
 from agent.config import CategoryLimits, ModelConfig, RateLimit, UploadConfig
 from agent.contract.messages import Topics
 from agent.contract.registry import RegistryUrl
-from agent.engine.classifier import ColourModel
+from agent.engine.classifier import load_model
 from agent.engine.detector import Detector
 from agent.outbox import Outbox
 from agent.policy import Policy
@@ -87,7 +87,7 @@ def bench_swaps(tmp: Path, endpoint: str, model: Path, frame: np.ndarray) -> lis
     url = RegistryUrl("registry", "reg")
     keygen(tmp / "keys")
     key = load_private_key(tmp / "keys" / "signing-key.pem")
-    manifest = ColourModel.load(model / "manifest.json").manifest
+    manifest = load_model(model / "manifest.json").manifest
     versions = []
     for i in range(SWAPS):
         version = f"{i + 2}.0.0"
@@ -99,7 +99,7 @@ def bench_swaps(tmp: Path, endpoint: str, model: Path, frame: np.ndarray) -> lis
         m.write(copy / "manifest.json")
         publish(s3, url, copy, key)
         versions.append(version)
-    detector = Detector(ColourModel.load(model / "manifest.json"))
+    detector = Detector(load_model(model / "manifest.json"))
     config = ModelConfig(
         registry=url.uri(),
         endpoint_url=endpoint,
@@ -111,7 +111,7 @@ def bench_swaps(tmp: Path, endpoint: str, model: Path, frame: np.ndarray) -> lis
         config,
         store=ModelStore(tmp / "models"),
         detector=detector,
-        load=ColourModel.load,
+        load=load_model,
         serving=lambda: detector.model.ref,
         report=lambda _o: None,
     )
@@ -163,7 +163,7 @@ def bench_uploads(tmp: Path, endpoint: str, model: Path, jpegs: list[bytes]) -> 
     capturer = Capturer(
         config, device_id="bench", policy=Policy(config), spool=spool, on_stored=lambda: None
     )
-    detector = Detector(ColourModel.load(model / "manifest.json"))
+    detector = Detector(load_model(model / "manifest.json"))
     for i in range(N_UPLOADS):
         data = jpegs[i % len(jpegs)]
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)

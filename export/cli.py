@@ -15,7 +15,7 @@ from agent import __version__
 from agent.contract import Decision, Provenance, RegistryUrl, manifest_key
 from agent.engine.model import ModelError
 from agent.signing import key_id, keyring, load_public_key
-from export import demo, reanalyze, registry, retrain, sagemaker
+from export import accuracy_cli, demo, reanalyze, registry, retrain, sagemaker
 from export.convert import ConvertError, export_model, load_booster
 from export.datasets import DEFAULT_LABELS, Config, DatasetError, build
 from export.synthetic import generate
@@ -315,6 +315,8 @@ def parser() -> argparse.ArgumentParser:
     _add_sagemaker_commands(sub)
     reanalyze.add_command(sub)
     retrain.add_command(sub, _label)
+    accuracy_cli.add_recipe_commands(sub)
+    accuracy_cli.add_evaluate_commands(sub)
     return ap
 
 
@@ -386,6 +388,7 @@ def _add_sagemaker_commands(sub: argparse._SubParsersAction[argparse.ArgumentPar
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # results cite their command
     try:
         return int(args.func(args))
     except (ConvertError, DatasetError, ModelError, ValueError) as exc:

@@ -2,7 +2,9 @@
 
 onnxmltools does the conversion; our job is to prove it: labels identical to xgboost's and
 probabilities within 1e-5 over every colour (an RGB model has only 2^24 inputs, so we can
-check them all), then to write the manifest the device verifies against.
+check them all), then to write the manifest the device verifies against. A feature model's
+inputs cannot be enumerated: it is proven on a large sample of real feature rows (its
+training rows), and ships no table.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from agent.contract import (
     OutputSpec,
     Provenance,
 )
+from agent.contract.manifest import FeatureSpec
+from agent.engine.features import RGB_FEATURES, FeaturePipeline
 from agent.engine.model import POST_TRANSFORM, TREE_OP, PixelModel, read_tree, sha256_file
 from agent.engine.table import compile_table, save_table
 
@@ -38,6 +42,7 @@ TABLE_FILE = "table.npy"
 MANIFEST_FILE = "manifest.json"
 PARITY_TOLERANCE = 1e-5
 GOLDEN_COUNT = 128
+GOLDEN_MARGIN = 1e-4
 CHUNK = 1 << 20
 
 
@@ -139,20 +144,38 @@ def xgb_predict(booster: xgb.Booster, objective: Objective, rgb: np.ndarray) -> 
     return out
 
 
+def _disagreements(
+    booster: xgb.Booster,
+    model: PixelModel,
+    objective: Objective,
+    rows: np.ndarray,
+    *,
+    ties: bool = False,
+) -> np.ndarray:
+    """Rows where onnxruntime and xgboost differ: label, or probability beyond tolerance.
+
+    With `ties`, a label may differ where P lies within the tolerance of the threshold:
+    float32 sums in another order land on either side (the device follows onnxruntime).
+    """
+    ref = xgb_predict(booster, objective, rows)
+    labels, proba = model.predict(rows)
+    if proba is None:
+        return np.flatnonzero(labels != ref.astype(np.uint8))
+    bad = np.flatnonzero(np.abs(proba - ref) > PARITY_TOLERANCE)
+    if len(bad):
+        return bad
+    threshold = np.float32(model.manifest.decision.pixel_threshold)
+    differ = labels != (ref.astype(np.float32) >= threshold)
+    if ties:
+        differ &= np.abs(ref - threshold) > PARITY_TOLERANCE
+    return np.flatnonzero(differ)
+
+
 def check_parity(booster: xgb.Booster, model: PixelModel, objective: Objective) -> int:
     """Compare xgboost and onnxruntime over every colour; returns colours checked."""
-    threshold = np.float32(model.manifest.decision.pixel_threshold)
     for start in range(0, 1 << 24, CHUNK):
         rgb = all_colours(start, start + CHUNK)
-        ref = xgb_predict(booster, objective, rgb)
-        labels, proba = model.predict(rgb)
-        if proba is None:
-            bad = np.flatnonzero(labels != ref.astype(np.uint8))
-        else:
-            diff = np.abs(proba - ref)
-            bad = np.flatnonzero(diff > PARITY_TOLERANCE)
-            if not len(bad):
-                bad = np.flatnonzero(labels != (ref.astype(np.float32) >= threshold))
+        bad = _disagreements(booster, model, objective, rgb)
         if len(bad):
             colour = rgb[bad[0]].astype(int).tolist()
             raise ConvertError(
@@ -161,26 +184,62 @@ def check_parity(booster: xgb.Booster, model: PixelModel, objective: Objective) 
     return 1 << 24
 
 
-def golden_samples(model: PixelModel, rng: np.random.Generator) -> tuple[GoldenSample, ...]:
-    """Random colours plus the colours nearest the boundary, where a broken model shows first."""
-    pool = rng.integers(0, 256, size=(1 << 16, 3)).astype(np.float32)
-    labels, proba = model.predict(pool)
+def check_sample_parity(
+    booster: xgb.Booster, model: PixelModel, objective: Objective, rows: np.ndarray
+) -> int:
+    """Compare xgboost and onnxruntime on feature rows; returns rows checked.
+
+    Continuous features put some rows within float error of the threshold, where the two
+    runtimes may label differently (see `_disagreements`); colours never did.
+    """
+    for start in range(0, len(rows), CHUNK):
+        chunk = np.ascontiguousarray(rows[start : start + CHUNK], np.float32)
+        bad = _disagreements(booster, model, objective, chunk, ties=True)
+        if len(bad):
+            raise ConvertError(
+                f"ONNX and xgboost disagree on {len(bad)} sample rows, e.g. row {start + bad[0]}"
+            )
+    return len(rows)
+
+
+def golden_samples(
+    model: PixelModel, rng: np.random.Generator, pool: np.ndarray | None = None
+) -> tuple[GoldenSample, ...]:
+    """Rows nearest the boundary, where a broken model shows first, plus some of each label.
+
+    `pool` holds feature rows to draw from (a feature model's); a colour model draws random
+    colours.
+    """
+    names = model.manifest.input.features
+    if pool is None:
+        rows = rng.integers(0, 256, size=(1 << 16, 3)).astype(np.float32)
+    else:
+        rows = pool[rng.choice(len(pool), min(len(pool), 1 << 16), replace=False)]
+    labels, proba = model.predict(rows)
     score = proba if proba is not None else labels.astype(np.float32)
-    near = np.argsort(np.abs(score - model.manifest.decision.pixel_threshold))[: GOLDEN_COUNT // 2]
+    # Nearest the threshold, yet not within float error of it, where another CPU's float32
+    # sums could land on the other side and fail a sound model.
+    gap = np.abs(score - model.manifest.decision.pixel_threshold)
+    near = np.argsort(np.where(gap < GOLDEN_MARGIN, np.inf, gap))[: GOLDEN_COUNT // 2]
     pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
     half = GOLDEN_COUNT // 4
     picks = [near, pos[:half], neg[:half]]
     chosen = np.unique(np.concatenate(picks))
-    extra = np.setdiff1d(np.arange(len(pool)), chosen)[: max(0, GOLDEN_COUNT - len(chosen))]
+    extra = np.setdiff1d(np.arange(len(rows)), chosen)[: max(0, GOLDEN_COUNT - len(chosen))]
     chosen = np.concatenate((chosen, extra))
-    return tuple(
-        GoldenSample(
-            rgb=(int(pool[i, 0]), int(pool[i, 1]), int(pool[i, 2])),
-            label=int(labels[i]),
-            probability=None if proba is None else float(proba[i]),
+    rgb_columns = [names.index(c) for c in RGB_FEATURES] if set(RGB_FEATURES) <= set(names) else []
+    samples = []
+    for i in chosen.tolist():
+        rgb = rows[i, rgb_columns] if rgb_columns else np.zeros(3)
+        samples.append(
+            GoldenSample(
+                rgb=(int(rgb[0]), int(rgb[1]), int(rgb[2])),
+                features=None if pool is None else tuple(float(v) for v in rows[i]),
+                label=int(labels[i]),
+                probability=None if proba is None else float(proba[i]),
+            )
         )
-        for i in chosen.tolist()
-    )
+    return tuple(samples)
 
 
 def _file_ref(path: Path) -> FileRef:
@@ -198,12 +257,23 @@ def export_model(
     parity: bool = True,
     with_table: bool = True,
     seed: int = 0,
+    pipeline: FeaturePipeline | None = None,
+    sample: np.ndarray | None = None,
 ) -> Path:
-    """Write model.onnx, manifest.json and table.npy into out_dir; returns the manifest path."""
+    """Write model.onnx, manifest.json and table.npy into out_dir; returns the manifest path.
+
+    With `pipeline` the booster is a feature model: `sample` (feature rows, e.g. the training
+    rows) is what parity is proven on and golden samples are drawn from; no table is written.
+    """
     objective = objective_of(booster)
+    names = RGB_FEATURES if pipeline is None else pipeline.names
+    if booster.num_features() != len(names):
+        raise ConvertError(f"the booster reads {booster.num_features()} features, not {len(names)}")
+    if pipeline is not None and (sample is None or len(sample) == 0):
+        raise ConvertError("a feature model needs sample rows to prove parity on")
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = out_dir / ONNX_FILE
-    onnx_path.write_bytes(to_onnx(booster))
+    onnx_path.write_bytes(to_onnx(booster, len(names)))
     decision = decision or Decision()
     if objective.kind == "labels" and decision.pixel_threshold != 0.5:
         raise ConvertError("multi:softmax gives labels only: the pixel threshold must be 0.5")
@@ -212,20 +282,27 @@ def export_model(
         "version": version,
         "created_at": datetime.now(UTC),
         "model": _file_ref(onnx_path),
-        "input": InputSpec(),
+        "input": InputSpec(shape=(None, len(names)), features=names),
         "output": OutputSpec(kind=objective.kind, objective=objective.name),
         "decision": decision,
         "provenance": provenance or Provenance(),
     }
+    if pipeline is not None:
+        base["features"] = FeatureSpec(long_side=pipeline.long_side, stride=pipeline.stride)
     # Golden samples come from the converted model itself; a placeholder set lets the
     # runtime load it first (its golden check then trivially re-derives the same answers).
     draft = ModelManifest.model_construct(**base, golden=())
     tree = read_tree(onnx_path)
     model = PixelModel(draft, onnx_path, tree)
+    pool = None if sample is None else np.asarray(sample, np.float32)
     if parity:
-        check_parity(booster, model, objective)
-    manifest = ModelManifest(**base, golden=golden_samples(model, np.random.default_rng(seed)))
-    if with_table:
+        if pool is None:
+            check_parity(booster, model, objective)
+        else:
+            check_sample_parity(booster, model, objective, pool)
+    golden = golden_samples(model, np.random.default_rng(seed), pool)
+    manifest = ModelManifest(**base, golden=golden)
+    if with_table and pipeline is None:
         table_path = out_dir / TABLE_FILE
         save_table(table_path, compile_table(PixelModel(manifest, onnx_path, tree)))
         manifest = manifest.model_copy(update={"table": _file_ref(table_path)})

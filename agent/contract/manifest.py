@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import AwareDatetime, Field, ValidationError, model_validator
+from pydantic import (
+    AwareDatetime,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from agent.contract.common import (
     CONTRACT_VERSION,
@@ -20,6 +27,24 @@ from agent.contract.common import (
     Unit,
     describe,
 )
+
+
+class _OmitsUnset(Strict):
+    """Leaves fields added in a minor version out of the JSON while they are unset.
+
+    A colour model written by this version then reads exactly as a 1.0 manifest, so devices
+    that predate the field (and refuse unknown fields) still load it and verify its signature.
+    """
+
+    _omit_when_none: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        for key in self._omit_when_none:
+            if key in data and data[key] is None:
+                del data[key]
+        return data
 
 
 class FileRef(Strict):
@@ -38,7 +63,9 @@ class InputSpec(Strict):
     dtype: Literal["float32"] = Field(default="float32", description="Tensor element type")
     shape: tuple[None, int] = Field(default=(None, 3), description="[N, features]; N is dynamic")
     features: tuple[str, ...] = Field(
-        default=("R", "G", "B"), description="Feature names, in column order"
+        default=("R", "G", "B"),
+        description="Feature names, in column order: R, G, B for a colour model; for a feature "
+        "model, names that agent.engine.features computes (e.g. `std7:a*`, `grad:L*`)",
     )
 
     @model_validator(mode="after")
@@ -67,10 +94,38 @@ class OutputSpec(Strict):
     )
 
 
-class GoldenSample(Strict):
-    """A colour with the answer the model must give: the device's smoke test after a load."""
+class FeatureSpec(Strict):
+    """How a feature model's rows are computed from a frame (contract 1.1).
+
+    The features themselves are named in `input.features`; these settings fix the scale the
+    names' windows refer to and how densely the frame is classified.
+    """
+
+    long_side: int = Field(
+        ge=16,
+        le=4096,
+        description="Working resolution: a frame is downscaled (INTER_AREA) to at most this "
+        "long side before its features are computed",
+    )
+    stride: int = Field(
+        default=1,
+        ge=1,
+        le=8,
+        description="Classify every stride-th working pixel each way; scores in between are "
+        "interpolated (1 = every pixel)",
+    )
+
+
+class GoldenSample(_OmitsUnset):
+    """A pixel with the answer the model must give: the device's smoke test after a load."""
+
+    _omit_when_none = ("features",)
 
     rgb: tuple[int, int, int] = Field(description="Colour, R, G, B in 0..255")
+    features: tuple[float, ...] | None = Field(
+        default=None,
+        description="The model's input row (feature models; rgb is then the pixel's colour)",
+    )
     label: Literal[0, 1] = Field(description="Expected label at the manifest threshold")
     probability: Unit | None = Field(
         default=None, description="Expected P(corroded); None for labels-only models"
@@ -118,8 +173,10 @@ def _class_names() -> dict[Literal["0", "1"], str]:
     return {"0": "clean", "1": "corroded"}
 
 
-class ModelManifest(Strict):
+class ModelManifest(_OmitsUnset):
     """Everything a device needs to verify, load and smoke-test a pixel model."""
+
+    _omit_when_none = ("features",)
 
     schema_version: SchemaVersion = Field(default=CONTRACT_VERSION, description="Contract version")
     name: ModelName = Field(description="Model name")
@@ -130,6 +187,10 @@ class ModelManifest(Strict):
         default=None, description="Precompiled colour table (.npy), lets a device skip compiling"
     )
     input: InputSpec = Field(default_factory=InputSpec, description="Model input")
+    features: FeatureSpec | None = Field(
+        default=None,
+        description="Feature pipeline of a feature model; absent for a colour (R, G, B) model",
+    )
     classes: dict[Literal["0", "1"], str] = Field(
         default_factory=_class_names,
         description="Class id (as a JSON key) to name",
@@ -158,7 +219,20 @@ class ModelManifest(Strict):
             )
         if self.output.kind == "probabilities" and any(g.probability is None for g in self.golden):
             raise ValueError("golden samples of a probability model must carry probabilities")
+        self._check_features()
         return self
+
+    def _check_features(self) -> None:
+        """A feature model has no colour table and its golden samples carry whole input rows."""
+        width = len(self.input.features)
+        if self.features is None:
+            if any(g.features is not None for g in self.golden):
+                raise ValueError("golden samples of a colour model carry no features")
+            return
+        if self.table is not None:
+            raise ValueError("a feature model has no colour table")
+        if any(g.features is None or len(g.features) != width for g in self.golden):
+            raise ValueError(f"golden samples of a feature model must carry {width} features")
 
     def signing_payload(self) -> bytes:
         """Canonical bytes that a signature covers: the manifest without its signature."""

@@ -6,6 +6,10 @@ is R << 16 | G << 8 | B, the index of the colour in the table. No other code reo
 channels. Strips keep the index buffer in cache (measured: 3.6 ms per 1080p frame on one
 core against 7 ms for whole-frame passes); numpy and OpenCV release the GIL, so strips can
 also run on several threads.
+
+Feature models (`FeatureModel`) cannot be tabulated: they compute their named features on
+a downscaled working image (agent.engine.features) and run the trees on every `stride`-th
+pixel. `load_model` is the one door both kinds come through.
 """
 
 from __future__ import annotations
@@ -14,13 +18,15 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import cv2
 import numpy as np
 
 from agent.contract import ModelManifest, ModelRef
-from agent.engine.model import PixelModel
-from agent.engine.table import CORRODED, SIZE, load_table
+from agent.engine.features import RGB_FEATURES, FeatureError, FeaturePipeline, expand
+from agent.engine.model import ModelError, PixelModel
+from agent.engine.table import CORRODED, SIZE, load_table, scores_from
 
 STRIP_ROWS = 48
 BGR_TO_INDEX = [0, 0, 1, 1, 2, 2]  # mixChannels pairs: B -> byte 0, G -> byte 1, R -> byte 2
@@ -90,6 +96,33 @@ def corroded_mask(scores: np.ndarray) -> np.ndarray:
     return scores
 
 
+class ServingModel(Protocol):
+    """What the detector and the model updater use of a model, whatever its kind."""
+
+    manifest: ModelManifest
+
+    @property
+    def ref(self) -> ModelRef: ...
+
+    def scores(self, bgr: np.ndarray) -> np.ndarray:
+        """uint8 HxW scores of an HxWx3 BGR frame; a pixel is corroded where score >= 128."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def _ref(m: ModelManifest) -> ModelRef:
+    return ModelRef(name=m.name, version=m.version, sha256=m.model.sha256)
+
+
+def load_model(manifest_path: Path, *, threads: int = 1) -> ServingModel:
+    """Verify a model against its manifest and make it ready to serve, table or features."""
+    model = PixelModel.load(manifest_path, threads=threads)
+    if model.manifest.features is None:
+        return ColourModel.of(model, threads=threads, source=manifest_path)
+    return FeatureModel.of(model, source=manifest_path)
+
+
 @dataclass
 class ColourModel:
     """A verified colour model ready to serve: its manifest and its exact table."""
@@ -101,17 +134,85 @@ class ColourModel:
     @classmethod
     def load(cls, manifest_path: Path, *, threads: int = 1) -> ColourModel:
         """Verify the ONNX model, then take its shipped table (checked) or compile one."""
-        model = PixelModel.load(manifest_path)
+        return cls.of(PixelModel.load(manifest_path), threads=threads, source=manifest_path)
+
+    @classmethod
+    def of(cls, model: PixelModel, *, threads: int = 1, source: Path = Path()) -> ColourModel:
+        if model.manifest.input.features != RGB_FEATURES:
+            raise ModelError(
+                f"{model.path}: a model without a feature pipeline must read R, G, B, "
+                f"not {list(model.manifest.input.features)}"
+            )
         table = load_table(model)
-        return cls(model.manifest, TableClassifier(table, threads=threads), manifest_path)
+        return cls(model.manifest, TableClassifier(table, threads=threads), source)
 
     @property
     def ref(self) -> ModelRef:
-        m = self.manifest
-        return ModelRef(name=m.name, version=m.version, sha256=m.model.sha256)
+        return _ref(self.manifest)
 
     def scores(self, bgr: np.ndarray) -> np.ndarray:
         return self.classifier.scores(bgr)
 
     def close(self) -> None:
         self.classifier.close()
+
+
+def frame_scores(
+    labels: np.ndarray,
+    proba: np.ndarray | None,
+    threshold: float,
+    grid_shape: tuple[int, int],
+    size: tuple[int, int],
+) -> np.ndarray:
+    """A feature model's grid answers as uint8 scores of a `size` (w, h) frame.
+
+    The encoding is the colour table's (>= 128 exactly where the label is 1), so masks,
+    borderline shares and the image % mean the same for both kinds. Training computes its
+    cross-validated image % through this same function.
+    """
+    if proba is None:  # labels-only objective: no confidence to spread around 128
+        grid = np.where(labels.astype(bool), np.uint8(255), np.uint8(0))
+    else:
+        grid = scores_from(labels, proba, threshold)
+    return expand(grid.reshape(grid_shape), size)
+
+
+@dataclass
+class FeatureModel:
+    """A verified feature model: features of the working image, trees through onnxruntime.
+
+    Exact where it classifies: every `stride`-th working pixel gets precisely the runtime's
+    answer for its feature row (the brute-force result at that pixel); pixels in between
+    take interpolated scores.
+    """
+
+    manifest: ModelManifest
+    model: PixelModel
+    pipeline: FeaturePipeline
+    source: Path = field(default_factory=Path)
+
+    @classmethod
+    def of(cls, model: PixelModel, *, source: Path = Path()) -> FeatureModel:
+        spec = model.manifest.features
+        if spec is None:
+            raise ModelError(f"{model.path}: the manifest declares no feature pipeline")
+        try:
+            pipeline = FeaturePipeline(model.manifest.input.features, spec.long_side, spec.stride)
+        except FeatureError as exc:
+            raise ModelError(f"{source}: {exc}") from exc
+        return cls(model.manifest, model, pipeline, source)
+
+    @property
+    def ref(self) -> ModelRef:
+        return _ref(self.manifest)
+
+    def scores(self, bgr: np.ndarray, *, stride: int | None = None) -> np.ndarray:
+        """`stride` overrides the manifest's (1 = brute force over every working pixel)."""
+        work = self.pipeline.working(bgr)
+        labels, proba = self.model.predict(self.pipeline.rows(work, stride))
+        shape = self.pipeline.grid_shape(work.shape, stride)
+        threshold = self.manifest.decision.pixel_threshold
+        return frame_scores(labels, proba, threshold, shape, (bgr.shape[1], bgr.shape[0]))
+
+    def close(self) -> None:
+        """Nothing to release: the session goes with the object."""

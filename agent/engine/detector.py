@@ -17,7 +17,7 @@ import numpy as np
 
 from agent.config import ClassifierConfig
 from agent.contract import DetectionMessage, Gps, ModelRef, Region, Size
-from agent.engine.classifier import ColourModel, corroded_mask
+from agent.engine.classifier import ServingModel, corroded_mask, load_model
 from agent.engine.regions import find_regions, fit_long_side
 
 BORDERLINE = (96, 159)
@@ -71,7 +71,7 @@ class Analysis:
 class Detector:
     """Classifies frames with the model in service; `swap` replaces it between frames."""
 
-    def __init__(self, model: ColourModel, config: ClassifierConfig | None = None) -> None:
+    def __init__(self, model: ServingModel, config: ClassifierConfig | None = None) -> None:
         self.config = config or ClassifierConfig()
         self._model = model
         self._lock = threading.Lock()
@@ -79,10 +79,10 @@ class Detector:
     @classmethod
     def load(cls, manifest_path: Path, config: ClassifierConfig | None = None) -> Detector:
         config = config or ClassifierConfig()
-        return cls(ColourModel.load(manifest_path, threads=config.threads), config)
+        return cls(load_model(manifest_path, threads=config.threads), config)
 
     @property
-    def model(self) -> ColourModel:
+    def model(self) -> ServingModel:
         return self._model
 
     @property
@@ -91,7 +91,7 @@ class Detector:
         override = self.config.flag_pct
         return override if override is not None else self._model.manifest.decision.flag_pct
 
-    def swap(self, model: ColourModel) -> ColourModel:
+    def swap(self, model: ServingModel) -> ServingModel:
         """Serve `model` from the next frame on; returns the one it replaced (caller closes it)."""
         with self._lock:
             old, self._model = self._model, model

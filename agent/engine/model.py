@@ -106,13 +106,15 @@ def read_tree(path: Path) -> TreeNode:
 class PixelModel:
     """A verified ONNX model with its manifest: the reference every fast path must equal."""
 
-    def __init__(self, manifest: ModelManifest, onnx_path: Path, tree: TreeNode) -> None:
+    def __init__(
+        self, manifest: ModelManifest, onnx_path: Path, tree: TreeNode, *, threads: int = 1
+    ) -> None:
         self.manifest = manifest
         self.path = onnx_path
         self.tree = tree
         self._check_tree()
         options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
+        options.intra_op_num_threads = max(1, threads)
         options.inter_op_num_threads = 1
         options.log_severity_level = 4
         options.enable_cpu_mem_arena = False  # tiny batches: an arena only holds on to memory
@@ -128,12 +130,16 @@ class PixelModel:
         self._check_signature()
 
     @classmethod
-    def load(cls, manifest_path: Path) -> PixelModel:
-        """Load a manifest and its ONNX file; refuse anything that does not fit."""
+    def load(cls, manifest_path: Path, *, threads: int = 1) -> PixelModel:
+        """Load a manifest and its ONNX file; refuse anything that does not fit.
+
+        `threads` are onnxruntime's intra-op threads: a colour model only runs its load
+        checks through the session, a feature model classifies every frame with it.
+        """
         manifest = ModelManifest.read(manifest_path)
         onnx_path = manifest_path.parent / manifest.model.file
         verify_file(onnx_path, manifest.model.size, manifest.model.sha256, "model")
-        model = cls(manifest, onnx_path, read_tree(onnx_path))
+        model = cls(manifest, onnx_path, read_tree(onnx_path), threads=threads)
         model.check_golden()
         return model
 
@@ -148,6 +154,13 @@ class PixelModel:
                 f"{where}: the tree node keeps separate weights per class; onnxruntime reads a "
                 "2-class node as binary and does not compute xgboost's softmax from it. "
                 "Export it with `corrosion-export convert`, which folds the classes into one score"
+            )
+        width = len(m.input.features)
+        features = self.tree.ints("nodes_featureids")
+        if len(features) and (features.min() < 0 or features.max() >= width):
+            raise ModelError(
+                f"{where}: a tree reads feature {features.max()}, but the manifest names "
+                f"{width} features"
             )
         transform = self.tree.text("post_transform", "NONE")
         expected = POST_TRANSFORM[m.output.objective]
@@ -179,9 +192,9 @@ class PixelModel:
             if outputs[name].type != kind:
                 raise ModelError(f"{where}: output {name!r} is {outputs[name].type}, not {kind}")
 
-    def predict(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def predict(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Labels at the manifest threshold and P(corroded) (None for labels-only models)."""
-        x = np.ascontiguousarray(rgb, dtype=np.float32).reshape(
+        x = np.ascontiguousarray(rows, dtype=np.float32).reshape(
             -1, len(self.manifest.input.features)
         )
         out = self.manifest.output
@@ -195,8 +208,8 @@ class PixelModel:
     def check_golden(self) -> None:
         """The on-device smoke test: every golden colour must get its recorded answer."""
         golden = self.manifest.golden
-        rgb = np.array([g.rgb for g in golden], dtype=np.float32)
-        labels, proba = self.predict(rgb)
+        rows = np.array([g.rgb if g.features is None else g.features for g in golden], np.float32)
+        labels, proba = self.predict(rows)
         for i, sample in enumerate(golden):
             if labels[i] != sample.label:
                 raise ModelError(

@@ -1,0 +1,152 @@
+"""Feature model speed on one core: ms per 640x360 frame, as served vs brute force.
+
+Run as `make bench-features` (`OMP_NUM_THREADS=1 .venv/bin/python bench/features.py
+--data ../shared/data --model build/model`). Frames: mosaics of CorrosionDetector photos
+(rust and norust) at 640x360. Model: build/model from `make model`; without it, a model of
+the recipe's shape (same features and trees) trained on synthetic scenes, said on stderr.
+
+- served: `FeatureModel.scores` as the device runs it (the manifest's stride);
+- brute: every working pixel through the full tree ensemble in onnxruntime (stride 1),
+  the reference the served path equals at every pixel it classifies.
+
+Both on one onnxruntime thread. Also printed: the feature extraction alone, and how far the
+served corrosion % is from brute force. The last line is machine-readable.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["OMP_NUM_THREADS"] = "1"  # one core: set before numpy/xgboost load OpenMP
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+WIDTH, HEIGHT = 640, 360
+FRAMES = 6
+REPEATS = 5
+
+
+def warn(message: str) -> None:
+    print(f"bench/features: {message}", file=sys.stderr, flush=True)
+
+
+def mosaics(data: Path) -> list[np.ndarray]:
+    """640x360 tiles of real photos (3 rows, photos at native aspect), else synthetic scenes."""
+    root = data / "corrosion-detector" / "rustnorust" / "train"
+    paths = sorted(root.glob("*/*.jpg"))
+    if not paths:
+        from export.synthetic import make_scene
+
+        warn(f"no photos under {root}: synthetic scenes instead")
+        rng = np.random.default_rng(0)
+        return [make_scene(rng, WIDTH, HEIGHT).image for _ in range(FRAMES)]
+    photos = [cv2.imread(str(p)) for p in np.random.default_rng(0).permutation(paths)]
+    frames, k, row_h = [], 0, HEIGHT // 3
+    for _ in range(FRAMES):
+        rows = []
+        for _ in range(3):
+            parts, filled = [], 0
+            while filled < WIDTH:
+                p = photos[k % len(photos)]
+                k += 1
+                w = max(1, round(p.shape[1] * row_h / p.shape[0]))
+                parts.append(cv2.resize(p, (w, row_h), interpolation=cv2.INTER_AREA))
+                filled += w
+            rows.append(np.concatenate(parts, axis=1)[:, :WIDTH])
+        frames.append(np.ascontiguousarray(np.concatenate(rows, axis=0)))
+    return frames
+
+
+def synthetic_model(directory: Path) -> Path:
+    """The recipe's features and trees, trained on synthetic scenes (no decision search)."""
+    from export.convert import export_model
+    from export.recipe import Recipe, fit, load_photo, training_rows
+    from export.synthetic import make_scene, write_scene
+    from export.voc import parse
+
+    recipe = Recipe(threads=1)
+    photos = []
+    for i in range(8):
+        rust = i % 4 != 0
+        scene = make_scene(np.random.default_rng(i), WIDTH, HEIGHT, rust=rust)
+        path = write_scene(scene, directory / "scenes", f"s{i}")
+        boxes = parse(path.with_suffix(".xml")) if rust else None
+        photos.append(load_photo(path, rust, boxes, recipe, np.random.default_rng(i)))
+    return export_model(
+        fit(photos, recipe, 0),
+        directory / "model",
+        name="bench",
+        version="0.0.0",
+        pipeline=recipe.pipeline,
+        sample=training_rows(photos)[0],
+    )
+
+
+def median_ms(fn: Callable[[np.ndarray], object], frames: list[np.ndarray]) -> float:
+    for frame in frames[:2]:
+        fn(frame)  # warm-up: first-call allocations, caches
+    times = []
+    for _ in range(REPEATS):
+        for frame in frames:
+            start = time.perf_counter()
+            fn(frame)
+            times.append(1000.0 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--data", type=Path, default=Path("../shared/data"))
+    ap.add_argument("--model", type=Path, default=Path("build/model"))
+    args = ap.parse_args()
+
+    from agent.engine.classifier import FeatureModel, load_model
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-features-"))
+    try:
+        manifest = args.model / "manifest.json"
+        if not manifest.is_file():
+            warn(f"no {manifest} (run `make model`): a synthetic model of the recipe's shape")
+            manifest = synthetic_model(tmp)
+        model = load_model(manifest, threads=1)
+        if not isinstance(model, FeatureModel):
+            warn(f"{manifest} is not a feature model")
+            return 2
+        frames = mosaics(args.data)
+        pipeline = model.pipeline
+        served = median_ms(model.scores, frames)
+        brute = median_ms(lambda f: model.scores(f, stride=1), frames)
+        features = median_ms(lambda f: pipeline.rows(pipeline.working(f)), frames)
+        diffs = [
+            abs(np.mean(model.scores(f) >= 128) - np.mean(model.scores(f, stride=1) >= 128))
+            for f in frames
+        ]
+        spec = model.manifest.features
+        assert spec is not None
+        work = pipeline.working(frames[0])
+        print(f"model {manifest}: {len(pipeline.names)} features, working {work.shape[1]}x"
+              f"{work.shape[0]}, stride {spec.stride}")  # fmt: skip
+        print(f"ms per {WIDTH}x{HEIGHT} frame (median of {REPEATS}x{len(frames)}, one core):")
+        print(f"  features only (every working pixel)   {features:8.2f}")
+        print(f"  served (stride {spec.stride})                      {served:8.2f}")
+        print(f"  brute force (stride 1, all trees, ORT) {brute:8.2f}")
+        print(f"corrosion % served vs brute: max |diff| {100 * max(diffs):.2f} pp")
+        print(f"feature_ms={served:.2f} brute_ms={brute:.2f}")
+        model.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Evaluation: metrics on hand-computed cases, the device's decision, CV bookkeeping, reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from agent.contract import ModelManifest
+from agent.engine.model import PixelModel
+from export import evaluate
+from export.cli import main as export_main
+from export.datasets import csv_bytes
+from export.recipe import (
+    Sources,
+    data_sha256,
+    image_metrics,
+    load_photos,
+    sha256,
+    training_rows,
+)
+from export.synthetic import make_scene
+from export.voc import parse
+from tests.test_recipe import TINY, synthetic_layout
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory: pytest.TempPathFactory) -> Sources:
+    return synthetic_layout(tmp_path_factory.mktemp("eval-layout"))
+
+
+def test_image_metrics_by_hand() -> None:
+    flagged = np.array([True, True, False, False, True])
+    rust = np.array([True, False, True, False, True])
+    m = image_metrics(flagged, rust)
+    assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (2, 1, 1, 1)
+    assert m["accuracy"] == 3 / 5 and m["rust_recall"] == 2 / 3 and m["precision"] == 2 / 3
+
+
+def test_pr_curve_and_sweep_by_hand() -> None:
+    truth = np.array([True, False, True, False])
+    score = np.array([0.9, 0.8, 0.7, 0.1])
+    assert evaluate.pr_curve(truth, score) == [[0.5, 1.0], [0.5, 0.5], [1.0, 0.66667], [1.0, 0.5]]
+    rows = evaluate.sweep(np.array([1.0, 5.0]), np.array([False, True]))
+    assert rows == [[0.0, 0.5, 1.0, 0.5], [1.0, 0.5, 1.0, 0.5], [5.0, 1.0, 1.0, 1.0],
+                    [100.0, 0.5, 0.0, 0.0]]  # fmt: skip
+
+
+def test_pixels_against_labels_we_flipped(logistic_model: Path, tmp_path: Path) -> None:
+    model = PixelModel.load(logistic_model)
+    rgb = np.random.default_rng(1).integers(0, 256, size=(400, 3)).astype(np.uint8)
+    predicted, _ = model.predict(rgb)
+    truth = predicted.copy()
+    truth[:40] = 1 - truth[:40]  # exactly 40 wrong answers
+    csv = tmp_path / "pixels.csv"
+    csv.write_bytes(csv_bytes(truth.astype(np.uint8), rgb))
+    r = evaluate.evaluate_pixels(logistic_model, csv)
+    assert r["rows"] == 400 and r["accuracy"] == pytest.approx(0.9)
+    (tn, fp), (fn, tp) = r["confusion"]["matrix"]
+    assert fp == int(np.sum(predicted[:40] == 1)) and fn == int(np.sum(predicted[:40] == 0))
+    assert tp == int(np.sum(predicted[40:] == 1)) and tn + fp + fn + tp == 400
+
+
+def test_images_use_the_detector_and_the_manifest_decision(
+    logistic_model: Path, tmp_path: Path
+) -> None:
+    for kind, rust in (("rust", True), ("norust", False)):
+        (tmp_path / kind).mkdir()
+        for i in range(2):
+            scene = make_scene(np.random.default_rng(40 + i + 10 * rust), 160, 120, rust=rust)
+            cv2.imwrite(str(tmp_path / kind / f"{i}.png"), scene.image)
+    r = evaluate.evaluate_images(logistic_model, tmp_path / "rust", tmp_path / "norust")
+    assert r["images"] == 4 and r["flag_pct"] == 2.0  # the fixture's Decision
+    for image in r["per_image"]:
+        assert image["flagged"] == (image["pct"] >= 2.0)
+    flags = np.array([i["flagged"] for i in r["per_image"]])
+    assert r["accuracy"] == image_metrics(flags, np.array([True, True, False, False]))["accuracy"]
+
+
+def test_nested_cv_records_each_fold_decision(layout: Sources) -> None:
+    r = evaluate.cv_images(layout, TINY, outer=2)
+    assert r["images"] == len(r["per_image"]) and r["groups"] == r["images"] - 1
+    for image in r["per_image"]:
+        assert image["flagged"] == (image["pct"] >= image["flag_pct"])
+    assert {i["fold"] for i in r["per_image"]} == {0, 1}
+
+
+def test_box_cv_trains_without_the_held_out_photos(
+    layout: Sources, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    anns = [parse(xml) for xml in sorted(layout.voc.glob("*.xml"))]
+    manifest = ModelManifest.read(evaluate.texture_trainer(layout, TINY)(anns[:2], tmp_path / "m"))
+    kept = {sha256(a.image) for a in anns[:2]}
+    chosen = [p for p in load_photos(layout, TINY) if not p.boxed or p.group in kept]
+    assert manifest.provenance.training_data_sha256 == data_sha256(*training_rows(chosen))
+    assert len(chosen) == len(load_photos(layout, TINY)) - 3 and manifest.features is not None
+
+    calls: dict[str, Any] = {}
+
+    def fake(voc: Path, **kwargs: Any) -> dict[str, Any]:
+        calls.update(voc=voc, folds=kwargs["folds"], trainer=kwargs["trainer"])
+        return {"ap50": 0.5, "ap": 0.2, "ar100": 0.4, "n_images": 5, "n_boxes": 9}
+
+    monkeypatch.setattr("export.boxes.out_of_fold", fake)
+    r = evaluate.cv_boxes(layout, TINY, folds=3)
+    assert r["kind"] == "cv-boxes" and r["ap50"] == 0.5
+    assert calls["voc"] == layout.voc and calls["folds"] == 3 and callable(calls["trainer"])
+
+
+def test_cli_json_report_and_summary(
+    logistic_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rgb = np.random.default_rng(2).integers(0, 256, size=(200, 3)).astype(np.uint8)
+    labels = (rgb[:, 0] > rgb[:, 2] + 40).astype(np.uint8)
+    csv = tmp_path / "v.csv"
+    csv.write_bytes(csv_bytes(labels, rgb))
+    report, results = tmp_path / "report", tmp_path / "results"
+    args = ["evaluate", "pixels", "--model", str(logistic_model), "--csv", str(csv)]
+    assert export_main([*args, "--json", "--report", str(report)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["command"].startswith("corrosion-export evaluate pixels")
+    assert {"accuracy", "precision", "recall", "f1", "auc"} <= set(result)
+    assert (report / "pixels.md").is_file() and (report / "pixels-pr.png").stat().st_size > 1000
+    results.mkdir()
+    (results / "pixels-aws-rgb.json").write_text(json.dumps(result))
+    out = tmp_path / "ACCURACY.md"
+    assert export_main(["evaluate", "summary", "--results", str(results), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "pixel accuracy on AWS validation.csv" in text and result["command"] in text
+    assert "Texture recipe" in text  # the recipe, from export/recipe.py's docstring
