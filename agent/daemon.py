@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 OUTBOX_FILE = "outbox.sqlite"
 DRAIN_S = 5.0  # how long a finished run waits for the broker to take the outbox
 UPLOAD_DRAIN_S = 60.0  # ... and for S3 to take the captures (while it is reachable)
+STOP_BUDGET_S = 7.0  # SIGTERM to exit, after the source has stopped (systemd allows 15)
 
 
 class Agent:
@@ -332,17 +333,26 @@ class Agent:
         self.stop_event.set()
 
     def shutdown(self) -> None:
+        """In data order. On a signal every wait is cut to fit STOP_BUDGET_S in all; a finished
+        file run first gives the broker and S3 time to take what it produced."""
         self.notify.stopping()
+        finished = not self.stop_event.is_set()
+        deadline = time.monotonic() + STOP_BUDGET_S
+
+        def left(limit: float) -> float:
+            return max(0.1, min(limit, deadline - time.monotonic()))
+
         self.source.close()
         self.ticker.stop()
         if self.updater is not None:
-            self.updater.stop()
+            self.updater.stop(left(1.0))
         if self.uploader is not None and self.spool is not None:
             spool, uploader = self.spool, self.uploader
-            if not self.stop_event.is_set():  # a finished file run: let S3 have the captures
+            if finished:  # let S3 have the captures
                 self._wait(lambda: spool.depth > 0 and uploader.reachable, UPLOAD_DRAIN_S)
-            self.uploader.stop()
-            self.uploader.flush()
+                deadline = time.monotonic() + STOP_BUDGET_S
+            if uploader.stop(left(2.0)) and finished:
+                uploader.flush()  # on a signal the manifests wait for the next start
             if self.spool.depth:
                 log.warning(
                     "%d capture(s) (%s) wait in the spool %s; they go up at the next start",
@@ -353,9 +363,9 @@ class Agent:
         link = self.link
         if link is not None:
             patience = DRAIN_S if link.ever_connected else 1.0
-            if not self.stop_event.is_set() and link.wait_connected(patience):
+            if finished and link.wait_connected(patience):
                 self._drain(link)  # a finished file run: give the broker its messages
-            link.stop("stopped")
+            link.stop("stopped", timeout=left(3.0))
         if self.outbox.depth:
             where = f"broker {link.where} unreachable" if link and not link.connected else "unsent"
             log.warning(

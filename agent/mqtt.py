@@ -250,33 +250,43 @@ class MqttLink:
         while not self._stop.is_set():
             self._wake.wait(0.5)
             self._wake.clear()
-            self._settle_acks()
-            if not self._connected.is_set():
+            try:
+                self._publish_some()
+            except Exception:  # one bad row or a full disk must not end publishing for good
+                log.exception("publisher: unexpected error; retrying")
+                self._stop.wait(1.0)
+
+    def _publish_some(self) -> None:
+        """Settle PUBACKs, then hand paho the next rows that fit in the in-flight window."""
+        self._settle_acks()
+        if not self._connected.is_set():
+            return
+        room = self.config.inflight - len(self._handed)
+        if room <= 0:
+            return
+        for message in self.outbox.after(self._last_id, room):
+            props = None
+            if self._v5 and message.correlation is not None:
+                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                props.CorrelationData = message.correlation
+            info = self._client.publish(
+                message.topic,
+                message.payload,
+                qos=message.qos,
+                retain=message.retain,
+                properties=props,
+            )
+            if message.qos == 0 and info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+                return  # paho keeps no QoS 0 message offline: hand it again after reconnect
+            if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                log.error("cannot publish to %s: %s", message.topic, paho.error_string(info.rc))
+                self.outbox.refuse([message.id])
                 continue
-            room = self.config.inflight - len(self._handed)
-            if room <= 0:
-                continue
-            for message in self.outbox.after(self._last_id, room):
-                props = None
-                if self._v5 and message.correlation is not None:
-                    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-                    props.CorrelationData = message.correlation
-                info = self._client.publish(
-                    message.topic,
-                    message.payload,
-                    qos=message.qos,
-                    retain=message.retain,
-                    properties=props,
-                )
-                if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-                    log.error("cannot publish to %s: %s", message.topic, paho.error_string(info.rc))
-                    self.outbox.refuse([message.id])
-                    continue
-                self._handed[info.mid] = message.id
-                self._last_id = message.id
-                if message.qos == 0:  # no PUBACK will come: handed is as far as it goes
-                    self._acks.put((info.mid, ReasonCode(PacketTypes.PUBACK)))
-                    self._wake.set()
+            self._handed[info.mid] = message.id
+            self._last_id = message.id
+            if message.qos == 0:  # no PUBACK will come: handed is as far as it goes
+                self._acks.put((info.mid, ReasonCode(PacketTypes.PUBACK)))
+                self._wake.set()
 
     def _settle_acks(self) -> None:
         done: list[int] = []
@@ -320,4 +330,5 @@ class MqttLink:
         self._wake.set()
         for thread in self._threads:
             thread.join(timeout)
-        self._settle_acks()
+        if not any(t.is_alive() for t in self._threads):  # else the publisher still owns them
+            self._settle_acks()

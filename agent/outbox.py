@@ -38,6 +38,13 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NU
 """
 
 
+CORRUPT = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
+BUMP_COUNTER = (
+    "INSERT INTO counters (name, value) VALUES (?, ?) "
+    "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value"
+)
+
+
 @dataclass(frozen=True)
 class Pending:
     """One stored message, as the publisher hands it to paho."""
@@ -73,6 +80,8 @@ class Outbox:
         try:
             return self._connect()
         except sqlite3.DatabaseError as exc:
+            if getattr(exc, "sqlite_errorname", "") not in CORRUPT:
+                raise  # locked, disk full, I/O: the file is fine, the agent must not start
             # A corrupt file must not keep the device from working: keep it for forensics.
             aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
             log.error("outbox %s is unreadable (%s); moved to %s", self.path, exc, aside)
@@ -120,16 +129,23 @@ class Outbox:
             if over and (cfg.when_full == "drop_newest" or size > cfg.max_bytes):
                 self._count_dropped(1)
                 return None
+            evicted, freed = 0, 0
             with self._transaction():
                 if over:
-                    self._evict_oldest(size)
+                    evicted, freed = self._evict_oldest(size)
                 row = self._db.execute(
                     "INSERT INTO messages (topic, payload, qos, retain, correlation, created) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
                     (topic, payload, qos, int(retain), correlation, time.time()),
                 ).lastrowid
-            self._depth += 1
-            self._bytes += size
+            # Counters move only once the transaction is in: a failed commit changes nothing.
+            self._depth += 1 - evicted
+            self._bytes += size - freed
+            if evicted:
+                self.dropped_total += evicted
+                log.warning(
+                    "outbox full: dropped the %d oldest message(s) (policy drop_oldest)", evicted
+                )
         for listener in self._listeners:
             listener()
         return row
@@ -149,25 +165,26 @@ class Outbox:
             raise
         self._db.execute("COMMIT")
 
-    def _evict_oldest(self, incoming: int) -> None:
-        """Inside the put's transaction: delete from the head until the new message fits."""
+    def _evict_oldest(self, incoming: int) -> tuple[int, int]:
+        """Inside the put's transaction: delete from the head until the new message fits;
+        returns (messages, bytes) deleted."""
         cfg = self.config
-        evicted = 0
-        while self._depth >= cfg.max_messages or self._bytes + incoming > cfg.max_bytes:
+        evicted = freed = 0
+        while (
+            self._depth - evicted >= cfg.max_messages
+            or self._bytes - freed + incoming > cfg.max_bytes
+        ):
             row = self._db.execute(
                 "SELECT id, LENGTH(payload) FROM messages ORDER BY id LIMIT 1"
             ).fetchone()
             if row is None:
                 break
             self._db.execute("DELETE FROM messages WHERE id=?", (row[0],))
-            self._depth -= 1
-            self._bytes -= int(row[1])
             evicted += 1
+            freed += int(row[1])
         if evicted:
-            self._bump("dropped", evicted)
-            log.warning(
-                "outbox full: dropped the %d oldest message(s) (policy drop_oldest)", evicted
-            )
+            self._db.execute(BUMP_COUNTER, ("dropped", evicted))
+        return evicted, freed
 
     def _count_dropped(self, n: int) -> None:
         with self._transaction():
@@ -175,11 +192,7 @@ class Outbox:
         log.warning("outbox full: refused a new message (policy drop_newest)")
 
     def _bump(self, name: str, n: int) -> None:
-        self._db.execute(
-            "INSERT INTO counters (name, value) VALUES (?, ?) "
-            "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
-            (name, n),
-        )
+        self._db.execute(BUMP_COUNTER, (name, n))
         if name == "dropped":
             self.dropped_total += n
 

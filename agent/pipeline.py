@@ -56,7 +56,13 @@ class FrameLoop:
                 self.stats.fail()
                 log.warning("frame refused: %s", item.reason)
             else:
-                message = self._classify(item)
+                try:
+                    message = self._classify(item)
+                except Exception:  # one frame a model chokes on must not end the agent
+                    self.stats.fail()
+                    log.exception("frame %s could not be classified", item.name)
+                    self.heartbeat.idle()
+                    continue
                 line = (
                     f"{item.name}: {message.corrosion_pct:.2f}% corroded, "
                     f"{'FLAGGED' if message.flagged else 'ok'}, {len(message.regions)} regions, "

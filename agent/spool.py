@@ -71,6 +71,7 @@ class Spool:
         self.max_bytes = max_bytes
         directory.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._in_flight: str | None = None  # being uploaded: never evicted under the uploader
         self._db = sqlite3.connect(
             directory / "spool.sqlite", check_same_thread=False, isolation_level=None
         )
@@ -147,9 +148,19 @@ class Spool:
                     self._unlink(victim)
                     log.warning("spool full: evicted %s capture %s", victim_category, victim)
             image, sidecar, mask = self.paths(frame_id)
-            for path, data in ((image, files.image), (sidecar, files.sidecar), (mask, files.mask)):
-                if data is not None:
-                    _write(path, data)
+            try:
+                for path, data in (
+                    (image, files.image),
+                    (sidecar, files.sidecar),
+                    (mask, files.mask),
+                ):
+                    if data is not None:
+                        _write(path, data)
+            except OSError:
+                self._unlink(frame_id)
+                with self._db:
+                    self._bump(f"failed.{category}")
+                raise
             with self._db:
                 self._db.execute(
                     "INSERT INTO captures (frame_id, category, priority, captured_at, created, "
@@ -177,8 +188,8 @@ class Spool:
             return victims
         rows = self._db.execute(
             "SELECT frame_id, category, bytes FROM captures WHERE priority <= ? "
-            "ORDER BY priority, created",
-            (priority,),
+            "AND frame_id IS NOT ? ORDER BY priority, created",
+            (priority, self._in_flight),
         )
         for frame_id, category, freed in rows:
             victims.append((frame_id, category, int(freed)))
@@ -196,12 +207,14 @@ class Spool:
                 "WHERE next_try <= ? ORDER BY priority DESC, created LIMIT 1",
                 (now,),
             ).fetchone()
-        if row is None:
-            return None
+            if row is None:
+                return None
+            self._in_flight = row[0]
         return Spooled(row[0], row[1], datetime.fromisoformat(row[2]), bool(row[3]), row[4])
 
     def retry_later(self, frame_id: str, delay_s: float) -> None:
         with self._lock, self._db:
+            self._in_flight = None
             self._db.execute(
                 "UPDATE captures SET attempts = attempts + 1, next_try = ? WHERE frame_id=?",
                 (time.time() + delay_s, frame_id),
@@ -221,17 +234,21 @@ class Spool:
             row = self._db.execute(
                 "SELECT bytes FROM captures WHERE frame_id=?", (frame_id,)
             ).fetchone()
+            if self._in_flight == frame_id:
+                self._in_flight = None
+            if row is None:  # evicted meanwhile: it is already counted
+                return
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("DELETE FROM captures WHERE frame_id=?", (frame_id,))
             self._bump(counter)
             self._db.execute("COMMIT")
-            if row is not None:
-                self.used -= int(row[0])
+            self.used -= int(row[0])
         self._unlink(frame_id)
 
     def _unlink(self, frame_id: str) -> None:
         for path in self.paths(frame_id):
             path.unlink(missing_ok=True)
+            path.with_name(path.name + ".tmp").unlink(missing_ok=True)
 
     def close(self) -> None:
         with self._lock:

@@ -67,6 +67,8 @@ class ModelStore:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self._state = root / "state.json"
+        for leftover in root.glob(".incoming-*"):  # a download a crash interrupted
+            shutil.rmtree(leftover, ignore_errors=True)
 
     def _read(self) -> dict[str, Any]:
         try:
@@ -157,8 +159,9 @@ class Updater:
         self._thread.join(timeout)
 
     def pull(self) -> None:
-        """Check the channel now (the `pull-model` command)."""
+        """Check the channel now (the `pull-model` command), retrying refused versions."""
         self._etag = None
+        self._refused.clear()
         self._wake.set()
 
     def rollback(self) -> None:
@@ -173,8 +176,10 @@ class Updater:
             else:
                 try:
                     outcome = self.check()
-                except (BotoCoreError, ClientError, OSError) as exc:
+                except (BotoCoreError, ClientError) as exc:
                     log.warning("registry %s unreachable: %s", self.url, describe_error(exc))
+                except Exception:  # a bug or a full disk must not end updates for good
+                    log.exception("model check failed; the current model keeps serving")
                 else:
                     if outcome.served or outcome.refused:
                         self.report(outcome)
@@ -200,6 +205,10 @@ class Updater:
         except (ModelError, ValueError) as exc:
             shutil.rmtree(folder, ignore_errors=True)
             return self._refuse(pointer.manifest_sha256, f"{pointer.name} {pointer.version}: {exc}")
+        except RuntimeError as exc:  # onnxruntime failing the golden samples' inference
+            shutil.rmtree(folder, ignore_errors=True)
+            reason = f"{pointer.name} {pointer.version}: onnxruntime: {exc}"
+            return self._refuse(pointer.manifest_sha256, reason)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -237,8 +246,7 @@ class Updater:
         return Outcome(refused=reason)
 
     def _serve(self, model: Serving, *, skip: str | None = None) -> Outcome:
-        old = self.detector.swap(model)
-        old.close()
+        self.detector.swap(model)  # the detector closes the old one between frames
         self.store.serve(self._manifest_of(model.ref), skip=skip)
         self.store.prune(self.config.keep_versions)
         log.info("now serving %s %s", model.ref.name, model.ref.version)

@@ -56,7 +56,8 @@ def transform_manifest(lines: list[str]) -> list[Any]:
     if not refs:
         return []
     bucket = refs[0].split("/", 3)[2]
-    return [{"prefix": f"s3://{bucket}/"}, *(ref.split("/", 3)[3] for ref in refs)]
+    keys = dict.fromkeys(ref.split("/", 3)[3] for ref in refs)
+    return [{"prefix": f"s3://{bucket}/"}, *keys]
 
 
 class Uploader:
@@ -96,24 +97,35 @@ class Uploader:
     def wake(self) -> None:
         self._wake.set()
 
-    def stop(self, timeout: float = 3.0) -> None:
+    def stop(self, timeout: float = 3.0) -> bool:
+        """True if the thread ended; if not (a slow upload), the next start sends it again."""
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _run(self) -> None:
         attempt = 0
         aborted = False
         while not self._stop.is_set():
+            if not aborted:
+                self._abort_stale_multipart()
+                aborted = True
+            capture = None
             try:
-                if not aborted:
-                    self._abort_stale_multipart()
-                    aborted = True
                 capture = self.spool.next()
                 if capture is not None:
                     self._upload(capture)
                 if time.monotonic() - self._manifest_at > MANIFEST_EVERY_S or capture is None:
                     self._flush_manifests()
+            except FileNotFoundError as exc:  # evicted or cleaned away under us: not S3's fault
+                log.warning("capture file gone during upload: %s", exc.filename)
+                continue
+            except ValueError as exc:  # a sidecar this version cannot read: never retried
+                if capture is not None:
+                    log.error("capture %s unusable: %s", capture.frame_id, exc)
+                    self.spool.lost(capture.frame_id, capture.category)
+                continue
             except (BotoCoreError, ClientError, OSError) as exc:
                 delay = full_jitter(attempt, 1.0, self.config.retry_max_s)
                 if self.reachable or attempt == 0:
@@ -137,6 +149,13 @@ class Uploader:
                 self._wake.clear()
 
     def _abort_stale_multipart(self) -> None:
+        """Best effort: without s3:ListBucketMultipartUploads, uploads must still go on."""
+        try:
+            self._abort_multipart()
+        except (BotoCoreError, ClientError) as exc:
+            log.warning("cannot list unfinished uploads (%s); skipped", describe_error(exc))
+
+    def _abort_multipart(self) -> None:
         """A killed agent leaves parts nobody will complete (and S3 bills for)."""
         prefix = captures_prefix(self.config.prefix, self.device_id)
         paginator = self.s3.get_paginator("list_multipart_uploads")
@@ -171,7 +190,9 @@ class Uploader:
             mask_key = stem + MASK_SUFFIX
             self._put(mask, mask_key, "image/png", metadata)
         self._put(sidecar_path, stem + SIDECAR_SUFFIX, "application/json", metadata)
-        self.spool.done(capture.frame_id, capture.category)
+        # The manifest line and the notice go before the spool forgets the capture: a crash
+        # in between repeats them (subscribers and the manifest deduplicate on frame_id).
+        self._add_to_manifest(sidecar, stem)
         notice = UploadNotice(
             device_id=self.device_id,
             frame_id=capture.frame_id,
@@ -183,7 +204,7 @@ class Uploader:
             corrosion_pct=detection.corrosion_pct,
         )
         self.outbox.put(self.topics.uploads, notice.model_dump_json().encode())
-        self._add_to_manifest(sidecar, stem)
+        self.spool.done(capture.frame_id, capture.category)
 
     def _put(self, path: Path, key: str, content_type: str, metadata: dict[str, str]) -> None:
         self.s3.upload_file(
@@ -221,6 +242,8 @@ class Uploader:
                     raise
                 body = b""
             path.write_bytes(body)
+        if f'"frame-id":"{sidecar.frame_id}"' in path.read_text():
+            return  # a repeat after a crash between the upload and the spool's bookkeeping
         with path.open("a") as fh:
             fh.write(line.model_dump_json(by_alias=True) + "\n")
         self._dirty.add(path)

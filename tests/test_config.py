@@ -69,6 +69,14 @@ def test_check_config_masks_secrets(tmp_path: Path) -> None:
         check=True,
     )
     assert "hunter2" not in out.stdout + out.stderr
+    stream = write(tmp_path, '[source]\nkind = "stream"\nuri = "rtsp://cam:pw123@h/s?token=t0k"\n')
+    shown = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "check-config", str(stream)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "pw123" not in shown and "t0k" not in shown and "rtsp://cam:***@h/s" in shown
     assert json.loads(out.stdout)["mqtt"]["password"] == "**********"
     bad = write(tmp_path, "[mqtt]\nprot = 1\n")
     res = subprocess.run(

@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from agent.config.areas import Area, ClassifierConfig, HealthConfig, SourceConfig, SourceKind
 from agent.config.cloud import CategoryLimits, ModelConfig, RateLimit, UploadConfig
 from agent.config.link import MqttConfig, OutboxConfig, TlsConfig
+from agent.redact import mask_uri
 
 __all__ = [
     "AgentConfig",
@@ -108,7 +109,9 @@ class AgentConfig(BaseSettings):
 
     def effective(self) -> str:
         """The config as the agent will use it, secrets masked (SecretStr dumps as ***)."""
-        return json.dumps(self.model_dump(mode="json"), indent=2)
+        data = self.model_dump(mode="json")
+        data["source"]["uri"] = mask_uri(data["source"]["uri"])
+        return json.dumps(data, indent=2)
 
 
 class ConfigError(ValueError):

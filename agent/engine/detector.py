@@ -75,6 +75,7 @@ class Detector:
         self.config = config or ClassifierConfig()
         self._model = model
         self._lock = threading.Lock()
+        self._retired: list[ServingModel] = []  # swapped out, closed by the next analyse
 
     @classmethod
     def load(cls, manifest_path: Path, config: ClassifierConfig | None = None) -> Detector:
@@ -92,14 +93,27 @@ class Detector:
         return override if override is not None else self._model.manifest.decision.flag_pct
 
     def swap(self, model: ServingModel) -> ServingModel:
-        """Serve `model` from the next frame on; returns the one it replaced (caller closes it)."""
+        """Serve `model` from the next frame on; returns the one it replaced.
+
+        The old model may still be classifying a frame on the frame loop's thread, so it is
+        not closed here: the next `analyse` closes it, when nothing can be using it.
+        """
         with self._lock:
             old, self._model = self._model, model
+            self._retired.append(old)
         return old
+
+    def _close_retired(self) -> None:
+        with self._lock:
+            retired, self._retired = self._retired, []
+        for model in retired:
+            model.close()
 
     def analyse(self, image: np.ndarray, frame_size: tuple[int, int] | None = None) -> Analysis:
         """`frame_size` is the original (w, h) when the caller already decoded at reduced size."""
         start = time.perf_counter()
+        if self._retired:
+            self._close_retired()
         model = self._model
         cfg = self.config
         work = fit_long_side(image, cfg.analysis_long_side)
@@ -134,4 +148,5 @@ class Detector:
         )
 
     def close(self) -> None:
+        self._close_retired()
         self._model.close()

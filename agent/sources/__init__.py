@@ -13,9 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent.config import SourceConfig
+from agent.redact import mask_uri
 from agent.sources.base import Failed, Frame, Source, SourceError, SourceStats
 from agent.sources.files import FolderSource, GlobSource
-from agent.sources.video import LiveSource, VideoSource, mask_uri
+from agent.sources.video import LiveSource, VideoSource
 
 __all__ = [
     "Failed",

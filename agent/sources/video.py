@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,18 +16,18 @@ from urllib.parse import urlsplit
 import cv2
 
 from agent.config import SourceConfig
+from agent.redact import mask_uri
 from agent.sources.base import Failed, Frame, Image, Pacer, Source, SourceError
 
 log = logging.getLogger(__name__)
 
 _STREAM_SCHEMES: Final = frozenset({"rtsp", "rtsps", "rtmp", "http", "https"})
-_SECRET_PARAM: Final = re.compile(
-    r"(?i)((?:^|&)[^=&]*(?:pass|pwd|token|secret|key|auth)[^=&]*=)[^&]*"
-)
 # FFmpeg waits 30 s by default; a stalled stream should fail its read and be reopened sooner.
 _OPEN_TIMEOUT_MS: Final = 10_000
 _READ_TIMEOUT_MS: Final = 5_000
-_JOIN_S: Final = _READ_TIMEOUT_MS / 1000 + 1  # a grabber blocked in read() is back by then
+# A grabber blocked in read() returns within the read timeout; shutdown does not wait that
+# long (SIGTERM must exit within 10 s): the thread is a daemon and ends with its read.
+_JOIN_S: Final = 2.0
 
 
 class Capture(Protocol):
@@ -53,18 +52,6 @@ def _video_capture(target: int | str) -> Capture:
         timeouts += [cv2.CAP_PROP_READ_TIMEOUT_MSEC, _READ_TIMEOUT_MS]
         cap = cv2.VideoCapture(target, cv2.CAP_FFMPEG, timeouts)
     return cast("Capture", cap)  # frames come out as BGR uint8 (CAP_PROP_CONVERT_RGB)
-
-
-def mask_uri(uri: str) -> str:
-    """The uri with its password and secret-looking query values as ***, fit for logs."""
-    try:
-        parts = urlsplit(uri)
-    except ValueError:
-        return uri
-    if parts.password is not None:
-        host = parts.netloc.rpartition("@")[2]
-        parts = parts._replace(netloc=f"{parts.username}:***@{host}")
-    return parts._replace(query=_SECRET_PARAM.sub(r"\1***", parts.query)).geturl()
 
 
 class VideoSource(Source):
