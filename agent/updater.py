@@ -104,7 +104,13 @@ class ModelStore:
         self._write({"history": history, "skip": skip})
 
     def drop_current(self) -> None:
-        self._write({"history": self.history()[:-1], "skip": self.skipped()})
+        """Forget the serving version (rolled back, or unusable at boot) and free its folder."""
+        history = self.history()
+        if not history:
+            return
+        self._write({"history": history[:-1], "skip": self.skipped()})
+        if history[-1] not in history[:-1]:
+            shutil.rmtree((self.root / history[-1]).parent, ignore_errors=True)
 
     def prune(self, keep: int) -> None:
         history = self.history()

@@ -52,6 +52,7 @@ def test_good_update_then_rollback_and_pin(
     rolled = up._roll_back()
     assert rolled.served is not None and rolled.served.version == "2.0.0"
     assert detector.model.ref.version == "2.0.0"
+    assert not (tmp_path / "models" / NAME / "3.0.0").exists()  # rolled back: freed
     up.pull()
     assert up.check() == Outcome()  # 3.0.0 is skipped until the channel moves on
     registry.publish(train(tmp_path / "v4", "4.0.0", 25).parent)
