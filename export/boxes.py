@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.config import ClassifierConfig
-from agent.engine.detector import Analysis, Detector
+from agent.engine.detector import Analysis, Detector, grouping_of
 from agent.engine.regions import scored_regions
 from agent.imageio import ImageError, read
 from export.convert import export_model
@@ -166,14 +166,7 @@ Grouping = Mapping[str, Any]  # find_regions keyword arguments beyond the Classi
 
 def region_kwargs(config: ClassifierConfig, grouping: Grouping | None = None) -> dict[str, Any]:
     """The find_regions arguments the detector passes for `config`, plus `grouping`."""
-    return {
-        "long_side": config.region_long_side,
-        "open_px": config.open_px,
-        "close_px": config.close_px,
-        "min_region_pct": config.min_region_pct,
-        "max_regions": config.max_regions,
-        **(grouping or {}),
-    }
+    return {**grouping_of(config), **(grouping or {})}
 
 
 def image_boxes(

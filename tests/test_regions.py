@@ -117,3 +117,19 @@ def test_suppress_keeps_the_best_of_overlapping_boxes() -> None:
     assert suppress(boxes, scores, 0.5, 10).tolist() == [1, 2]
     assert suppress(boxes, scores, 0.5, 1).tolist() == [1]
     assert suppress(boxes, scores, 1.0, 10).tolist() == [1, 0, 3, 2]
+
+
+def test_config_defaults_are_the_grouping_defaults() -> None:
+    import inspect
+
+    from agent.config import ClassifierConfig
+    from agent.engine.detector import grouping_of
+
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(find_regions).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    assert grouping_of(ClassifierConfig()) == {
+        k: tuple(v) if isinstance(v, list) else v for k, v in defaults.items()
+    }

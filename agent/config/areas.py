@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Area(BaseModel):
@@ -47,6 +47,30 @@ class ClassifierConfig(Area):
     max_regions: int = Field(
         default=50, ge=0, le=10000, description="Most regions reported per frame, largest first"
     )
+    region_grid: tuple[int, ...] = Field(
+        default=(16, 32, 64),
+        description="Long sides of the coarse grids whose dense cells become candidate boxes",
+    )
+    region_densities: tuple[float, ...] = Field(
+        default=(0.2, 0.4, 0.6),
+        description="Corroded share a grid cell needs, one per grid, finest first",
+    )
+    region_overlap: float = Field(
+        default=0.3,
+        gt=0.0,
+        le=1.0,
+        description="IoU above which the lower-scored of two candidate boxes is dropped",
+    )
+
+    @model_validator(mode="after")
+    def _one_density_per_grid(self) -> ClassifierConfig:
+        if len(self.region_grid) != len(self.region_densities):
+            raise ValueError(
+                f"region_densities has {len(self.region_densities)} values for "
+                f"{len(self.region_grid)} region_grid sizes"
+            )
+        return self
+
     flag_pct: float | None = Field(
         default=None, ge=0.0, le=100.0, description="Flag threshold %, None = the model manifest's"
     )

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -23,6 +24,20 @@ from agent.engine.regions import find_regions, fit_long_side
 BORDERLINE = (96, 159)
 """Scores of pixels the model is unsure of: P within about 1/4 of the way from the pixel
 threshold to either end (scores are 128 at the threshold, 0 and 255 at P = 0 and 1)."""
+
+
+def grouping_of(cfg: ClassifierConfig) -> dict[str, Any]:
+    """The find_regions arguments a config asks for (evaluation groups boxes the same way)."""
+    return {
+        "long_side": cfg.region_long_side,
+        "open_px": cfg.open_px,
+        "close_px": cfg.close_px,
+        "min_region_pct": cfg.min_region_pct,
+        "max_regions": cfg.max_regions,
+        "grid": cfg.region_grid,
+        "densities": cfg.region_densities,
+        "overlap": cfg.region_overlap,
+    }
 
 
 @dataclass(frozen=True)
@@ -123,15 +138,7 @@ class Detector:
         borderline = cv2.countNonZero(cv2.inRange(scores, *BORDERLINE))
         mask = corroded_mask(scores)
         pct = 100.0 * cv2.countNonZero(mask) / float(width * height)
-        regions = find_regions(
-            mask,
-            full,
-            long_side=cfg.region_long_side,
-            open_px=cfg.open_px,
-            close_px=cfg.close_px,
-            min_region_pct=cfg.min_region_pct,
-            max_regions=cfg.max_regions,
-        )
+        regions = find_regions(mask, full, **grouping_of(cfg))
         override = cfg.flag_pct
         threshold = override if override is not None else model.manifest.decision.flag_pct
         return Analysis(
