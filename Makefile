@@ -31,7 +31,7 @@ run: $(STAMP) demo
 run-batch: $(STAMP) demo
 	$(VENV)/bin/corrosion-agent batch $(DEMO)/frames --model $(DEMO)/model --out $(DEMO)/out
 
-## config/agent.toml is generated from agent/config.py (a test keeps them in step).
+## config/agent.toml is generated from agent/config/ (a test keeps them in step).
 config: $(STAMP)
 	$(PY) -c "from agent.config import commented_defaults as d; print(d(), end='')" > config/agent.toml
 
