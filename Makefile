@@ -35,11 +35,15 @@ run-batch: $(STAMP) demo
 config: $(STAMP)
 	$(PY) -c "from agent.config import commented_defaults as d; print(d(), end='')" > config/agent.toml
 
-# Mosquitto is what the MQTT tests start; install it when missing and we may.
+# The tests start Mosquitto and run systemd-analyze on the unit: install them when
+# missing and we may (Debian packages mosquitto and systemd).
 system-deps:
-	@if ! command -v mosquitto >/dev/null 2>&1; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq mosquitto >/dev/null; \
-	  else echo "mosquitto missing: install it (apt-get install mosquitto)" >&2; exit 1; fi; \
+	@missing=""; \
+	command -v mosquitto >/dev/null 2>&1 || missing="$$missing mosquitto"; \
+	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "missing:$$missing (apt-get install$$missing)" >&2; exit 1; fi; \
 	fi
 
 test: $(STAMP) system-deps

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import random
 import ssl
 import threading
 from collections.abc import Callable
@@ -26,17 +25,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from agent.backoff import full_jitter
 from agent.commands import Commands
 from agent.config import MqttConfig
 from agent.contract.messages import AgentState, Topics
 from agent.outbox import Outbox
 
 log = logging.getLogger(__name__)
-
-
-def full_jitter(attempt: int, low: float, high: float) -> float:
-    """AWS's "full jitter": uniform in [low, min(high, low * 2**attempt)]."""
-    return random.uniform(low, min(high, low * 2 ** min(attempt, 30)))
 
 
 def make_client(config: MqttConfig, client_id: str) -> paho.Client:

@@ -63,17 +63,12 @@ class FrameLoop:
                     log.exception("frame %s could not be classified", item.name)
                     self.heartbeat.idle()
                     continue
-                line = (
-                    f"{item.name}: {message.corrosion_pct:.2f}% corroded, "
-                    f"{'FLAGGED' if message.flagged else 'ok'}, {len(message.regions)} regions, "
-                    f"{message.latency_ms:.1f} ms"
-                )
                 if not ready:
                     ready = True
                     self.notify.ready(f"classifying {self.source.uri}")
-                    log.info("first frame classified: %s", line)
-                else:
-                    log.debug("%s", line)
+                    log.info("first frame classified: %s", _line(item, message))
+                elif log.isEnabledFor(logging.DEBUG):  # no formatting per frame unless asked
+                    log.debug("%s", _line(item, message))
             self.heartbeat.idle()  # asking for the next item lets a folder mark this one seen
 
     def _classify(self, frame: Frame) -> DetectionMessage:
@@ -95,3 +90,11 @@ class FrameLoop:
         self.outbox.put(self.topics.detections, message.model_dump_json().encode())
         self.stats.frame(latency_ms, analysis.flagged)
         return message
+
+
+def _line(frame: Frame, m: DetectionMessage) -> str:
+    flag = "FLAGGED" if m.flagged else "ok"
+    return (
+        f"{frame.name}: {m.corrosion_pct:.2f}% corroded, {flag}, {len(m.regions)} regions, "
+        f"{m.latency_ms:.1f} ms"
+    )

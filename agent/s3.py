@@ -12,14 +12,15 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+RETRIES = Config(
+    retries={"mode": "standard", "max_attempts": 5}, connect_timeout=5, read_timeout=60
+)
+"""Standard retry mode (backoff with jitter, retry quotas) for every AWS request."""
+
 
 def s3_client(endpoint_url: str | None, region: str | None, max_attempts: int = 5) -> Any:
-    """Standard retry mode (backoff with jitter, retry quotas) for every request."""
-    config = Config(
-        retries={"mode": "standard", "max_attempts": max_attempts},
-        connect_timeout=5,
-        read_timeout=60,
-    )
+    """Endpoint None: AWS, or AWS_ENDPOINT_URL(_S3) as boto3 reads it."""
+    config = RETRIES.merge(Config(retries={"mode": "standard", "max_attempts": max_attempts}))
     return boto3.session.Session().client(
         "s3", endpoint_url=endpoint_url, region_name=region, config=config
     )
@@ -33,5 +34,5 @@ def describe_error(exc: Exception) -> str:
     """One line for a log: the S3 error code and message, or the connection problem."""
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
-        return f"{err.get('Code', '?')}: {err.get('Message', '')}"
+        return f"{err.get('Code', '?')}: {err.get('Message', '')}".rstrip(": ")
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

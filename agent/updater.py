@@ -28,9 +28,9 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import ValidationError
 
 from agent.config import ModelConfig
-from agent.contract import ModelManifest, ModelRef, describe
+from agent.contract import MANIFEST_FILE, ModelManifest, ModelRef, describe
 from agent.contract.registry import ChannelPointer, RegistryUrl, channel_key, file_key
-from agent.engine.model import MANIFEST, ModelError
+from agent.engine.model import ModelError
 from agent.s3 import describe_error, error_code, s3_client
 from agent.signing import keyring, load_public_key, verify_manifest
 
@@ -259,7 +259,7 @@ class Updater:
         return Outcome(served=model.ref)
 
     def _manifest_of(self, ref: ModelRef) -> Path:
-        return self.store.root / ref.name / ref.version / MANIFEST
+        return self.store.root / ref.name / ref.version / MANIFEST_FILE
 
     def _get(self, key: str, limit: int) -> bytes:
         response = self.s3.get_object(Bucket=self.url.bucket, Key=key)
@@ -295,8 +295,8 @@ class Updater:
         for ref in refs:
             key = file_key(self.url.prefix, manifest.name, manifest.version, ref.file)
             (folder / ref.file).write_bytes(self._get(key, ref.size))
-        (folder / MANIFEST).write_bytes(raw)
-        return folder / MANIFEST
+        (folder / MANIFEST_FILE).write_bytes(raw)
+        return folder / MANIFEST_FILE
 
     def _roll_back(self) -> Outcome:
         history = self.store.history()

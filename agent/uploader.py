@@ -22,6 +22,7 @@ from typing import Any
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
+from agent.backoff import full_jitter
 from agent.config import UploadConfig
 from agent.contract.captures import (
     IMAGE_SUFFIX,
@@ -36,7 +37,6 @@ from agent.contract.captures import (
     captures_prefix,
 )
 from agent.contract.messages import Topics
-from agent.mqtt import full_jitter
 from agent.outbox import Outbox
 from agent.s3 import describe_error, error_code, s3_client
 from agent.spool import Spool, Spooled

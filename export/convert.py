@@ -24,6 +24,7 @@ import xgboost as xgb
 from onnxmltools.convert.common.data_types import FloatTensorType
 
 from agent.contract import (
+    MANIFEST_FILE,
     Decision,
     FileRef,
     GoldenSample,
@@ -39,7 +40,6 @@ from agent.engine.table import compile_table, save_table
 
 ONNX_FILE = "model.onnx"
 TABLE_FILE = "table.npy"
-MANIFEST_FILE = "manifest.json"
 PARITY_TOLERANCE = 1e-5
 GOLDEN_COUNT = 128
 GOLDEN_MARGIN = 1e-4
@@ -289,7 +289,7 @@ def export_model(
     }
     if pipeline is not None:
         base["features"] = FeatureSpec(long_side=pipeline.long_side, stride=pipeline.stride)
-    # Golden samples come from the converted model itself; a placeholder set lets the
+    # Golden samples come from the converted model itself: a draft without them lets the
     # runtime load it first (its golden check then trivially re-derives the same answers).
     draft = ModelManifest.model_construct(**base, golden=())
     tree = read_tree(onnx_path)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.contract import Decision, Provenance
-from export.convert import MANIFEST_FILE, export_model
+from agent.contract import MANIFEST_FILE, Decision, Provenance
+from export.convert import export_model
 from export.datasets import sample_mask_pixels
 from export.synthetic import Scene, generate, make_scene
 from export.train import choose_flag_pct, positive_score, train

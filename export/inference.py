@@ -25,8 +25,7 @@ from pathlib import Path
 
 import agent
 from agent.config import ClassifierConfig
-from agent.contract import ModelManifest
-from agent.contract.registry import MANIFEST_FILE
+from agent.contract import MANIFEST_FILE, ModelManifest
 from agent.engine.detector import Analysis, Detector
 from agent.imageio import Decoded, ImageError, decode, probe
 

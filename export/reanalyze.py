@@ -38,7 +38,14 @@ from botocore.exceptions import ClientError
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from agent.contract import ChannelPointer, ModelManifest, RegistryUrl, channel_key, describe
+from agent.contract import (
+    MANIFEST_FILE,
+    ChannelPointer,
+    ModelManifest,
+    RegistryUrl,
+    channel_key,
+    describe,
+)
 from agent.contract.captures import (
     IMAGE_SUFFIX,
     SIDECAR_SUFFIX,
@@ -47,7 +54,7 @@ from agent.contract.captures import (
     capture_stem,
     captures_prefix,
 )
-from agent.contract.registry import MANIFEST_FILE, file_key
+from agent.contract.registry import file_key
 from agent.engine.model import verify_file
 from export import inference, registry, sagemaker
 from export.registry import TRANSFER, RegistryError, aws_errors, get_object, head_object

@@ -17,10 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import boto3
 from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
@@ -49,11 +47,12 @@ from agent.contract import (
     models_prefix,
 )
 from agent.engine.model import ModelError, verify_file
+from agent.s3 import describe_error, error_code
+from agent.s3 import s3_client as agent_s3_client
 from agent.signing import key_id, verify_manifest
 
 PRIVATE_KEY_FILE = "signing-key.pem"
 PUBLIC_KEY_FILE = "signing-key.pub.pem"
-RETRIES = Config(retries={"mode": "standard", "max_attempts": 5})
 TRANSFER = TransferConfig(multipart_threshold=8 << 20, multipart_chunksize=8 << 20)
 NOT_FOUND = ("404", "NoSuchKey")
 
@@ -64,7 +63,7 @@ class RegistryError(ValueError):
 
 def s3_client(endpoint_url: str | None = None) -> Any:
     """Credentials from boto3's chain; endpoint from the flag, else AWS_ENDPOINT_URL(_S3)."""
-    return boto3.client("s3", endpoint_url=endpoint_url, config=RETRIES)
+    return agent_s3_client(endpoint_url, None)
 
 
 @contextmanager
@@ -75,21 +74,12 @@ def aws_errors(what: str) -> Iterator[None]:
     except S3UploadFailedError as exc:
         cause = exc.__context__
         if isinstance(cause, ClientError):
-            raise RegistryError(f"{what}: {_describe(cause)}") from exc
+            raise RegistryError(f"{what}: {describe_error(cause)}") from exc
         raise RegistryError(f"{what}: {exc}") from exc
     except ClientError as exc:
-        raise RegistryError(f"{what}: {_describe(exc)}") from exc
+        raise RegistryError(f"{what}: {describe_error(exc)}") from exc
     except BotoCoreError as exc:
         raise RegistryError(f"{what}: {exc}") from exc
-
-
-def _describe(exc: ClientError) -> str:
-    error = exc.response.get("Error", {})
-    return f"{error.get('Code', '?')}: {error.get('Message', '')}".rstrip(": ")
-
-
-def _code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
 
 
 def get_object(s3: Any, url: RegistryUrl, key: str) -> tuple[bytes, str] | None:
@@ -98,7 +88,7 @@ def get_object(s3: Any, url: RegistryUrl, key: str) -> tuple[bytes, str] | None:
         try:
             response = s3.get_object(Bucket=url.bucket, Key=key)
         except ClientError as exc:
-            if _code(exc) in NOT_FOUND:
+            if error_code(exc) in NOT_FOUND:
                 return None
             raise
         return response["Body"].read(), response["ETag"]
@@ -109,7 +99,7 @@ def head_object(s3: Any, url: RegistryUrl, key: str) -> dict[str, Any] | None:
         try:
             return dict(s3.head_object(Bucket=url.bucket, Key=key))
         except ClientError as exc:
-            if _code(exc) in NOT_FOUND:
+            if error_code(exc) in NOT_FOUND:
                 return None
             raise
 
@@ -222,7 +212,7 @@ def publish(s3: Any, url: RegistryUrl, directory: Path, key: Ed25519PrivateKey) 
                     ChecksumAlgorithm="SHA256",
                 )
             except ClientError as exc:
-                if _code(exc) == "PreconditionFailed":
+                if error_code(exc) == "PreconditionFailed":
                     raise RegistryError(
                         f"{url.uri(mkey)}: a concurrent publish of {name} {version} won; "
                         "this one was not published"
@@ -302,7 +292,7 @@ def promote(
                 **condition,
             )
         except ClientError as exc:
-            if _code(exc) == "PreconditionFailed":
+            if error_code(exc) == "PreconditionFailed":
                 raise RegistryError(f"{url.uri(ckey)}: changed while promoting; run again") from exc
             raise
     return pointer, previous

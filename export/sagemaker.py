@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from agent.contract import RegistryUrl
 from agent.engine.model import sha256_file
-from export.registry import RETRIES, TRANSFER, aws_errors
+from agent.s3 import RETRIES
+from export.registry import TRANSFER, aws_errors
 
 DEFAULT_VERSION = "1.7-1"
 VERSIONS = ("1.0-1", "1.2-1", "1.2-2", "1.3-1", "1.5-1", "1.7-1", "2.1-0")

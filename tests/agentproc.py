@@ -20,6 +20,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.config import toml_value
+
 
 def write_frames(
     folder: Path, n: int, start: int = 0, size: tuple[int, int] = (96, 64)
@@ -41,16 +43,6 @@ def write_frames(
     return names
 
 
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return json.dumps(str(value))
-
-
 def write_config(path: Path, settings: dict[str, Any]) -> Path:
     """A TOML file from nested dicts (one level of tables, sub-tables dotted)."""
     lines: list[str] = []
@@ -59,7 +51,7 @@ def write_config(path: Path, settings: dict[str, Any]) -> Path:
         if isinstance(value, dict):
             tables.append((key, value))
         else:
-            lines.append(f"{key} = {_toml(value)}")
+            lines.append(f"{key} = {toml_value(value)}")
     while tables:
         name, table = tables.pop(0)
         lines.append(f"[{name}]")
@@ -67,7 +59,7 @@ def write_config(path: Path, settings: dict[str, Any]) -> Path:
             if isinstance(value, dict):
                 tables.append((f"{name}.{key}", value))
             else:
-                lines.append(f"{key} = {_toml(value)}")
+                lines.append(f"{key} = {toml_value(value)}")
     path.write_text("\n".join(lines) + "\n")
     return path
 

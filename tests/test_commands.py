@@ -73,7 +73,7 @@ def test_request_id_of_wrong_type_is_not_echoed() -> None:
 
 
 def test_reconnect_backoff_is_full_jitter_capped() -> None:
-    from agent.mqtt import full_jitter
+    from agent.backoff import full_jitter
 
     for attempt in range(40):
         waits = [full_jitter(attempt, 0.5, 30.0) for _ in range(200)]

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
-import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -312,13 +311,12 @@ def test_set_threshold_command_changes_flags(
         sub.close()
 
 
-@pytest.mark.parametrize("protocol", ["3.1.1"])
-def test_mqtt_311(tmp_path: Path, logistic_model: Path, broker: Broker, protocol: str) -> None:
+def test_mqtt_311(tmp_path: Path, logistic_model: Path, broker: Broker) -> None:
     write_frames(tmp_path / "frames", 4)
     settings = agent_settings(
         tmp_path, logistic_model, broker.port, tmp_path / "frames", device="old-dev"
     )
-    settings["mqtt"]["protocol"] = protocol
+    settings["mqtt"]["protocol"] = "3.1.1"
     sub = Subscriber(broker.port, ["corrosion/old-dev/detections"], client_id="old-sub")
     agent = AgentProcess(write_config(tmp_path / "a.toml", settings), "--exit-when-done")
     assert agent.wait(60) == 0, agent.text()

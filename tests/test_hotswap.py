@@ -112,7 +112,6 @@ def test_hot_swap_under_load_then_offline_boot(
     for m in by_frame:  # every frame is classified wholly by the model it names
         expected = detectors[m.model.version].analyse(images[m.frame_index]).corrosion_pct
         assert m.corrosion_pct == round(expected, 4), (m.frame_index, m.model.version)
-    assert len({m.corrosion_pct for m in by_frame if m.frame_index == 0}) == 1
     differs = sum(
         detectors["2.0.0"].analyse(images[i]).corrosion_pct
         != detectors["3.0.0"].analyse(images[i]).corrosion_pct

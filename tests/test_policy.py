@@ -100,7 +100,7 @@ def test_near_identical_frames_are_captured_once() -> None:
     assert p.decide(analysis(9.0), frame(140)) is not None  # a snapshot is always taken
 
 
-@pytest.mark.parametrize("enabled", [True])
-def test_bucket_required_when_enabled(enabled: bool) -> None:
+def test_bucket_required_when_enabled() -> None:
     with pytest.raises(ValueError, match="bucket is required"):
-        UploadConfig(enabled=enabled)
+        UploadConfig(enabled=True)
+    assert UploadConfig(enabled=False).bucket == ""

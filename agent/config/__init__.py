@@ -38,6 +38,7 @@ __all__ = [
     "TlsConfig",
     "UploadConfig",
     "commented_defaults",
+    "toml_value",
 ]
 
 
@@ -139,13 +140,14 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
             base[key] = value
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """A TOML literal for a config value (strings as JSON strings, which TOML reads)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return json.dumps(str(value))
 
 
@@ -165,7 +167,7 @@ def _render(area: BaseModel, table: str, out: list[str]) -> None:
         elif value is None:
             out.append(f"# {name} =  # default: unset")
         else:
-            out.append(f"{name} = {_toml_value(value)}")
+            out.append(f"{name} = {toml_value(value)}")
     for path, sub in nested:
         _render(sub, path, out)
 

@@ -12,6 +12,7 @@ One module per part: `common` (version, field types), `manifest` (the model mani
 
 from agent.contract.common import CONTRACT_VERSION, Strict, describe
 from agent.contract.manifest import (
+    MANIFEST_FILE,
     Decision,
     FileRef,
     GoldenSample,
@@ -37,6 +38,7 @@ from agent.contract.schemas import json_schemas, write_schemas
 
 __all__ = [
     "CONTRACT_VERSION",
+    "MANIFEST_FILE",
     "ChannelName",
     "ChannelPointer",
     "Decision",

@@ -169,6 +169,10 @@ class Signature(Strict):
     value: str = Field(description="Base64 signature")
 
 
+MANIFEST_FILE = "manifest.json"
+"""Name of the manifest in a model folder, on disk and in the registry."""
+
+
 def _class_names() -> dict[Literal["0", "1"], str]:
     return {"0": "clean", "1": "corroded"}
 

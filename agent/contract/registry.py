@@ -31,8 +31,7 @@ from agent.contract.common import (
     Strict,
     describe,
 )
-
-MANIFEST_FILE = "manifest.json"
+from agent.contract.manifest import MANIFEST_FILE
 
 ChannelName = Annotated[
     str,

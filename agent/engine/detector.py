@@ -104,8 +104,11 @@ class Detector:
     @property
     def threshold(self) -> float:
         """Flag threshold in force: the config's (or a command's) override, else the model's."""
+        return self._threshold_of(self._model)
+
+    def _threshold_of(self, model: ServingModel) -> float:
         override = self.config.flag_pct
-        return override if override is not None else self._model.manifest.decision.flag_pct
+        return override if override is not None else model.manifest.decision.flag_pct
 
     def swap(self, model: ServingModel) -> ServingModel:
         """Serve `model` from the next frame on; returns the one it replaced.
@@ -139,8 +142,7 @@ class Detector:
         mask = corroded_mask(scores)
         pct = 100.0 * cv2.countNonZero(mask) / float(width * height)
         regions = find_regions(mask, full, **grouping_of(cfg))
-        override = cfg.flag_pct
-        threshold = override if override is not None else model.manifest.decision.flag_pct
+        threshold = self._threshold_of(model)
         return Analysis(
             mask=mask,
             corrosion_pct=pct,

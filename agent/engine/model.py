@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from agent.contract import ModelManifest
+from agent.contract import MANIFEST_FILE, ModelManifest
 from agent.engine.onnxproto import Attribute, parse_nodes
 
 TREE_OP = "TreeEnsembleClassifier"
@@ -25,7 +25,6 @@ POST_TRANSFORM = {
     "multi:softmax": "NONE",
 }
 PROBABILITY_TOLERANCE = 1e-5
-MANIFEST = "manifest.json"
 
 
 class ModelError(ValueError):
@@ -56,9 +55,9 @@ def verify_file(path: Path, size: int, sha256: str, what: str) -> None:
 def resolve_manifest(model: Path) -> Path:
     """MODEL may be a manifest, a folder holding one, or an .onnx with its manifest beside it."""
     if model.is_dir():
-        model = model / MANIFEST
+        model = model / MANIFEST_FILE
     elif model.suffix == ".onnx":
-        model = model.with_name(MANIFEST)
+        model = model.with_name(MANIFEST_FILE)
     if not model.is_file():
         raise ModelError(f"{model}: no model manifest here")
     return model
