@@ -95,6 +95,8 @@ evaluate: model
 	  --csv $(DATA)/aws-rust-detection/validation.csv --json > $(EVAL)/results/pixels-aws-payload.json
 	$(CE) evaluate cv-images --data $(DATA) --json --report $(EVAL)/report > $(EVAL)/results/cv-images.json
 	$(CE) evaluate cv-boxes --data $(DATA) --json --report $(EVAL)/report > $(EVAL)/results/cv-boxes.json
+	$(CE) evaluate cv-images --data $(DATA) --no-image-rule --json \
+	  > $(EVAL)/results/cv-images-no-rule.json
 	$(CE) evaluate cv-images --data $(DATA) --outside-pixels 3000 --json \
 	  > $(EVAL)/results/cv-images-outside-3000.json
 	$(CE) evaluate cv-boxes --data $(DATA) --outside-pixels 3000 --json \

@@ -21,7 +21,17 @@ from agent.contract import DetectionMessage
 from agent.engine.detector import Analysis, Detector
 from agent.engine.overlay import render
 
-CSV_FIELDS = ("file", "corrosion_pct", "flagged", "regions", "width", "height", "model", "version")
+CSV_FIELDS = (
+    "file",
+    "corrosion_pct",
+    "flagged",
+    "rust_probability",  # empty unless the model's image rule decided
+    "regions",
+    "width",
+    "height",
+    "model",
+    "version",
+)
 
 
 @dataclass
@@ -104,6 +114,7 @@ def _row(name: str, a: Analysis) -> list[str]:
         name,
         f"{a.corrosion_pct:.4f}",
         str(a.flagged).lower(),
+        "" if a.rust_probability is None else f"{a.rust_probability:.4f}",
         str(len(a.regions)),
         str(a.frame_size.width),
         str(a.frame_size.height),

@@ -34,8 +34,9 @@ def _detector(args: argparse.Namespace) -> Detector:
 
 def _line(name: str, a: Analysis) -> str:
     flag = "FLAGGED" if a.flagged else "ok"
+    rust = "" if a.rust_probability is None else f" (P(rust) {a.rust_probability:.2f})"
     return (
-        f"{name}: {a.corrosion_pct:6.2f}% corroded  {flag:7s}  {len(a.regions)} regions  "
+        f"{name}: {a.corrosion_pct:6.2f}% corroded  {flag:7s}{rust}  {len(a.regions)} regions  "
         f"{a.frame_size.width}x{a.frame_size.height}  {a.elapsed_ms:.1f} ms"
     )
 

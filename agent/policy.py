@@ -104,7 +104,10 @@ class Policy:
             reasons.append("snapshot")
         if analysis.flagged:
             reasons.append("flagged")
-        near = abs(analysis.corrosion_pct - analysis.threshold) <= cfg.near_pct
+        if analysis.rust_probability is not None and analysis.rust_threshold is not None:
+            near = abs(analysis.rust_probability - analysis.rust_threshold) <= cfg.near_probability
+        else:
+            near = abs(analysis.corrosion_pct - analysis.threshold) <= cfg.near_pct
         if near or analysis.uncertain_pct >= cfg.uncertain_pct:
             reasons.append("near_threshold")
         if not analysis.flagged and self._rng.random() < cfg.sample_fraction:

@@ -41,6 +41,8 @@ def _recipe(args: argparse.Namespace) -> Recipe:
         recipe = replace(recipe, long_side=args.long_side)
     if args.outside_pixels is not None:
         recipe = replace(recipe, outside_pixels=args.outside_pixels)
+    if args.no_image_rule:
+        recipe = replace(recipe, image_rule=False)
     return recipe
 
 
@@ -110,6 +112,12 @@ def _source_flags(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="clean pixels sampled outside the boxes of each boxed photo (default 250; more "
         "tightens the mask to the boxes at some cost in image accuracy, see bench/ACCURACY.md)",
+    )
+    p.add_argument(
+        "--no-image-rule",
+        action="store_true",
+        help="flag photos by their corrosion %% alone, without the image rule "
+        "(agent/engine/imagerule.py; see bench/ACCURACY.md)",
     )
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="XGBoost hyperparameter"

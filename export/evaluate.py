@@ -17,6 +17,7 @@ import numpy as np
 
 from agent.config import ClassifierConfig
 from agent.contract import Decision, Provenance
+from agent.engine import imagerule
 from agent.engine.classifier import load_model
 from agent.engine.detector import Detector
 from agent.engine.model import PixelModel, resolve_manifest
@@ -30,12 +31,14 @@ from export.recipe import (
     choose_decision,
     data_sha256,
     fit,
+    frame_statistics,
     group_folds,
     image_files,
     image_metrics,
-    image_pcts,
+    image_pct,
     load_photos,
     log,
+    probability_maps,
     sha256,
     training_rows,
 )
@@ -124,11 +127,16 @@ def evaluate_images(model_path: Path, rust_dir: Path, norust_dir: Path) -> dict[
     paths = rusty + clean
     rust = np.array([True] * len(rusty) + [False] * len(clean))
     pcts, flagged = np.empty(len(paths)), np.empty(len(paths), bool)
+    probabilities: list[float | None] = []
     for i, path in enumerate(paths):
         analysis = detector.analyse(read(path).image)
         pcts[i], flagged[i] = analysis.corrosion_pct, analysis.flagged
+        probabilities.append(analysis.rust_probability)
     detector.close()
     result = _image_result("images", pcts, rust, flagged, paths)
+    for record, p in zip(result["per_image"], probabilities, strict=True):
+        if p is not None:
+            record["rust_probability"] = round(p, 4)
     groups = [sha256(p) for p in paths]
     return {
         "model": detector.model.manifest.name,
@@ -148,25 +156,44 @@ def evaluate_boxes(model_path: Path, voc: Path) -> dict[str, Any]:
 
 def cv_images(sources: Sources, recipe: Recipe, *, outer: int = 5) -> dict[str, Any]:
     """Nested CV of the texture recipe: outer folds by photo group; in each, the decision
-    is chosen by inner CV on the outer-training photos alone, then applied to the held-out
-    fold with the model trained on all outer-training photos."""
+    (flag % and image rule) is chosen by inner CV on the outer-training photos alone, then
+    applied to the held-out fold with the model trained on all outer-training photos."""
     photos = load_photos(sources, recipe)
     rust = np.array([p.rust for p in photos])
     folds = group_folds([p.group for p in photos], rust.tolist(), outer, recipe.seed + 1000)
-    pcts, flags = np.empty(len(photos)), np.empty(len(photos))
+    pcts, flagged = np.empty(len(photos)), np.empty(len(photos), bool)
+    extra: list[dict[str, Any]] = [{} for _ in photos]
     for k in range(outer):
         train = [p for p, f in zip(photos, folds, strict=True) if f != k]
-        held = np.flatnonzero(folds == k)
-        decision, _ = choose_decision(train, recipe, recipe.seed + 100 * k)
+        held = np.flatnonzero(folds == k).tolist()
+        decision = choose_decision(train, recipe, recipe.seed + 100 * k).decision
         booster = fit(train, recipe, recipe.seed + 100 * k)
-        pcts[held] = image_pcts(booster, [photos[i] for i in held.tolist()], recipe.pixel_threshold)
-        flags[held] = decision.flag_pct
-        done = image_metrics(pcts[held] >= flags[held], rust[held])
-        log(f"outer fold {k}: flag_pct {decision.flag_pct}, accuracy {done['accuracy']:.3f}")
-    result = _image_result("cv-images", pcts, rust, pcts >= flags, [p.path for p in photos])
-    for record, fold, flag in zip(result["per_image"], folds, flags, strict=True):
-        record.update(fold=int(fold), flag_pct=float(flag))
-    return {"outer_folds": outer, "inner_folds": recipe.folds, "groups": _groups(photos), **result}
+        shown = [photos[i] for i in held]
+        maps = probability_maps(booster, shown)
+        stats = frame_statistics(shown, maps, recipe.pixel_threshold)
+        rule = decision.image_rule
+        for j, i in enumerate(held):
+            pcts[i] = image_pct(photos[i], maps[j], recipe.pixel_threshold)
+            extra[i] = {"fold": k, "flag_pct": decision.flag_pct}
+            if rule is None:
+                flagged[i] = pcts[i] >= decision.flag_pct
+                continue
+            p = imagerule.probability(rule, stats[j])
+            flagged[i] = p >= rule.threshold
+            extra[i] |= {"rust_probability": round(p, 4), "rule_threshold": rule.threshold}
+        done = image_metrics(flagged[held], rust[held])
+        chosen = f"flag_pct {decision.flag_pct}" if rule is None else f"rule P >= {rule.threshold}"
+        log(f"outer fold {k}: {chosen}, accuracy {done['accuracy']:.3f}")
+    result = _image_result("cv-images", pcts, rust, flagged, [p.path for p in photos])
+    for record, more in zip(result["per_image"], extra, strict=True):
+        record.update(more)
+    return {
+        "outer_folds": outer,
+        "inner_folds": recipe.folds,
+        "groups": _groups(photos),
+        "decided_by": "image rule" if recipe.image_rule else "corrosion %",
+        **result,
+    }
 
 
 def _groups(photos: Sequence[Photo]) -> int:

@@ -18,11 +18,19 @@ Texture recipe (`make model`, `corrosion-export recipe texture`), from the photo
 - XGBoost binary:logistic, hist, 150 trees of depth 5, eta 0.3, subsample 0.8,
   min_child_weight 5: as accurate in CV as 200 trees of depth 6 (within fold noise) and
   fast enough to serve (the trees are nearly the whole cost of a frame).
-- Decision: a pixel is corroded at P >= 0.5; a photo is flagged at a corrosion % chosen on
-  out-of-fold percentages of the training photos (5 folds by photo group, stratified by
-  class): the Bayes rule of a logistic fit of P(rust | log(1 + %)) with a missed rust photo
-  costing 2 false alarms (missing rust costs an inspector more than a second look). The %
-  is computed exactly as the device computes it (agent.engine.classifier.frame_scores).
+- Decision: a pixel is corroded at P >= 0.5. A photo is flagged by the image rule
+  (agent/engine/imagerule.py): a logistic regression over 86 statistics of the frame (10th,
+  50th and 90th percentiles of each feature, log(1 + corrosion %), mean P, and the
+  P-weighted mean of each feature: what the pixels called rust look like), fitted on
+  out-of-fold probability maps of the training photos (5 folds by photo group, stratified
+  by class), its ridge penalty chosen by inner CV log-loss, its threshold recall-first: the
+  lowest out-of-fold P(rust) of any training rust photo (export/imagerule.py). Why: per
+  pixel, brick, sandstone and reddish paint look like rust, and no % threshold separates
+  them from rust photos with little rust; the statistics do much better.
+- The manifest also carries a flag % (used when an operator sets a % or with
+  `--no-image-rule`): the Bayes rule of a logistic fit of P(rust | log(1 + %)) on the same
+  out-of-fold percentages, a missed rust photo costing 2 false alarms. The % is computed
+  exactly as the device computes it (agent.engine.classifier.frame_scores).
 - Serving: every 2nd working pixel each way (stride 2), scores interpolated in between.
 
 The settings were chosen by cross-validation on training photos only; no test set exists
@@ -49,16 +57,19 @@ import xgboost as xgb
 
 from agent import __version__
 from agent.contract import Decision, Provenance
+from agent.engine import imagerule
 from agent.engine.classifier import frame_scores
 from agent.engine.features import FeaturePipeline, texture_features
 from agent.engine.table import CORRODED
 from agent.imageio import ImageError, read
 from export.convert import export_model
 from export.datasets import DatasetError
+from export.imagerule import fit_rule
 from export.train import xgb_params
 from export.voc import IMAGE_SUFFIXES, Annotation, VocError, box_problem, parse
 
 F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
 TEXTURE_PARAMS: dict[str, Any] = {
     "objective": "binary:logistic",
     "num_round": 150,
@@ -88,6 +99,7 @@ class Recipe:
     clean_pixels: int = 1500
     pixel_threshold: float = 0.5
     miss_cost: float = 2.0
+    image_rule: bool = True
     folds: int = 5
     seed: int = 0
     threads: int = 0
@@ -269,15 +281,23 @@ def fit(photos: Sequence[Photo], recipe: Recipe, seed: int) -> xgb.Booster:
     return xgb.train(params, xgb.DMatrix(x, label=y), rounds)
 
 
-def image_pcts(booster: xgb.Booster, photos: Sequence[Photo], threshold: float) -> np.ndarray:
-    """Corrosion % of each photo as the device computes it, with xgboost's trees."""
-    out = np.empty(len(photos))
-    for i, p in enumerate(photos):
-        proba = np.asarray(booster.inplace_predict(p.grid), np.float32)
-        labels = (proba >= np.float32(threshold)).astype(np.uint8)
-        scores = frame_scores(labels, proba, threshold, p.grid_shape, p.size)
-        out[i] = 100.0 * np.count_nonzero(scores >= CORRODED) / scores.size
-    return out
+def probability_maps(booster: xgb.Booster, photos: Sequence[Photo]) -> list[F32]:
+    """P(corroded) at each photo's classified points, with xgboost's trees."""
+    return [np.asarray(booster.inplace_predict(p.grid), np.float32) for p in photos]
+
+
+def image_pct(photo: Photo, proba: F32, threshold: float) -> float:
+    """Corrosion % of a photo as the device computes it from its classified points."""
+    labels = (proba >= np.float32(threshold)).astype(np.uint8)
+    scores = frame_scores(labels, proba, threshold, photo.grid_shape, photo.size)
+    return 100.0 * np.count_nonzero(scores >= CORRODED) / scores.size
+
+
+def frame_statistics(photos: Sequence[Photo], maps: Sequence[F32], threshold: float) -> F64:
+    """The image rule's statistics of each photo (agent.engine.imagerule, as on a device)."""
+    return np.array(
+        [imagerule.statistics(p.grid, m, threshold) for p, m in zip(photos, maps, strict=True)]
+    )
 
 
 def choose_flag_pct(pcts: np.ndarray, rust: np.ndarray, miss_cost: float) -> float:
@@ -324,25 +344,53 @@ def image_metrics(flagged: np.ndarray, rust: np.ndarray) -> dict[str, float]:
     }
 
 
-def oof_pcts(photos: Sequence[Photo], recipe: Recipe, seed: int) -> np.ndarray:
-    """Out-of-fold corrosion % of every photo (folds by group)."""
+def oof_maps(photos: Sequence[Photo], recipe: Recipe, seed: int) -> list[F32]:
+    """Out-of-fold probability maps of every photo (folds by group)."""
     folds = group_folds([p.group for p in photos], [p.rust for p in photos], recipe.folds, seed)
-    out = np.empty(len(photos))
+    out: list[F32] = [np.empty(0, np.float32)] * len(photos)
     for k in range(recipe.folds):
-        held = np.flatnonzero(folds == k)
+        held = np.flatnonzero(folds == k).tolist()
         booster = fit([p for p, f in zip(photos, folds, strict=True) if f != k], recipe, seed + k)
-        out[held] = image_pcts(booster, [photos[i] for i in held.tolist()], recipe.pixel_threshold)
+        for i, m in zip(held, probability_maps(booster, [photos[i] for i in held]), strict=True):
+            out[i] = m
     return out
 
 
-def choose_decision(
-    photos: Sequence[Photo], recipe: Recipe, seed: int
-) -> tuple[Decision, np.ndarray]:
-    """The image decision from out-of-fold percentages of these (training) photos only."""
-    pcts = oof_pcts(photos, recipe, seed)
+@dataclass(frozen=True)
+class Chosen:
+    """The image decision and the out-of-fold figures it was chosen on."""
+
+    decision: Decision
+    pcts: np.ndarray  # out-of-fold corrosion % of each photo
+    probabilities: np.ndarray | None  # out-of-fold P(rust) of the image rule, if any
+
+    def flags(self) -> np.ndarray:
+        """Out-of-fold flags: what the decision says of photos its models did not see.
+
+        With an image rule, its threshold was set on these same probabilities (recall-first),
+        so their rust recall is 1 by construction; export.evaluate's nested CV is the honest
+        figure.
+        """
+        rule = self.decision.image_rule
+        if rule is None or self.probabilities is None:
+            return np.asarray(self.pcts >= self.decision.flag_pct)
+        return np.asarray(self.probabilities >= rule.threshold)
+
+
+def choose_decision(photos: Sequence[Photo], recipe: Recipe, seed: int) -> Chosen:
+    """The image decision from out-of-fold maps of these (training) photos only."""
+    maps = oof_maps(photos, recipe, seed)
+    threshold = recipe.pixel_threshold
+    pcts = np.array([image_pct(p, m, threshold) for p, m in zip(photos, maps, strict=True)])
     rust = np.array([p.rust for p in photos])
     flag = choose_flag_pct(pcts, rust, recipe.miss_cost)
-    return Decision(pixel_threshold=recipe.pixel_threshold, flag_pct=flag), pcts
+    if not recipe.image_rule:
+        return Chosen(Decision(pixel_threshold=threshold, flag_pct=flag), pcts, None)
+    stats = frame_statistics(photos, maps, threshold)
+    folds = group_folds([p.group for p in photos], rust.tolist(), recipe.folds, seed + 1)
+    rule, probabilities = fit_rule(stats, rust, recipe.features, folds)
+    decision = Decision(pixel_threshold=threshold, flag_pct=flag, image_rule=rule)
+    return Chosen(decision, pcts, probabilities)
 
 
 def data_sha256(x: np.ndarray, y: np.ndarray) -> str:
@@ -357,10 +405,16 @@ def build_texture(
     """The recommended model into `out` (manifest, ONNX, recipe.json); returns the manifest."""
     start = time.perf_counter()
     photos = load_photos(sources, recipe)
-    decision, pcts = choose_decision(photos, recipe, recipe.seed)
+    chosen = choose_decision(photos, recipe, recipe.seed)
+    decision = chosen.decision
     rust = np.array([p.rust for p in photos])
-    cv = image_metrics(pcts >= decision.flag_pct, rust)
-    log(f"flag_pct {decision.flag_pct} from {recipe.folds}-fold CV: {json.dumps(cv)}")
+    cv = image_metrics(chosen.flags(), rust)
+    rule = decision.image_rule
+    log(
+        f"flag_pct {decision.flag_pct}"
+        + ("" if rule is None else f", image rule threshold {rule.threshold}")
+        + f" from {recipe.folds}-fold CV: {json.dumps(cv)}"
+    )
     booster = fit(photos, recipe, recipe.seed)
     x, y = training_rows(photos)
     manifest = export_model(
@@ -376,8 +430,9 @@ def build_texture(
             trainer=f"corrosion-export {__version__} recipe texture",
             notes=(
                 f"{len(photos)} photos of {sources.rust.parent}; {len(y)} pixel rows; "
-                f"flag_pct chosen on {recipe.folds}-fold out-of-fold image % (metrics are "
-                "those out-of-fold figures, threshold chosen on them); see export/recipe.py"
+                f"flag_pct and image rule chosen on {recipe.folds}-fold out-of-fold maps "
+                "(metrics are those out-of-fold figures, thresholds chosen on them); see "
+                "export/recipe.py"
             ),
         ),
         pipeline=recipe.pipeline,
@@ -391,7 +446,9 @@ def build_texture(
         "cv": cv,
         "photos": [
             {"path": str(p.path), "rust": p.rust, "boxed": p.boxed, "oof_pct": round(float(v), 4)}
-            for p, v in zip(photos, pcts, strict=True)
+            | ({} if chosen.probabilities is None else {"oof_p": round(float(q), 4)})
+            for i, (p, v) in enumerate(zip(photos, chosen.pcts, strict=True))
+            for q in [0.0 if chosen.probabilities is None else chosen.probabilities[i]]
         ],
         "seconds": round(time.perf_counter() - start, 1),
     }

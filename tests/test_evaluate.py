@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -84,9 +85,15 @@ def test_images_use_the_detector_and_the_manifest_decision(
 def test_nested_cv_records_each_fold_decision(layout: Sources) -> None:
     r = evaluate.cv_images(layout, TINY, outer=2)
     assert r["images"] == len(r["per_image"]) and r["groups"] == r["images"] - 1
+    assert r["decided_by"] == "image rule"
     for image in r["per_image"]:
-        assert image["flagged"] == (image["pct"] >= image["flag_pct"])
+        assert image["flagged"] == (image["rust_probability"] >= image["rule_threshold"])
     assert {i["fold"] for i in r["per_image"]} == {0, 1}
+    r = evaluate.cv_images(layout, replace(TINY, image_rule=False), outer=2)
+    assert r["decided_by"] == "corrosion %"
+    for image in r["per_image"]:
+        assert "rust_probability" not in image
+        assert image["flagged"] == (image["pct"] >= image["flag_pct"])
 
 
 def test_box_cv_trains_without_the_held_out_photos(

@@ -15,12 +15,19 @@ from agent.policy import Policy, RollingLimit
 REF = ModelRef(name="m", version="1.0.0", sha256="0" * 64)
 
 
-def analysis(pct: float, threshold: float = 5.0, uncertain: float = 0.0) -> Analysis:
+def analysis(
+    pct: float,
+    threshold: float = 5.0,
+    uncertain: float = 0.0,
+    rule: tuple[float, float] | None = None,  # P(rust), the rule's threshold
+) -> Analysis:
     return Analysis(
         mask=np.zeros((4, 4), np.uint8),
         corrosion_pct=pct,
         uncertain_pct=uncertain,
-        flagged=pct >= threshold,
+        flagged=pct >= threshold if rule is None else rule[0] >= rule[1],
+        rust_probability=None if rule is None else rule[0],
+        rust_threshold=None if rule is None else rule[1],
         threshold=threshold,
         regions=(),
         frame_size=Size(width=4, height=4),
@@ -54,6 +61,16 @@ def test_categories_and_priority() -> None:
     d = p.decide(analysis(5.5), frame(40))
     assert d is not None and d.category == "snapshot" and d.note == "look here"
     assert d.reasons == ("snapshot", "flagged", "near_threshold")
+
+
+def test_near_threshold_with_an_image_rule_is_near_its_probability() -> None:
+    p = Policy(unlimited(near_pct=1.0, near_probability=0.1))
+    # the % is at its threshold, but the rule decides: far below its threshold is not near
+    assert p.decide(analysis(5.0, rule=(0.1, 0.5)), frame(0)) is None
+    d = p.decide(analysis(0.0, rule=(0.45, 0.5)), frame(60))
+    assert d is not None and d.reasons == ("near_threshold",)
+    d = p.decide(analysis(0.0, rule=(0.55, 0.5)), frame(120))
+    assert d is not None and d.reasons == ("flagged", "near_threshold")
 
 
 def test_sample_fraction() -> None:

@@ -143,4 +143,18 @@ def test_make_model_smoke(layout: Sources, tmp_path: Path) -> None:
     model = load_model(out / "manifest.json")
     assert isinstance(model, FeatureModel)
     analysis = Detector(model).analyse(make_scene(np.random.default_rng(99), 192, 144).image)
-    assert analysis.flagged == (analysis.corrosion_pct >= manifest.decision.flag_pct)
+    rule = manifest.decision.image_rule
+    assert rule is not None and analysis.rust_probability is not None
+    assert analysis.flagged == (analysis.rust_probability >= rule.threshold)
+    assert all("oof_p" in p for p in record["photos"])
+    bare = tmp_path / "bare"
+    flags = [*dirs, "--out", str(bare), "--no-image-rule", *TINY_FLAGS]
+    assert export_main(["recipe", "texture", *flags]) == 0
+    plain = ModelManifest.read(bare / "manifest.json")
+    assert plain.decision.image_rule is None
+    assert "image_rule" not in json.loads((bare / "manifest.json").read_text())["decision"]
+    analysis = Detector(load_model(bare / "manifest.json")).analyse(
+        make_scene(np.random.default_rng(99), 192, 144).image
+    )
+    assert analysis.rust_probability is None
+    assert analysis.flagged == (analysis.corrosion_pct >= plain.decision.flag_pct)

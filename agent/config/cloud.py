@@ -115,6 +115,12 @@ class UploadConfig(Area):
     near_pct: float = Field(
         default=1.0, ge=0.0, le=100.0, description="Near threshold: image % within this of it"
     )
+    near_probability: float = Field(
+        default=0.1,
+        ge=0.0,
+        le=1.0,
+        description="Near threshold, for a model with an image rule: P(rust) within this of it",
+    )
     uncertain_pct: float = Field(
         default=5.0,
         ge=0.0,

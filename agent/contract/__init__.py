@@ -16,11 +16,13 @@ from agent.contract.manifest import (
     Decision,
     FileRef,
     GoldenSample,
+    ImageRule,
     InputSpec,
     ModelManifest,
     OutputSpec,
     Provenance,
     Signature,
+    statistic_names,
 )
 from agent.contract.messages import DetectionMessage, Gps, ModelRef, Region, Size
 from agent.contract.registry import (
@@ -46,6 +48,7 @@ __all__ = [
     "FileRef",
     "GoldenSample",
     "Gps",
+    "ImageRule",
     "InputSpec",
     "ModelManifest",
     "ModelRef",
@@ -63,6 +66,7 @@ __all__ = [
     "json_schemas",
     "manifest_key",
     "models_prefix",
+    "statistic_names",
     "version_prefix",
     "write_schemas",
 ]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AwareDatetime,
@@ -138,14 +140,70 @@ class GoldenSample(_OmitsUnset):
         return self
 
 
-class Decision(Strict):
+IMAGE_QUANTILES = (10, 50, 90)
+IMAGE_OVERALL = ("log1p_pct", "mean_p")
+"""Statistics of the probabilities alone: log(1 + % of classified points with P >= the
+pixel threshold) and the mean P."""
+
+
+def statistic_names(features: Sequence[str]) -> tuple[str, ...]:
+    """The statistics an image rule reads of a frame classified on `features`, in order.
+
+    `q{N}:{feature}` is the N-th percentile of the feature over the frame's classified
+    points; `pmean:{feature}` its mean weighted by each point's P(corroded). The numbers
+    are computed by agent.engine.imagerule.
+    """
+    quantiles = tuple(f"q{q}:{f}" for q in IMAGE_QUANTILES for f in features)
+    return quantiles + IMAGE_OVERALL + tuple(f"pmean:{f}" for f in features)
+
+
+class ImageRule(Strict):
+    """A logistic regression over frame statistics that flags a frame (contract 1.2).
+
+    The statistics are those agent.engine.imagerule computes from a feature model's rows
+    and pixel probabilities, named in its order; each is centred and scaled, then weighted.
+    """
+
+    statistics: tuple[str, ...] = Field(
+        min_length=1, description="Names of the statistics, in agent.engine.imagerule's order"
+    )
+    center: tuple[float, ...] = Field(description="Subtracted from each statistic")
+    scale: tuple[Annotated[float, Field(gt=0.0)], ...] = Field(
+        description="Each centred statistic is divided by this"
+    )
+    weights: tuple[float, ...] = Field(description="Logistic weight of each scaled statistic")
+    intercept: float = Field(description="Logistic intercept")
+    threshold: Unit = Field(description="A frame is flagged when P(rust) >= this")
+
+    @model_validator(mode="after")
+    def _aligned(self) -> ImageRule:
+        n = len(self.statistics)
+        if not len(self.center) == len(self.scale) == len(self.weights) == n:
+            raise ValueError(
+                f"{n} statistics but {len(self.center)} centres, {len(self.scale)} scales "
+                f"and {len(self.weights)} weights"
+            )
+        if not all(math.isfinite(v) for v in (*self.center, *self.weights, self.intercept)):
+            raise ValueError("centres, weights and intercept must be finite")
+        return self
+
+
+class Decision(_OmitsUnset):
     """How pixel scores become a pixel label and pixel labels become an image flag."""
+
+    _omit_when_none = ("image_rule",)
 
     pixel_threshold: float = Field(
         default=0.5, gt=0.0, lt=1.0, description="A pixel is corroded when P(corroded) >= this"
     )
     flag_pct: Percent = Field(
-        default=5.0, description="An image is flagged when its corrosion % >= this"
+        default=5.0,
+        description="An image is flagged when its corrosion % >= this (when there is no "
+        "image_rule, or an operator's flag % overrides it)",
+    )
+    image_rule: ImageRule | None = Field(
+        default=None,
+        description="Feature models: flags a frame by its statistics instead of its % alone",
     )
 
 
@@ -232,9 +290,21 @@ class ModelManifest(_OmitsUnset):
         if self.features is None:
             if any(g.features is not None for g in self.golden):
                 raise ValueError("golden samples of a colour model carry no features")
+            if self.decision.image_rule is not None:
+                raise ValueError("decision.image_rule needs a feature model")
             return
         if self.table is not None:
             raise ValueError("a feature model has no colour table")
+        rule = self.decision.image_rule
+        if rule is not None:
+            if rule.statistics != statistic_names(self.input.features):
+                raise ValueError(
+                    "decision.image_rule.statistics must be agent.engine.imagerule's "
+                    f"statistics of input.features ({len(statistic_names(self.input.features))} "
+                    f"names), got {len(rule.statistics)}"
+                )
+            if self.output.kind != "probabilities":
+                raise ValueError("decision.image_rule needs a model with probabilities")
         if any(g.features is None or len(g.features) != width for g in self.golden):
             raise ValueError(f"golden samples of a feature model must carry {width} features")
 

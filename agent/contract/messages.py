@@ -15,6 +15,7 @@ from agent.contract.common import (
     SemVer,
     Sha256,
     Strict,
+    Unit,
     utc_now,
 )
 
@@ -68,8 +69,16 @@ class DetectionMessage(Strict):
     )
     model: ModelRef = Field(description="Model that classified the frame")
     corrosion_pct: Percent = Field(description="Corroded pixels, % of the analysed frame")
-    flagged: bool = Field(description="corrosion_pct >= threshold")
-    threshold: Percent = Field(description="Flag threshold in force, %")
+    flagged: bool = Field(
+        description="rust_probability >= the model's image rule threshold when there is a "
+        "rust_probability, else corrosion_pct >= threshold"
+    )
+    rust_probability: Unit | None = Field(
+        default=None,
+        description="P(the frame shows rust) from the model's image rule (contract 1.2); "
+        "None when the corrosion % decides",
+    )
+    threshold: Percent = Field(description="Flag % in force (decides when no rust_probability)")
     regions: tuple[Region, ...] = Field(default=(), description="Corroded regions, largest first")
     frame_size: Size = Field(description="Size of the frame as captured")
     analysis_size: Size = Field(description="Size at which it was classified")

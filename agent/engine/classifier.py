@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 
 from agent.contract import ModelManifest, ModelRef
+from agent.engine import imagerule
 from agent.engine.features import RGB_FEATURES, FeatureError, FeaturePipeline, expand
 from agent.engine.model import ModelError, PixelModel
 from agent.engine.table import CORRODED, SIZE, load_table, scores_from
@@ -96,6 +97,14 @@ def corroded_mask(scores: np.ndarray) -> np.ndarray:
     return scores
 
 
+@dataclass(frozen=True)
+class Classified:
+    """A frame's pixel scores and, when the model has an image rule, P(the frame shows rust)."""
+
+    scores: np.ndarray  # uint8 HxW; a pixel is corroded where score >= 128
+    rust_probability: float | None = None
+
+
 class ServingModel(Protocol):
     """What the detector and the model updater use of a model, whatever its kind."""
 
@@ -106,6 +115,10 @@ class ServingModel(Protocol):
 
     def scores(self, bgr: np.ndarray) -> np.ndarray:
         """uint8 HxW scores of an HxWx3 BGR frame; a pixel is corroded where score >= 128."""
+        ...
+
+    def classify(self, bgr: np.ndarray) -> Classified:
+        """`scores`, with the image rule's answer where the manifest has one."""
         ...
 
     def close(self) -> None: ...
@@ -152,6 +165,9 @@ class ColourModel:
 
     def scores(self, bgr: np.ndarray) -> np.ndarray:
         return self.classifier.scores(bgr)
+
+    def classify(self, bgr: np.ndarray) -> Classified:
+        return Classified(self.scores(bgr))
 
     def close(self) -> None:
         self.classifier.close()
@@ -208,11 +224,24 @@ class FeatureModel:
 
     def scores(self, bgr: np.ndarray, *, stride: int | None = None) -> np.ndarray:
         """`stride` overrides the manifest's (1 = brute force over every working pixel)."""
+        return self._classify(bgr, stride, rule=False).scores
+
+    def classify(self, bgr: np.ndarray) -> Classified:
+        return self._classify(bgr, None, rule=True)
+
+    def _classify(self, bgr: np.ndarray, stride: int | None, *, rule: bool) -> Classified:
         work = self.pipeline.working(bgr)
-        labels, proba = self.model.predict(self.pipeline.rows(work, stride))
+        rows = self.pipeline.rows(work, stride)
+        labels, proba = self.model.predict(rows)
         shape = self.pipeline.grid_shape(work.shape, stride)
-        threshold = self.manifest.decision.pixel_threshold
-        return frame_scores(labels, proba, threshold, shape, (bgr.shape[1], bgr.shape[0]))
+        decision = self.manifest.decision
+        scores = frame_scores(
+            labels, proba, decision.pixel_threshold, shape, (bgr.shape[1], bgr.shape[0])
+        )
+        if not rule or decision.image_rule is None or proba is None:
+            return Classified(scores)
+        stats = imagerule.statistics(rows, proba, decision.pixel_threshold)
+        return Classified(scores, imagerule.probability(decision.image_rule, stats))
 
     def close(self) -> None:
         """Nothing to release: the session goes with the object."""

@@ -48,6 +48,8 @@ class Analysis:
     corrosion_pct: float
     uncertain_pct: float  # borderline pixels (see BORDERLINE), % of the frame
     flagged: bool
+    rust_probability: float | None  # the image rule's answer; None when the % decides
+    rust_threshold: float | None  # the image rule's threshold, when it decided
     threshold: float
     regions: tuple[Region, ...]
     frame_size: Size
@@ -74,6 +76,9 @@ class Analysis:
             model=self.model,
             corrosion_pct=round(self.corrosion_pct, 4),
             flagged=self.flagged,
+            rust_probability=(
+                None if self.rust_probability is None else round(self.rust_probability, 4)
+            ),
             threshold=self.threshold,
             regions=self.regions,
             frame_size=self.frame_size,
@@ -103,7 +108,11 @@ class Detector:
 
     @property
     def threshold(self) -> float:
-        """Flag threshold in force: the config's (or a command's) override, else the model's."""
+        """Flag % in force: the config's (or a command's) override, else the model's.
+
+        An override also sets the model's image rule aside: an operator who names a % means
+        the % to decide.
+        """
         return self._threshold_of(self._model)
 
     def _threshold_of(self, model: ServingModel) -> float:
@@ -137,17 +146,27 @@ class Detector:
         work = fit_long_side(image, cfg.analysis_long_side)
         height, width = work.shape[:2]
         full = frame_size or (image.shape[1], image.shape[0])
-        scores = model.scores(work)
+        classified = model.classify(work)
+        scores = classified.scores
         borderline = cv2.countNonZero(cv2.inRange(scores, *BORDERLINE))
         mask = corroded_mask(scores)
         pct = 100.0 * cv2.countNonZero(mask) / float(width * height)
         regions = find_regions(mask, full, **grouping_of(cfg))
         threshold = self._threshold_of(model)
+        rule = model.manifest.decision.image_rule
+        probability = None if cfg.flag_pct is not None else classified.rust_probability
+        rust_threshold = None if probability is None or rule is None else rule.threshold
+        if rust_threshold is not None and probability is not None:
+            flagged = probability >= rust_threshold
+        else:
+            flagged = pct >= threshold
         return Analysis(
             mask=mask,
             corrosion_pct=pct,
             uncertain_pct=100.0 * borderline / float(width * height),
-            flagged=pct >= threshold,
+            flagged=flagged,
+            rust_probability=probability,
+            rust_threshold=rust_threshold,
             threshold=threshold,
             regions=regions,
             frame_size=Size(width=full[0], height=full[1]),
