@@ -15,7 +15,7 @@ import xgboost as xgb
 
 from agent.cli import main as agent_main
 from agent.config import ClassifierConfig
-from agent.contract import ImageRule, ModelManifest, statistic_names
+from agent.contract import DetectionMessage, ImageRule, ModelManifest, statistic_names
 from agent.contract.common import utc_now
 from agent.engine import imagerule
 from agent.engine.classifier import FeatureModel, load_model
@@ -32,6 +32,8 @@ from export.recipe import (
     training_rows,
 )
 from export.voc import parse
+from tests.agentproc import AgentProcess, Subscriber, agent_settings, write_config
+from tests.broker import Broker
 from tests.test_features import TINY, _copy, _edit, scene_photo
 
 RULED = replace(TINY, folds=2)
@@ -188,3 +190,26 @@ def test_batch_reports_the_rules_answer(ruled: Ruled, tmp_path: Path) -> None:
     for row in rows:
         flagged = float(row["rust_probability"]) >= threshold
         assert flagged == (row["flagged"] == "true")
+
+
+def test_the_daemon_publishes_the_rules_answer_over_mqtt(
+    ruled: Ruled, tmp_path: Path, broker: Broker
+) -> None:
+    """Over a real Mosquitto: every detection carries P(rust) and is flagged by the rule."""
+    manifest, paths, _ = ruled
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for path in paths:
+        shutil.copy(path, frames)
+    sub = Subscriber(broker.port, ["corrosion/dev-1/#"], client_id="rule")
+    cfg = write_config(tmp_path / "a.toml", agent_settings(tmp_path, manifest, broker.port, frames))
+    agent = AgentProcess(cfg, "--exit-when-done")
+    assert agent.wait(60) == 0, agent.text()
+    assert sub.wait_for(lambda: len(sub.payloads("/detections")) == len(paths))
+    sub.close()
+    rule = ModelManifest.read(manifest).decision.image_rule
+    assert rule is not None
+    for payload in sub.payloads("/detections"):
+        message = DetectionMessage.model_validate(payload)
+        assert message.rust_probability is not None
+        assert message.flagged == (message.rust_probability >= rule.threshold)
