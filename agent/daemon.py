@@ -210,6 +210,7 @@ class Agent:
                 serving=self.detector.model.ref,
                 since=self.model_since,
                 flag_pct=self.detector.threshold,
+                rule_threshold=self.detector.rule_threshold,
                 refused=self.model_refused,
             )
             .model_dump_json()

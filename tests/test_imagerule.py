@@ -209,6 +209,7 @@ def test_the_daemon_publishes_the_rules_answer_over_mqtt(
     sub.close()
     rule = ModelManifest.read(manifest).decision.image_rule
     assert rule is not None
+    assert sub.payloads("/model")[0]["rule_threshold"] == rule.threshold
     for payload in sub.payloads("/detections"):
         message = DetectionMessage.model_validate(payload)
         assert message.rust_probability is not None

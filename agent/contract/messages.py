@@ -156,6 +156,11 @@ class ModelStatus(Strict):
     serving: ModelRef = Field(description="Model classifying frames now")
     since: AwareDatetime = Field(description="When it started serving")
     flag_pct: Percent = Field(description="Flag threshold in force, %")
+    rule_threshold: Unit | None = Field(
+        default=None,
+        description="When the model's image rule decides (contract 1.2): frames are flagged "
+        "at P(rust) >= this, and flag_pct is the fallback an operator may set",
+    )
     refused: str | None = Field(default=None, description="Last model refused, and why")
 
 

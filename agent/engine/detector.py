@@ -115,6 +115,12 @@ class Detector:
         """
         return self._threshold_of(self._model)
 
+    @property
+    def rule_threshold(self) -> float | None:
+        """The image rule's P(rust) threshold when it decides (no operator's % in force)."""
+        rule = self._model.manifest.decision.image_rule
+        return None if rule is None or self.config.flag_pct is not None else rule.threshold
+
     def _threshold_of(self, model: ServingModel) -> float:
         override = self.config.flag_pct
         return override if override is not None else model.manifest.decision.flag_pct
