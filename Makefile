@@ -97,10 +97,10 @@ evaluate: model
 	$(CE) evaluate cv-boxes --data $(DATA) --json --report $(EVAL)/report > $(EVAL)/results/cv-boxes.json
 	$(CE) evaluate cv-images --data $(DATA) --no-image-rule --json \
 	  > $(EVAL)/results/cv-images-no-rule.json
-	$(CE) evaluate cv-images --data $(DATA) --outside-pixels 3000 --json \
-	  > $(EVAL)/results/cv-images-outside-3000.json
-	$(CE) evaluate cv-boxes --data $(DATA) --outside-pixels 3000 --json \
-	  > $(EVAL)/results/cv-boxes-outside-3000.json
+	$(CE) evaluate cv-images --data $(DATA) --outside-pixels 250 --json \
+	  > $(EVAL)/results/cv-images-outside-250.json
+	$(CE) evaluate cv-boxes --data $(DATA) --outside-pixels 250 --json \
+	  > $(EVAL)/results/cv-boxes-outside-250.json
 	$(CE) evaluate images --model build/model --rust $(DATA)/corrosion-detector/rustnorust/validation/rust \
 	  --norust $(DATA)/corrosion-detector/rustnorust/validation/norust --json \
 	  > $(EVAL)/results/images-validation.json

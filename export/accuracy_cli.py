@@ -110,8 +110,8 @@ def _source_flags(p: argparse.ArgumentParser) -> None:
         "--outside-pixels",
         type=int,
         metavar="N",
-        help="clean pixels sampled outside the boxes of each boxed photo (default 250; more "
-        "tightens the mask to the boxes at some cost in image accuracy, see bench/ACCURACY.md)",
+        help="clean pixels sampled outside the boxes of each boxed photo (default 3000; more "
+        "tightens the mask to the annotated boxes, see bench/ACCURACY.md)",
     )
     p.add_argument(
         "--no-image-rule",

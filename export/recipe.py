@@ -11,8 +11,9 @@ Texture recipe (`make model`, `corrosion-export recipe texture`), from the photo
   means), computed on the photo scaled to a 320 px long side by agent.engine.features,
   the code the device runs.
 - Pixels: up to 2,000 inside the boxes of each `objdet/train` photo (rust: every box
-  counts), 250 outside them (clean: such negatives make the mask follow the annotated
-  boxes, see notes/feature-models-and-boxes.md) and 1,500 from each norust photo (clean,
+  counts), 3,000 outside them (clean: such negatives make the mask follow the annotated
+  boxes, see notes/feature-models-and-boxes.md; with the image rule deciding, they no
+  longer cost image accuracy, see the variants) and 1,500 from each norust photo (clean,
   reddish paint included). Rust photos without boxes give no pixels; only the image
   decision sees them.
 - XGBoost binary:logistic, hist, 150 trees of depth 5, eta 0.3, subsample 0.8,
@@ -95,7 +96,7 @@ class Recipe:
     stride: int = 2
     params: Mapping[str, Any] = field(default_factory=lambda: dict(TEXTURE_PARAMS))
     rust_pixels: int = 2000
-    outside_pixels: int = 250
+    outside_pixels: int = 3000
     clean_pixels: int = 1500
     pixel_threshold: float = 0.5
     miss_cost: float = 2.0

@@ -201,15 +201,17 @@ def test_the_daemon_publishes_the_rules_answer_over_mqtt(
     frames.mkdir()
     for path in paths:
         shutil.copy(path, frames)
-    sub = Subscriber(broker.port, ["corrosion/dev-1/#"], client_id="rule")
-    cfg = write_config(tmp_path / "a.toml", agent_settings(tmp_path, manifest, broker.port, frames))
-    agent = AgentProcess(cfg, "--exit-when-done")
+    # a device of its own: the session's broker holds other tests' retained messages
+    sub = Subscriber(broker.port, ["corrosion/ruled/#"], client_id="rule")
+    settings = agent_settings(tmp_path, manifest, broker.port, frames, device="ruled")
+    agent = AgentProcess(write_config(tmp_path / "a.toml", settings), "--exit-when-done")
     assert agent.wait(60) == 0, agent.text()
-    assert sub.wait_for(lambda: len(sub.payloads("/detections")) == len(paths))
+    assert sub.wait_for(lambda: any(p["state"] == "stopped" for p in sub.payloads("/status")))
     sub.close()
+    assert len(sub.payloads("/detections")) == len(paths)
     rule = ModelManifest.read(manifest).decision.image_rule
     assert rule is not None
-    assert sub.payloads("/model")[0]["rule_threshold"] == rule.threshold
+    assert sub.payloads("/model")[-1]["rule_threshold"] == rule.threshold
     for payload in sub.payloads("/detections"):
         message = DetectionMessage.model_validate(payload)
         assert message.rust_probability is not None
