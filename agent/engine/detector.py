@@ -118,7 +118,10 @@ class Detector:
     @property
     def rule_threshold(self) -> float | None:
         """The image rule's P(rust) threshold when it decides (no operator's % in force)."""
-        rule = self._model.manifest.decision.image_rule
+        return self._rule_threshold_of(self._model)
+
+    def _rule_threshold_of(self, model: ServingModel) -> float | None:
+        rule = model.manifest.decision.image_rule
         return None if rule is None or self.config.flag_pct is not None else rule.threshold
 
     def _threshold_of(self, model: ServingModel) -> float:
@@ -159,13 +162,12 @@ class Detector:
         pct = 100.0 * cv2.countNonZero(mask) / float(width * height)
         regions = find_regions(mask, full, **grouping_of(cfg))
         threshold = self._threshold_of(model)
-        rule = model.manifest.decision.image_rule
-        probability = None if cfg.flag_pct is not None else classified.rust_probability
-        rust_threshold = None if probability is None or rule is None else rule.threshold
-        if rust_threshold is not None and probability is not None:
+        rust_threshold = self._rule_threshold_of(model)
+        probability = None if rust_threshold is None else classified.rust_probability
+        if probability is not None and rust_threshold is not None:
             flagged = probability >= rust_threshold
         else:
-            flagged = pct >= threshold
+            flagged, rust_threshold = pct >= threshold, None
         return Analysis(
             mask=mask,
             corrosion_pct=pct,
