@@ -440,17 +440,19 @@ def build_texture(
         sample=x,
         seed=recipe.seed,
     )
+    entries: list[dict[str, Any]] = [
+        {"path": str(p.path), "rust": p.rust, "boxed": p.boxed, "oof_pct": round(float(v), 4)}
+        for p, v in zip(photos, chosen.pcts, strict=True)
+    ]
+    if chosen.probabilities is not None:  # the image rule's out-of-fold P(rust)
+        for entry, q in zip(entries, chosen.probabilities, strict=True):
+            entry["oof_p"] = round(float(q), 4)
     record = {
         "recipe": {k: v for k, v in recipe.__dict__.items() if k != "params"}
         | {"params": dict(recipe.params)},
         "decision": decision.model_dump(),
         "cv": cv,
-        "photos": [
-            {"path": str(p.path), "rust": p.rust, "boxed": p.boxed, "oof_pct": round(float(v), 4)}
-            | ({} if chosen.probabilities is None else {"oof_p": round(float(q), 4)})
-            for i, (p, v) in enumerate(zip(photos, chosen.pcts, strict=True))
-            for q in [0.0 if chosen.probabilities is None else chosen.probabilities[i]]
-        ],
+        "photos": entries,
         "seconds": round(time.perf_counter() - start, 1),
     }
     (out / RECIPE_FILE).write_text(json.dumps(record, indent=2) + "\n")

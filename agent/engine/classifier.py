@@ -117,8 +117,9 @@ class ServingModel(Protocol):
         """uint8 HxW scores of an HxWx3 BGR frame; a pixel is corroded where score >= 128."""
         ...
 
-    def classify(self, bgr: np.ndarray) -> Classified:
-        """`scores`, with the image rule's answer where the manifest has one."""
+    def classify(self, bgr: np.ndarray, *, rule: bool = True) -> Classified:
+        """`scores`, with the image rule's answer where the manifest has one and `rule` asks
+        for it (its statistics cost ~6 ms a frame: skipped when an operator's % decides)."""
         ...
 
     def close(self) -> None: ...
@@ -166,7 +167,7 @@ class ColourModel:
     def scores(self, bgr: np.ndarray) -> np.ndarray:
         return self.classifier.scores(bgr)
 
-    def classify(self, bgr: np.ndarray) -> Classified:
+    def classify(self, bgr: np.ndarray, *, rule: bool = True) -> Classified:
         return Classified(self.scores(bgr))
 
     def close(self) -> None:
@@ -226,8 +227,8 @@ class FeatureModel:
         """`stride` overrides the manifest's (1 = brute force over every working pixel)."""
         return self._classify(bgr, stride, rule=False).scores
 
-    def classify(self, bgr: np.ndarray) -> Classified:
-        return self._classify(bgr, None, rule=True)
+    def classify(self, bgr: np.ndarray, *, rule: bool = True) -> Classified:
+        return self._classify(bgr, None, rule=rule)
 
     def _classify(self, bgr: np.ndarray, stride: int | None, *, rule: bool) -> Classified:
         work = self.pipeline.working(bgr)

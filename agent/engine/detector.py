@@ -155,15 +155,15 @@ class Detector:
         work = fit_long_side(image, cfg.analysis_long_side)
         height, width = work.shape[:2]
         full = frame_size or (image.shape[1], image.shape[0])
-        classified = model.classify(work)
+        rust_threshold = self._rule_threshold_of(model)
+        classified = model.classify(work, rule=rust_threshold is not None)
         scores = classified.scores
         borderline = cv2.countNonZero(cv2.inRange(scores, *BORDERLINE))
         mask = corroded_mask(scores)
         pct = 100.0 * cv2.countNonZero(mask) / float(width * height)
         regions = find_regions(mask, full, **grouping_of(cfg))
         threshold = self._threshold_of(model)
-        rust_threshold = self._rule_threshold_of(model)
-        probability = None if rust_threshold is None else classified.rust_probability
+        probability = classified.rust_probability
         if probability is not None and rust_threshold is not None:
             flagged = probability >= rust_threshold
         else:
