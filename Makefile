@@ -93,11 +93,11 @@ evaluate: model
 	  --json --report $(EVAL)/report > $(EVAL)/results/pixels-aws-rgb.json
 	$(CE) evaluate pixels --model $(EVAL)/aws-payload \
 	  --csv $(DATA)/aws-rust-detection/validation.csv --json > $(EVAL)/results/pixels-aws-payload.json
-	$(CE) evaluate cv-images --data $(DATA) --json --report $(EVAL)/report > $(EVAL)/results/cv-images.json
+	$(CE) evaluate cv-images --data $(DATA) --repeats 5 --json --report $(EVAL)/report > $(EVAL)/results/cv-images.json
 	$(CE) evaluate cv-boxes --data $(DATA) --json --report $(EVAL)/report > $(EVAL)/results/cv-boxes.json
-	$(CE) evaluate cv-images --data $(DATA) --no-image-rule --json \
+	$(CE) evaluate cv-images --data $(DATA) --repeats 5 --no-image-rule --json \
 	  > $(EVAL)/results/cv-images-no-rule.json
-	$(CE) evaluate cv-images --data $(DATA) --outside-pixels 250 --json \
+	$(CE) evaluate cv-images --data $(DATA) --repeats 5 --outside-pixels 250 --json \
 	  > $(EVAL)/results/cv-images-outside-250.json
 	$(CE) evaluate cv-boxes --data $(DATA) --outside-pixels 250 --json \
 	  > $(EVAL)/results/cv-boxes-outside-250.json

@@ -80,7 +80,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     elif what == "boxes":
         result = evaluate.evaluate_boxes(args.model, args.voc)
     elif what == "cv-images":
-        result = evaluate.cv_images(_sources(args), _recipe(args), outer=args.outer)
+        result = evaluate.cv_images(
+            _sources(args), _recipe(args), outer=args.outer, repeats=args.repeats
+        )
     else:
         result = evaluate.cv_boxes(_sources(args), _recipe(args), folds=args.outer)
     result = {"command": " ".join(["corrosion-export", *args.argv]), **result}
@@ -165,6 +167,15 @@ def add_evaluate_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
         p = es.add_parser(name, parents=[out], help=text)
         _source_flags(p)
         p.add_argument("--outer", type=int, default=5, help="outer folds")
+        if name == "cv-images":
+            p.add_argument(
+                "--repeats",
+                type=int,
+                default=1,
+                metavar="N",
+                help="pool N different outer fold splits (one split's accuracy swings by a "
+                "few points; `make evaluate` uses 5)",
+            )
     p = es.add_parser("summary", help="bench/ACCURACY.md from the JSON results")
     p.add_argument("--results", type=Path, required=True, metavar="DIR", help="*.json results")
     p.add_argument("--out", type=Path, required=True, metavar="FILE")

@@ -90,10 +90,29 @@ def test_nested_cv_records_each_fold_decision(layout: Sources) -> None:
         assert image["flagged"] == (image["rust_probability"] >= image["rule_threshold"])
     assert {i["fold"] for i in r["per_image"]} == {0, 1}
     r = evaluate.cv_images(layout, replace(TINY, image_rule=False), outer=2)
-    assert r["decided_by"] == "corrosion %"
+    assert r["decided_by"] == "corrosion %" and len(r["repeats"]) == 1
     for image in r["per_image"]:
         assert "rust_probability" not in image
         assert image["flagged"] == (image["pct"] >= image["flag_pct"])
+
+
+def test_repeated_nested_cv_pools_every_split(layout: Sources) -> None:
+    r = evaluate.cv_images(layout, TINY, outer=2, repeats=2)
+    photos = r["images"]
+    assert r["decisions"] == len(r["per_image"]) == 2 * photos
+    first, second = r["repeats"]
+    assert (first["repeat"], second["repeat"]) == (0, 1) and first["seed"] != second["seed"]
+    for split in r["repeats"]:  # each split decides every photo once
+        mine = [i for i in r["per_image"] if i["repeat"] == split["repeat"]]
+        assert len(mine) == photos and {i["fold"] for i in mine} == {0, 1}
+        flags, rust = (np.array([i[k] for i in mine]) for k in ("flagged", "rust"))
+        assert split["accuracy"] == image_metrics(flags, rust)["accuracy"]
+        assert split["rule_thresholds"] == sorted({i["rule_threshold"] for i in mine})
+    assert r["accuracy"] == pytest.approx((first["accuracy"] + second["accuracy"]) / 2)
+    single = evaluate.cv_images(layout, TINY, outer=2)  # split 0 is what one run measures
+    assert single["accuracy"] == first["accuracy"] and single["repeats"][0] == first
+    with pytest.raises(ValueError, match="repeats"):
+        evaluate.cv_images(layout, TINY, repeats=0)
 
 
 def test_box_cv_trains_without_the_held_out_photos(
@@ -139,3 +158,24 @@ def test_cli_json_report_and_summary(
     text = out.read_text()
     assert "pixel accuracy on AWS validation.csv" in text and result["command"] in text
     assert "Texture recipe" in text  # the recipe, from export/recipe.py's docstring
+
+
+def test_cli_repeated_cv_images_in_the_summary(
+    layout: Sources, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sources = ["--rust", str(layout.rust), "--norust", str(layout.norust), "--voc", str(layout.voc)]
+    small = ["--folds", "3", "--long-side", "96", "--set", "num_round=8", "--outer", "2"]
+    args = ["evaluate", "cv-images", *sources, *small, "--repeats", "2", "--json"]
+    assert export_main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["decisions"] == 2 * result["images"] and len(result["repeats"]) == 2
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "cv-images.json").write_text(json.dumps(result))
+    out = tmp_path / "ACCURACY.md"
+    assert export_main(["evaluate", "summary", "--results", str(results), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "pooled over 2 fold splits" in text and "| split (outer seed) |" in text
+    assert f"{result['decisions']} decisions" in text
+    assert export_main([*args[:-3], "--repeats", "0"]) == 2
+    assert "repeats must be at least 1" in capsys.readouterr().err
