@@ -10,6 +10,7 @@ chose its decision (nested CV for the image decision).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,8 @@ def _image_result(
     m = image_metrics(flagged, rust)
     return {
         "kind": kind,
-        "images": len(rust),
+        "images": len(set(paths)),
+        "decisions": len(rust),  # more than images where cross-validation was repeated
         **{k: m[k] for k in ("accuracy", "rust_recall", "precision")},
         "confusion": _confusion(m),
         "sweep": sweep(pcts, rust),
@@ -161,35 +163,34 @@ def cv_images(
     (flag % and image rule) is chosen by inner CV on the outer-training photos alone, then
     applied to the held-out fold with the model trained on all outer-training photos.
 
-    `repeats` runs it over that many different outer fold splits and pools the decisions:
-    one split's accuracy swings by a few points with which weak rust photos happen to share
-    a fold (87.6-92.2 % over five splits of the same recipe), the pooled figure much less.
+    `repeats` runs it over that many different outer fold splits and pools the decisions,
+    because one split's figure depends on which weak rust photos happen to share a fold;
+    every split's own figures stay in the result (`splits`) to show how far they spread.
     """
     if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
+        raise ValueError(f"repeats (--repeats) must be at least 1, got {repeats}")
     photos = load_photos(sources, recipe)
     rust = np.array([p.rust for p in photos])
-    runs = [_nested_split(photos, recipe, outer, r) for r in range(repeats)]
-    flagged = np.concatenate([flags for _, flags, _ in runs])
+    runs = [_nested_split(photos, rust, recipe, outer, r) for r in range(repeats)]
     result = _image_result(
         "cv-images",
-        np.concatenate([pcts for pcts, _, _ in runs]),
+        np.concatenate([run.pcts for run in runs]),
         np.tile(rust, repeats),
-        flagged,
+        np.concatenate([run.flagged for run in runs]),
         [p.path for p in photos] * repeats,
     )
-    for record, more in zip(result["per_image"], [e for _, _, ex in runs for e in ex], strict=True):
+    extras = [more for run in runs for more in run.extra]
+    for record, more in zip(result["per_image"], extras, strict=True):
         record.update(more)
     splits = []
-    for r, (_, flags, extra) in enumerate(runs):
-        m = image_metrics(flags, rust)
-        thresholds = sorted({e["rule_threshold"] for e in extra if "rule_threshold" in e})
+    for r, run in enumerate(runs):
+        m = image_metrics(run.flagged, rust)
         splits.append(
             {
                 "repeat": r,
                 "seed": _outer_seed(recipe, r),
                 **{k: m[k] for k in ("accuracy", "rust_recall", "precision", "fp", "fn")},
-                "rule_thresholds": thresholds,
+                "thresholds": sorted(set(run.thresholds)),
             }
         )
     return {
@@ -198,26 +199,35 @@ def cv_images(
         "groups": _groups(photos),
         "decided_by": "image rule" if recipe.image_rule else "corrosion %",
         **result,
-        "images": len(photos),
-        "decisions": len(flagged),
-        "repeats": splits,
+        "splits": splits,
     }
 
 
 def _outer_seed(recipe: Recipe, repeat: int) -> int:
-    return recipe.seed + 1000 + repeat  # repeat 0: the split single runs have always used
+    """Repeat 0 is the split single runs have always used; the stride keeps the splits of
+    nearby --seed values apart."""
+    return recipe.seed + 1000 + 10007 * repeat
+
+
+@dataclass(frozen=True)
+class _Split:
+    """One outer split of `cv_images`: each photo's %, flag and what decided it."""
+
+    pcts: np.ndarray
+    flagged: np.ndarray
+    extra: list[dict[str, Any]]
+    thresholds: list[float]  # per outer fold: the rule's P(rust) threshold, or the flag %
 
 
 def _nested_split(
-    photos: Sequence[Photo], recipe: Recipe, outer: int, repeat: int
-) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
-    """One outer split of `cv_images`: each photo's %, flag and what decided it."""
-    rust = np.array([p.rust for p in photos])
+    photos: Sequence[Photo], rust: np.ndarray, recipe: Recipe, outer: int, repeat: int
+) -> _Split:
     folds = group_folds(
         [p.group for p in photos], rust.tolist(), outer, _outer_seed(recipe, repeat)
     )
     pcts, flagged = np.empty(len(photos)), np.empty(len(photos), bool)
     extra: list[dict[str, Any]] = [{} for _ in photos]
+    thresholds = []
     for k in range(outer):
         train = [p for p, f in zip(photos, folds, strict=True) if f != k]
         held = np.flatnonzero(folds == k).tolist()
@@ -227,6 +237,7 @@ def _nested_split(
         maps = probability_maps(booster, shown)
         stats = frame_statistics(shown, maps, recipe.pixel_threshold)
         rule = decision.image_rule
+        thresholds.append(decision.flag_pct if rule is None else rule.threshold)
         for j, i in enumerate(held):
             pcts[i] = image_pct(photos[i], maps[j], recipe.pixel_threshold)
             extra[i] = {"repeat": repeat, "fold": k, "flag_pct": decision.flag_pct}
@@ -239,7 +250,7 @@ def _nested_split(
         done = image_metrics(flagged[held], rust[held])
         chosen = f"flag_pct {decision.flag_pct}" if rule is None else f"rule P >= {rule.threshold}"
         log(f"split {repeat} outer fold {k}: {chosen}, accuracy {done['accuracy']:.3f}")
-    return pcts, flagged, extra
+    return _Split(pcts, flagged, extra, thresholds)
 
 
 def _groups(photos: Sequence[Photo]) -> int:

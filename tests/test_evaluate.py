@@ -90,7 +90,7 @@ def test_nested_cv_records_each_fold_decision(layout: Sources) -> None:
         assert image["flagged"] == (image["rust_probability"] >= image["rule_threshold"])
     assert {i["fold"] for i in r["per_image"]} == {0, 1}
     r = evaluate.cv_images(layout, replace(TINY, image_rule=False), outer=2)
-    assert r["decided_by"] == "corrosion %" and len(r["repeats"]) == 1
+    assert r["decided_by"] == "corrosion %" and len(r["splits"]) == 1
     for image in r["per_image"]:
         assert "rust_probability" not in image
         assert image["flagged"] == (image["pct"] >= image["flag_pct"])
@@ -100,18 +100,24 @@ def test_repeated_nested_cv_pools_every_split(layout: Sources) -> None:
     r = evaluate.cv_images(layout, TINY, outer=2, repeats=2)
     photos = r["images"]
     assert r["decisions"] == len(r["per_image"]) == 2 * photos
-    first, second = r["repeats"]
+    first, second = r["splits"]
     assert (first["repeat"], second["repeat"]) == (0, 1) and first["seed"] != second["seed"]
-    for split in r["repeats"]:  # each split decides every photo once
+    folds = []
+    for split in r["splits"]:  # each split decides every photo once
         mine = [i for i in r["per_image"] if i["repeat"] == split["repeat"]]
         assert len(mine) == photos and {i["fold"] for i in mine} == {0, 1}
+        folds.append([i["fold"] for i in mine])
         flags, rust = (np.array([i[k] for i in mine]) for k in ("flagged", "rust"))
         assert split["accuracy"] == image_metrics(flags, rust)["accuracy"]
-        assert split["rule_thresholds"] == sorted({i["rule_threshold"] for i in mine})
+        assert split["thresholds"] == sorted({i["rule_threshold"] for i in mine})
+    assert folds[0] != folds[1]  # different splits, not the same one twice
     assert r["accuracy"] == pytest.approx((first["accuracy"] + second["accuracy"]) / 2)
+    (tn, fp), (fn, tp) = r["confusion"]["matrix"]
+    assert (fp, fn) == (first["fp"] + second["fp"], first["fn"] + second["fn"])
+    assert tn + fp + fn + tp == r["decisions"]
     single = evaluate.cv_images(layout, TINY, outer=2)  # split 0 is what one run measures
-    assert single["accuracy"] == first["accuracy"] and single["repeats"][0] == first
-    with pytest.raises(ValueError, match="repeats"):
+    assert single["accuracy"] == first["accuracy"] and single["splits"][0] == first
+    with pytest.raises(ValueError, match="--repeats"):
         evaluate.cv_images(layout, TINY, repeats=0)
 
 
@@ -160,22 +166,45 @@ def test_cli_json_report_and_summary(
     assert "Texture recipe" in text  # the recipe, from export/recipe.py's docstring
 
 
+def _summary(tmp_path: Path, result: dict[str, Any]) -> str:
+    results = tmp_path / "results"
+    results.mkdir(exist_ok=True)
+    (results / "cv-images.json").write_text(json.dumps(result))
+    out = tmp_path / "ACCURACY.md"
+    assert export_main(["evaluate", "summary", "--results", str(results), "--out", str(out)]) == 0
+    return out.read_text()
+
+
 def test_cli_repeated_cv_images_in_the_summary(
     layout: Sources, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     sources = ["--rust", str(layout.rust), "--norust", str(layout.norust), "--voc", str(layout.voc)]
     small = ["--folds", "3", "--long-side", "96", "--set", "num_round=8", "--outer", "2"]
-    args = ["evaluate", "cv-images", *sources, *small, "--repeats", "2", "--json"]
-    assert export_main(args) == 0
+    command = ["evaluate", "cv-images", *sources, *small, "--json"]
+    assert export_main([*command, "--repeats", "2"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["decisions"] == 2 * result["images"] and len(result["repeats"]) == 2
-    results = tmp_path / "results"
-    results.mkdir()
-    (results / "cv-images.json").write_text(json.dumps(result))
-    out = tmp_path / "ACCURACY.md"
-    assert export_main(["evaluate", "summary", "--results", str(results), "--out", str(out)]) == 0
-    text = out.read_text()
+    assert result["decisions"] == 2 * result["images"] and len(result["splits"]) == 2
+    text = _summary(tmp_path, result)
     assert "pooled over 2 fold splits" in text and "| split (outer seed) |" in text
-    assert f"{result['decisions']} decisions" in text
-    assert export_main([*args[:-3], "--repeats", "0"]) == 2
-    assert "repeats must be at least 1" in capsys.readouterr().err
+    assert f"{result['decisions']} decisions" in text and "rust decisions" in text
+    wrong = [i for i in result["per_image"] if i["flagged"] != i["rust"]]
+    for name in {Path(i["path"]).name for i in wrong}:  # how often each was decided wrong
+        times = sum(Path(i["path"]).name == name for i in wrong)
+        assert f"{name} ({times}/2)" in text
+    for bad in ("0", "x"):
+        with pytest.raises(SystemExit):
+            export_main([*command, "--repeats", bad])
+        assert "argument --repeats" in capsys.readouterr().err
+
+
+def test_summary_of_one_split_and_of_the_percent_decision(layout: Sources, tmp_path: Path) -> None:
+    one = evaluate.cv_images(layout, TINY, outer=2)
+    text = _summary(tmp_path, one)
+    assert "pooled over" not in text and "rust photos)" in text and "decisions" not in text
+    thresholds = ", ".join(f"{t:.3f}" for t in one["splits"][0]["thresholds"])
+    assert "| thresholds (P(rust)) |" in text and thresholds in text
+    assert "Its recall-first threshold" in text
+    by_pct = evaluate.cv_images(layout, replace(TINY, image_rule=False), outer=2)
+    text = _summary(tmp_path, by_pct)
+    assert "| thresholds (flag %) |" in text and "Its recall-first" not in text
+    assert ", ".join(f"{t:.3f}" for t in by_pct["splits"][0]["thresholds"]) in text

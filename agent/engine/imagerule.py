@@ -2,11 +2,11 @@
 
 Why more than a corrosion %: per pixel, brick, sandstone and reddish paint look like rust,
 so their % overlaps that of rust photos with a little rust on a large clean surface (nested
-CV on the CorrosionDetector photos, pooled over five fold splits: 82.5 % image accuracy,
+CV on the CorrosionDetector photos, pooled over five fold splits: 83.3 % image accuracy,
 no % threshold separates them). What the whole frame looks like (quantiles of its pixel
 features) and what the pixels the model calls rust look like (their P-weighted mean features)
 separate them much better: a logistic regression over those statistics raised the same
-nested CV to 90.2 % (bench/ACCURACY.md).
+nested CV to 90.1 % (bench/ACCURACY.md).
 
 The statistics are computed here once, from the feature rows and pixel probabilities the
 model already produced for the frame, and training (export) calls this same code, so a
