@@ -236,7 +236,7 @@ def _split_count(result: Result) -> int:
 
 
 def _counted(result: Result) -> str:
-    """ "N images", and the decisions where each image was decided more than once."""
+    """The image count, and the decision count where images were decided more than once."""
     images, decisions = result["images"], result.get("decisions", result["images"])
     return f"{images} images" + (f", {decisions} decisions" if decisions != images else "")
 
