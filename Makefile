@@ -108,4 +108,4 @@ evaluate: model
 
 ## Feature model ms per 640x360 frame on one core: served (stride) vs brute force.
 bench-features: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) bench/features.py --data $(DATA) --model build/model
+	OMP_NUM_THREADS=1 PYTHONPATH=. $(PY) bench/features.py --data $(DATA) --model build/model

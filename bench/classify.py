@@ -39,8 +39,9 @@ def warn(msg: str) -> None:
     print(f"bench/classify: {msg}", file=sys.stderr, flush=True)
 
 
-def mosaic(photos: list[np.ndarray], start: int, width: int, height: int) -> np.ndarray:
-    """Photos at native detail, each scaled to a third of the height, tiled row by row."""
+def mosaic(photos: list[np.ndarray], start: int, width: int, height: int) -> tuple[np.ndarray, int]:
+    """Photos at native detail, each scaled to a third of the height, tiled row by row from
+    `start`; also the index of the next photo, where a following mosaic may go on."""
     row_h = height // 3
     rows: list[np.ndarray] = []
     k = start
@@ -55,7 +56,7 @@ def mosaic(photos: list[np.ndarray], start: int, width: int, height: int) -> np.
             filled += w
         rows.append(np.concatenate(parts, axis=1)[:, :width])
     frame = np.concatenate(rows, axis=0)
-    return cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
+    return cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA), k
 
 
 def make_frames(data: Path) -> tuple[dict[tuple[int, int], list[np.ndarray]], str]:
@@ -65,7 +66,7 @@ def make_frames(data: Path) -> tuple[dict[tuple[int, int], list[np.ndarray]], st
     big_w, big_h = SIZES[0]
     if photos:
         per = len(photos) // N_FRAMES or 1
-        big = [mosaic(photos, i * per, big_w, big_h) for i in range(N_FRAMES)]
+        big = [mosaic(photos, i * per, big_w, big_h)[0] for i in range(N_FRAMES)]
         source = f"mosaics of {len(photos)} real rust photos"
     else:
         from export.synthetic import make_scene

@@ -1,6 +1,6 @@
 """Feature model speed on one core: ms per 640x360 frame, as served vs brute force.
 
-Run as `make bench-features` (`OMP_NUM_THREADS=1 .venv/bin/python bench/features.py
+Run as `make bench-features` (`OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python bench/features.py
 --data ../shared/data --model build/model`). Frames: mosaics of CorrosionDetector photos
 (rust and norust) at 640x360. Model: build/model from `make model`; without it, a model of
 the recipe's shape (same features and trees) trained on synthetic scenes, said on stderr.
@@ -50,45 +50,25 @@ def mosaics(data: Path) -> list[np.ndarray]:
         warn(f"no photos under {root}: synthetic scenes instead")
         rng = np.random.default_rng(0)
         return [make_scene(rng, WIDTH, HEIGHT).image for _ in range(FRAMES)]
+    from classify import mosaic  # bench/, the script's own folder
+
     photos = [cv2.imread(str(p)) for p in np.random.default_rng(0).permutation(paths)]
-    frames, k, row_h = [], 0, HEIGHT // 3
+    frames, k = [], 0
     for _ in range(FRAMES):
-        rows = []
-        for _ in range(3):
-            parts, filled = [], 0
-            while filled < WIDTH:
-                p = photos[k % len(photos)]
-                k += 1
-                w = max(1, round(p.shape[1] * row_h / p.shape[0]))
-                parts.append(cv2.resize(p, (w, row_h), interpolation=cv2.INTER_AREA))
-                filled += w
-            rows.append(np.concatenate(parts, axis=1)[:, :WIDTH])
-        frames.append(np.ascontiguousarray(np.concatenate(rows, axis=0)))
+        frame, k = mosaic(photos, k, WIDTH, HEIGHT)
+        frames.append(frame)
     return frames
 
 
 def synthetic_model(directory: Path) -> Path:
     """The recipe's features and trees, trained on synthetic scenes (no decision search)."""
-    from export.convert import export_model
-    from export.recipe import Recipe, fit, load_photo, training_rows
-    from export.synthetic import make_scene, write_scene
-    from export.voc import parse
+    from export.recipe import Recipe, fit
+    from tests.photos import export_texture, scene_photos
 
     recipe = Recipe(threads=1)
-    photos = []
-    for i in range(8):
-        rust = i % 4 != 0
-        scene = make_scene(np.random.default_rng(i), WIDTH, HEIGHT, rust=rust)
-        path = write_scene(scene, directory / "scenes", f"s{i}")
-        boxes = parse(path.with_suffix(".xml")) if rust else None
-        photos.append(load_photo(path, rust, boxes, recipe, np.random.default_rng(i)))
-    return export_model(
-        fit(photos, recipe, 0),
-        directory / "model",
-        name="bench",
-        version="0.0.0",
-        pipeline=recipe.pipeline,
-        sample=training_rows(photos)[0],
+    _, photos = scene_photos(directory / "scenes", recipe, size=(WIDTH, HEIGHT))
+    return export_texture(
+        fit(photos, recipe, 0), photos, recipe, directory / "model", name="bench", version="0.0.0"
     )
 
 

@@ -60,22 +60,21 @@ def test_environment_overrides_file_and_is_named(
         AgentConfig.load(path)
 
 
-def test_check_config_masks_secrets(tmp_path: Path) -> None:
-    path = write(tmp_path, '[mqtt]\nusername = "u"\npassword = "hunter2"\n')
-    out = subprocess.run(
+def _check_config(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [sys.executable, "-m", "agent.cli", "check-config", str(path)],
         capture_output=True,
         text=True,
         check=True,
     )
+
+
+def test_check_config_masks_secrets(tmp_path: Path) -> None:
+    path = write(tmp_path, '[mqtt]\nusername = "u"\npassword = "hunter2"\n')
+    out = _check_config(path)
     assert "hunter2" not in out.stdout + out.stderr
     stream = write(tmp_path, '[source]\nkind = "stream"\nuri = "rtsp://cam:pw123@h/s?token=t0k"\n')
-    shown = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "check-config", str(stream)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    shown = _check_config(stream).stdout
     assert "pw123" not in shown and "t0k" not in shown and "rtsp://cam:***@h/s" in shown
     assert json.loads(out.stdout)["mqtt"]["password"] == "**********"
     bad = write(tmp_path, "[mqtt]\nprot = 1\n")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import cv2
@@ -16,10 +15,11 @@ from agent.engine.detector import Detector
 from agent.engine.features import FeatureError, FeaturePipeline, check_name, texture_features
 from agent.engine.model import ModelError
 from agent.imageio import read
-from export.convert import export_model
-from export.recipe import Recipe, fit, load_photo, training_rows
-from export.synthetic import make_scene, write_scene
+from export.recipe import Recipe, fit, load_photo
+from export.synthetic import make_scene
 from export.voc import parse
+from tests.photos import export_texture, scene_photo, scene_photos
+from tests.test_model import copy_model, edit_manifest
 
 TINY = Recipe(
     params={"objective": "binary:logistic", "num_round": 15, "max_depth": 4, "eta": 0.3},
@@ -28,29 +28,12 @@ TINY = Recipe(
 )
 
 
-def scene_photo(directory: Path, seed: int, rust: bool = True) -> Path:
-    scene = make_scene(np.random.default_rng(seed), 320, 240, rust=rust)
-    return write_scene(scene, directory, f"s{seed}")
-
-
 @pytest.fixture(scope="module")
 def feature_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small feature model trained on synthetic scenes: rust boxes vs clean scenes."""
     root = tmp_path_factory.mktemp("feature-model")
-    photos = []
-    for i in range(8):
-        rust = i % 4 != 0
-        path = scene_photo(root / "scenes", i, rust)
-        boxes = parse(path.with_suffix(".xml")) if rust else None
-        photos.append(load_photo(path, rust, boxes, TINY, np.random.default_rng(i)))
-    return export_model(
-        fit(photos, TINY, 0),
-        root / "model",
-        name="test-features",
-        version="1.0.0",
-        pipeline=TINY.pipeline,
-        sample=training_rows(photos)[0],
-    )
+    _, photos = scene_photos(root / "scenes", TINY)
+    return export_texture(fit(photos, TINY, 0), photos, TINY, root / "model", name="test-features")
 
 
 def test_the_recipe_feature_set_is_the_measured_21() -> None:
@@ -139,22 +122,6 @@ def test_stride_is_exact_where_it_classifies(feature_model: Path) -> None:
         assert abs(served.mean() - reference.mean()) < 0.02
 
 
-def _copy(manifest: Path, dst: Path) -> Path:
-    shutil.copytree(manifest.parent, dst)
-    return dst / manifest.name
-
-
-def _edit(manifest: Path, change: dict[str, object]) -> None:
-    data = json.loads(manifest.read_text())
-    for dotted, value in change.items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    manifest.write_text(json.dumps(data))
-
-
 def test_feature_models_that_do_not_fit_are_refused(feature_model: Path, tmp_path: Path) -> None:
     manifest = ModelManifest.read(feature_model)
     names = list(manifest.input.features)
@@ -163,19 +130,19 @@ def test_feature_models_that_do_not_fit_are_refused(feature_model: Path, tmp_pat
     ]
     cases: list[tuple[dict[str, object], str]] = [
         (
-            {"input.features": names[:-1], "input.shape": [None, 20], "golden": narrow},
+            {"input__features": names[:-1], "input__shape": [None, 20], "golden": narrow},
             "input shape|reads feature",
         ),
-        ({"input.features": [*names[:-1], "fog"]}, "unknown base plane"),
+        ({"input__features": [*names[:-1], "fog"]}, "unknown base plane"),
         ({"features": None}, "golden samples of a colour model carry no features"),
-        ({"features.stride": 0}, "stride"),
+        ({"features__stride": 0}, "stride"),
     ]
     for i, (change, reason) in enumerate(cases):
-        m = _copy(feature_model, tmp_path / f"m{i}")
-        _edit(m, change)
+        m = copy_model(feature_model, tmp_path / f"m{i}")
+        edit_manifest(m, **change)
         with pytest.raises((ModelError, ValueError), match=reason):
             load_model(m)
-    m = _copy(feature_model, tmp_path / "golden")
+    m = copy_model(feature_model, tmp_path / "golden")
     data = json.loads(m.read_text())
     data["golden"][0]["features"] = data["golden"][0]["features"][:5]
     m.write_text(json.dumps(data))

@@ -21,7 +21,6 @@ from agent.engine import imagerule
 from agent.engine.classifier import FeatureModel, load_model
 from agent.engine.detector import Detector
 from agent.imageio import read
-from export.convert import export_model
 from export.imagerule import fit_logistic, fit_rule
 from export.recipe import (
     choose_decision,
@@ -29,12 +28,12 @@ from export.recipe import (
     frame_statistics,
     load_photo,
     probability_maps,
-    training_rows,
 )
-from export.voc import parse
 from tests.agentproc import AgentProcess, Subscriber, agent_settings, write_config
 from tests.broker import Broker
-from tests.test_features import TINY, _copy, _edit, scene_photo
+from tests.photos import export_texture, scene_photos
+from tests.test_features import TINY
+from tests.test_model import copy_model, edit_manifest
 
 RULED = replace(TINY, folds=2)
 Ruled = tuple[Path, list[Path], xgb.Booster]
@@ -102,24 +101,12 @@ def test_fitted_rule_flags_every_rust_photo_out_of_fold() -> None:
 def ruled(tmp_path_factory: pytest.TempPathFactory) -> Ruled:
     """A tiny feature model whose decision carries a rule fitted on out-of-fold maps."""
     root = tmp_path_factory.mktemp("ruled")
-    paths, photos = [], []
-    for i in range(8):
-        rust = i % 4 != 0
-        path = scene_photo(root / "scenes", 100 + i, rust)
-        boxes = parse(path.with_suffix(".xml")) if rust else None
-        paths.append(path)
-        photos.append(load_photo(path, rust, boxes, RULED, np.random.default_rng(i)))
+    paths, photos = scene_photos(root / "scenes", RULED, seed=100)
     chosen = choose_decision(photos, RULED, 0)
     assert chosen.decision.image_rule is not None
     booster = fit(photos, RULED, 0)
-    manifest = export_model(
-        booster,
-        root / "model",
-        name="ruled",
-        version="1.0.0",
-        decision=chosen.decision,
-        pipeline=RULED.pipeline,
-        sample=training_rows(photos)[0],
+    manifest = export_texture(
+        booster, photos, RULED, root / "model", name="ruled", decision=chosen.decision
     )
     return manifest, paths, booster
 
@@ -160,17 +147,17 @@ def test_manifests_with_a_rule_that_does_not_fit_are_refused(ruled: Ruled, tmp_p
     manifest, _, _ = ruled
     rule = json.loads(manifest.read_text())["decision"]["image_rule"]
     cases: list[tuple[dict[str, object], str]] = [
-        ({"decision.image_rule.statistics": rule["statistics"][:-1]}, "statistics but"),
+        ({"decision__image_rule__statistics": rule["statistics"][:-1]}, "statistics but"),
         (
-            {"decision.image_rule.statistics": ["x"] * len(rule["statistics"])},
+            {"decision__image_rule__statistics": ["x"] * len(rule["statistics"])},
             "must be agent.engine.imagerule's statistics",
         ),
-        ({"decision.image_rule.weights": [None] * len(rule["weights"])}, "weights"),
-        ({"decision.image_rule.threshold": 1.5}, "threshold"),
+        ({"decision__image_rule__weights": [None] * len(rule["weights"])}, "weights"),
+        ({"decision__image_rule__threshold": 1.5}, "threshold"),
     ]
     for i, (change, reason) in enumerate(cases):
-        m = _copy(manifest, tmp_path / f"m{i}")
-        _edit(m, change)
+        m = copy_model(manifest, tmp_path / f"m{i}")
+        edit_manifest(m, **change)
         with pytest.raises(ValueError, match=reason):
             load_model(m)
 
