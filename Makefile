@@ -101,6 +101,8 @@ evaluate: model
 	  > $(EVAL)/results/cv-images-outside-250.json
 	$(CE) evaluate cv-boxes --data $(DATA) --outside-pixels 250 --json \
 	  > $(EVAL)/results/cv-boxes-outside-250.json
+	$(CE) evaluate cv-boxes --data $(DATA) --no-box-scorer --json \
+	  > $(EVAL)/results/cv-boxes-no-box-scorer.json
 	$(CE) evaluate images --model build/model --rust $(DATA)/corrosion-detector/rustnorust/validation/rust \
 	  --norust $(DATA)/corrosion-detector/rustnorust/validation/norust --json \
 	  > $(EVAL)/results/images-validation.json

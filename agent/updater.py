@@ -285,7 +285,7 @@ class Updater:
         if (manifest.name, manifest.version) != (pointer.name, pointer.version):
             raise ModelError(f"{where}: is {manifest.name} {manifest.version}, not the channel's")
         verify_manifest(manifest, self.keys, required=self.config.require_signature)
-        refs = [manifest.model] + ([manifest.table] if manifest.table else [])
+        refs = manifest.files()
         for ref in refs:
             if ref.size > self.config.max_model_bytes:
                 raise ModelError(

@@ -57,6 +57,8 @@ def _recipe(args: argparse.Namespace) -> Recipe:
         recipe = replace(recipe, outside_pixels=args.outside_pixels)
     if args.no_image_rule:
         recipe = replace(recipe, image_rule=False)
+    if args.no_box_scorer:
+        recipe = replace(recipe, box_scorer=False)
     return recipe
 
 
@@ -134,6 +136,12 @@ def _source_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="flag photos by their corrosion %% alone, without the image rule "
         "(agent/engine/imagerule.py; see bench/ACCURACY.md)",
+    )
+    p.add_argument(
+        "--no-box-scorer",
+        action="store_true",
+        help="rank regions by their rust contrast with the ring around them instead of the "
+        "learned box scorer (agent/engine/proposals.py; see bench/ACCURACY.md)",
     )
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="XGBoost hyperparameter"

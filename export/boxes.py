@@ -176,12 +176,14 @@ def image_boxes(
     grouping: Grouping | None = None,
     labels: Collection[str] = LABELS,
 ) -> ImageBoxes:
-    """One photo's truth and detections; without `grouping` the detections are checked to be
-    exactly the regions the detector reported, so evaluation cannot drift from the device."""
-    frame = (analysis.frame_size.width, analysis.frame_size.height)
-    found = scored_regions(analysis.mask, frame, **region_kwargs(config, grouping))
-    if not grouping and tuple(r for r, _ in found) != analysis.regions:
-        raise RuntimeError("scored_regions disagrees with Detector.analyse: update region_kwargs")
+    """One photo's truth and detections: without `grouping`, the regions the detector reported
+    ranked by the scores it chose them by (evaluation cannot drift from the device); with
+    one, the ring-contrast grouping of the detector's mask with those settings."""
+    if grouping:
+        frame = (analysis.frame_size.width, analysis.frame_size.height)
+        found = scored_regions(analysis.mask, frame, **region_kwargs(config, grouping))
+    else:
+        found = list(zip(analysis.regions, analysis.region_scores, strict=True))
     return ImageBoxes.of(
         [o.box for o in truth.objects if o.name in labels],
         [(r.x, r.y, r.x + r.w, r.y + r.h) for r, _ in found],
@@ -381,7 +383,8 @@ def out_of_fold(
                 pooled.append((ann, boxes[best]))
                 for g, image in enumerate(boxes):
                     every[g].append(image)
-            log(f"fold {k}: grouping {dict(groupings[best])}, inner ap50 {inner_ap:.3f}")
+            choice = f"grouping {dict(groupings[best])}, inner ap50 {inner_ap:.3f}"
+            log(f"fold {k}: " + (choice if len(groupings) > 1 else "done"))
     result = summary([image for _, image in pooled])
     result["per_image"] = [_per_image(ann, image) for ann, image in pooled]
     recommended, recommended_ap = _best(every)

@@ -39,7 +39,9 @@ from export.recipe import (
     image_pct,
     load_photos,
     log,
+    oof_maps,
     probability_maps,
+    region_scorer,
     sha256,
     training_rows,
 )
@@ -269,6 +271,9 @@ def texture_trainer(
         keep = {sha256(a.image) for a in anns}
         chosen = [p for p in photos if not p.boxed or p.group in keep]
         x, y = training_rows(chosen)
+        regions = None
+        if recipe.box_scorer:  # trained on maps of its photos' own folds, as in build_texture
+            regions = region_scorer(chosen, oof_maps(chosen, recipe, recipe.seed), recipe, out)
         return export_model(
             fit(chosen, recipe, recipe.seed),
             out,
@@ -278,16 +283,22 @@ def texture_trainer(
             provenance=Provenance(training_data_sha256=data_sha256(x, y)),
             pipeline=recipe.pipeline,
             sample=x,
+            regions=regions,
         )
 
     return train
 
 
 def cv_boxes(sources: Sources, recipe: Recipe, *, folds: int = 5) -> dict[str, Any]:
-    """Nested out-of-fold box AP of the texture recipe with export.boxes' region grouping:
-    held-out photos are scored by models trained without them, detections pooled."""
+    """Nested out-of-fold box AP of the texture recipe (its box scorer, or export.boxes'
+    groupings without one): held-out photos are scored by models trained without them,
+    detections pooled."""
     from export import boxes
 
     trainer = texture_trainer(sources, recipe)
-    result = boxes.out_of_fold(sources.voc, trainer=trainer, folds=folds, seed=recipe.seed, log=log)
+    # a learned box scorer leaves no grouping to choose: the detector's own ({}) is measured
+    groupings = ({},) if recipe.box_scorer else boxes.GROUPINGS
+    result = boxes.out_of_fold(
+        sources.voc, trainer=trainer, groupings=groupings, folds=folds, seed=recipe.seed, log=log
+    )
     return {"kind": "cv-boxes", **result}

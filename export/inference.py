@@ -134,7 +134,7 @@ def package(model_dir: Path, out: Path) -> str:
     give the same object, and so the same SageMaker model.
     """
     manifest = ModelManifest.read(model_dir / MANIFEST_FILE)
-    names = [MANIFEST_FILE] + [r.file for r in (manifest.model, manifest.table) if r is not None]
+    names = [MANIFEST_FILE] + [r.file for r in manifest.files()]
     files = {name: (model_dir / name).read_bytes() for name in names} | code_files()
     with (
         out.open("wb") as fh,

@@ -228,7 +228,7 @@ def fetch_model(
         raise RegistryError(f"{name} {version}: manifest does not match the {channel} pointer")
     dest.mkdir(parents=True, exist_ok=True)
     (dest / MANIFEST_FILE).write_bytes(data)
-    for ref in (r for r in (manifest.model, manifest.table) if r is not None):
+    for ref in manifest.files():
         fkey = file_key(url.prefix, name, version, ref.file)
         with aws_errors(url.uri(fkey)):
             s3.download_file(url.bucket, fkey, str(dest / ref.file), Config=TRANSFER)

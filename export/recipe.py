@@ -33,6 +33,11 @@ Texture recipe (`make model`, `corrosion-export recipe texture`), from the photo
   out-of-fold percentages, a missed rust photo costing 2 false alarms. The % is computed
   exactly as the device computes it (agent.engine.classifier.frame_scores).
 - Serving: every 2nd working pixel each way (stride 2), scores interpolated in between.
+- Regions: a box scorer (agent/engine/proposals.py, trained by export/proposals.py) on the
+  boxed photos' out-of-fold maps, the same maps the decision is chosen on: candidate boxes
+  of the P map (components at 5 blurs x 7 levels, and the whole frame), 25 features each,
+  300 trees of depth 4 predicting each candidate's IoU with its best annotated box, NMS at
+  IoU 0.3. `--no-box-scorer` leaves it out (regions ranked by ring contrast).
 
 The settings were chosen by cross-validation on training photos only; no test set exists
 in ../shared/data and none is used. `export.evaluate` measures the whole recipe, decision
@@ -57,7 +62,7 @@ import numpy.typing as npt
 import xgboost as xgb
 
 from agent import __version__
-from agent.contract import Decision, Provenance
+from agent.contract import Decision, Provenance, RegionScorerSpec
 from agent.engine import imagerule
 from agent.engine.classifier import frame_scores
 from agent.engine.features import FeaturePipeline, texture_features
@@ -66,6 +71,7 @@ from agent.imageio import ImageError, read
 from export.convert import export_model
 from export.datasets import DatasetError
 from export.imagerule import fit_rule
+from export.proposals import Annotated, export_scorer, train_scorer
 from export.train import xgb_params
 from export.voc import IMAGE_SUFFIXES, Annotation, VocError, box_problem, parse
 
@@ -101,6 +107,7 @@ class Recipe:
     pixel_threshold: float = 0.5
     miss_cost: float = 2.0
     image_rule: bool = True
+    box_scorer: bool = True
     folds: int = 5
     seed: int = 0
     threads: int = 0
@@ -140,7 +147,11 @@ class Photo:
     grid_shape: tuple[int, int]
     rows: F32  # sampled training rows (none for a rust photo without boxes)
     labels: npt.NDArray[np.uint8]
-    boxed: bool
+    boxes: tuple[tuple[float, float, float, float], ...]  # annotated rust boxes, frame pixels
+
+    @property
+    def boxed(self) -> bool:
+        return bool(self.boxes)
 
 
 def image_files(directory: Path) -> list[Path]:
@@ -231,7 +242,7 @@ def load_photo(
         grid_shape=pipeline.grid_shape(work.shape),
         rows=np.concatenate(rows) if rows else np.empty((0, len(planes)), np.float32),
         labels=np.concatenate(labels) if labels else np.empty(0, np.uint8),
-        boxed=annotation is not None,
+        boxes=() if annotation is None else tuple(o.box for o in annotation.objects),
     )
 
 
@@ -287,11 +298,32 @@ def probability_maps(booster: xgb.Booster, photos: Sequence[Photo]) -> list[F32]
     return [np.asarray(booster.inplace_predict(p.grid), np.float32) for p in photos]
 
 
+def photo_scores(photo: Photo, proba: F32, threshold: float) -> np.ndarray:
+    """The uint8 scores of the whole photo, as the device computes them from its points."""
+    labels = (proba >= np.float32(threshold)).astype(np.uint8)
+    return frame_scores(labels, proba, threshold, photo.grid_shape, photo.size)
+
+
 def image_pct(photo: Photo, proba: F32, threshold: float) -> float:
     """Corrosion % of a photo as the device computes it from its classified points."""
-    labels = (proba >= np.float32(threshold)).astype(np.uint8)
-    scores = frame_scores(labels, proba, threshold, photo.grid_shape, photo.size)
+    scores = photo_scores(photo, proba, threshold)
     return 100.0 * np.count_nonzero(scores >= CORRODED) / scores.size
+
+
+def region_scorer(
+    photos: Sequence[Photo], maps: Sequence[F32], recipe: Recipe, out: Path
+) -> RegionScorerSpec | None:
+    """The box scorer, trained on the boxed photos' out-of-fold `maps`, written into `out`
+    (None when the recipe asks for none or no photo is boxed)."""
+    frames = [
+        Annotated(photo_scores(p, m, recipe.pixel_threshold), p.boxes)
+        for p, m in zip(photos, maps, strict=True)
+        if p.boxed
+    ]
+    if not recipe.box_scorer or not frames:
+        return None
+    booster, rows = train_scorer(frames, seed=recipe.seed, threads=recipe.threads)
+    return export_scorer(booster, rows, out, seed=recipe.seed)
 
 
 def frame_statistics(photos: Sequence[Photo], maps: Sequence[F32], threshold: float) -> F64:
@@ -362,6 +394,7 @@ class Chosen:
     """The image decision and the out-of-fold figures it was chosen on."""
 
     decision: Decision
+    maps: list[F32]  # out-of-fold probability maps of each photo
     pcts: np.ndarray  # out-of-fold corrosion % of each photo
     probabilities: np.ndarray | None  # out-of-fold P(rust) of the image rule, if any
 
@@ -386,12 +419,12 @@ def choose_decision(photos: Sequence[Photo], recipe: Recipe, seed: int) -> Chose
     rust = np.array([p.rust for p in photos])
     flag = choose_flag_pct(pcts, rust, recipe.miss_cost)
     if not recipe.image_rule:
-        return Chosen(Decision(pixel_threshold=threshold, flag_pct=flag), pcts, None)
+        return Chosen(Decision(pixel_threshold=threshold, flag_pct=flag), maps, pcts, None)
     stats = frame_statistics(photos, maps, threshold)
     folds = group_folds([p.group for p in photos], rust.tolist(), recipe.folds, seed + 1)
     rule, probabilities = fit_rule(stats, rust, recipe.features, folds)
     decision = Decision(pixel_threshold=threshold, flag_pct=flag, image_rule=rule)
-    return Chosen(decision, pcts, probabilities)
+    return Chosen(decision, maps, pcts, probabilities)
 
 
 def data_sha256(x: np.ndarray, y: np.ndarray) -> str:
@@ -418,6 +451,7 @@ def build_texture(
     )
     booster = fit(photos, recipe, recipe.seed)
     x, y = training_rows(photos)
+    regions = region_scorer(photos, chosen.maps, recipe, out)
     manifest = export_model(
         booster,
         out,
@@ -439,6 +473,7 @@ def build_texture(
         pipeline=recipe.pipeline,
         sample=x,
         seed=recipe.seed,
+        regions=regions,
     )
     entries: list[dict[str, Any]] = [
         {"path": str(p.path), "rust": p.rust, "boxed": p.boxed, "oof_pct": round(float(v), 4)}

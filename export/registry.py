@@ -35,7 +35,6 @@ from pydantic import ValidationError
 
 from agent.contract import (
     ChannelPointer,
-    FileRef,
     ModelManifest,
     RegistryUrl,
     Signature,
@@ -161,10 +160,6 @@ def sign_manifest(manifest: ModelManifest, key: Ed25519PrivateKey) -> ModelManif
     return manifest.model_copy(update={"signature": signature})
 
 
-def _files(manifest: ModelManifest) -> list[FileRef]:
-    return [ref for ref in (manifest.model, manifest.table) if ref is not None]
-
-
 def publish(s3: Any, url: RegistryUrl, directory: Path, key: Ed25519PrivateKey) -> ModelManifest:
     """Verify an export directory, sign its manifest and upload it as an immutable version.
 
@@ -173,7 +168,7 @@ def publish(s3: Any, url: RegistryUrl, directory: Path, key: Ed25519PrivateKey) 
     kept, different ones refused). Returns the signed manifest.
     """
     manifest = ModelManifest.read(directory / "manifest.json")
-    for ref in _files(manifest):
+    for ref in manifest.files():
         verify_file(directory / ref.file, ref.size, ref.sha256, ref.file)
     name, version = manifest.name, manifest.version
     mkey = manifest_key(url.prefix, name, version)
@@ -184,7 +179,7 @@ def publish(s3: Any, url: RegistryUrl, directory: Path, key: Ed25519PrivateKey) 
         )
     signed = sign_manifest(manifest, key)
     with create_only(s3):
-        for ref in _files(manifest):
+        for ref in manifest.files():
             fkey = file_key(url.prefix, name, version, ref.file)
             existing = head_object(s3, url, fkey)
             if existing is not None:
@@ -262,7 +257,7 @@ def promote(
             verify_manifest(manifest, public_keys, required=True)
         except ModelError as exc:
             raise RegistryError(f"{url.uri(mkey)}: {exc}") from exc
-    for ref in _files(manifest):
+    for ref in manifest.files():
         fkey = file_key(url.prefix, name, version, ref.file)
         head = head_object(s3, url, fkey)
         if head is None or head["ContentLength"] != ref.size:

@@ -216,7 +216,9 @@ def _variants(results: Mapping[str, Result]) -> list[str]:
         "rule). Fewer clean pixels from outside the boxes (250, the recipe before the image "
         "rule) loosen the mask around what annotators box: box AP falls, and the rust-coloured "
         "surroundings that raised rust photos' % no longer matter once the image rule "
-        "decides.",
+        "decides. `--no-box-scorer` ranks regions by their rust contrast with the ring around "
+        "them (agent/engine/regions.py, the grouping chosen by inner CV), as before the "
+        "learned box scorer.",
         "",
         "| variant | measure | result |",
         "|---|---|---|",
@@ -351,15 +353,21 @@ def _details(
             f"{_pct(held['rust_recall'])}. Too few photos to compare; a sanity check.",
         ]
     if box:
+        learned = all(not c["grouping"] for c in box.get("chosen", [{"grouping": {}}]))
+        ranking = (
+            "with regions ranked by the recipe's box scorer, itself trained on out-of-fold "
+            "maps of the training photos only"
+            if learned
+            else "with the region grouping chosen by inner CV on the training photos"
+        )
         lines += ["", "## Boxes: out-of-fold", ""]
         lines += [
             f"export.boxes.out_of_fold, {box.get('folds', '?')} folds over the boxed photos: "
-            "each photo is scored by a texture model trained without it (nor its copies), "
-            "with the region grouping chosen by inner CV on the training photos; detections "
-            f"pooled. AP@0.5 {box['ap50']:.3f}, AP@[.5:.95] {box['ap']:.3f}, "
-            f"AR@100 {box['ar100']:.3f}.",
+            f"each photo is scored by a texture model trained without it (nor its copies), "
+            f"{ranking}; detections pooled. AP@0.5 {box['ap50']:.3f}, AP@[.5:.95] "
+            f"{box['ap']:.3f}, AR@100 {box['ar100']:.3f}.",
         ]
-        if "recommended" in box:
+        if "recommended" in box and not learned:
             rec = box["recommended"]
             lines += [
                 "",

@@ -14,6 +14,7 @@ import pytest
 from agent.contract import ModelManifest
 from agent.engine.model import PixelModel
 from export import evaluate
+from export.boxes import GROUPINGS
 from export.cli import main as export_main
 from export.datasets import csv_bytes
 from export.recipe import (
@@ -130,17 +131,25 @@ def test_box_cv_trains_without_the_held_out_photos(
     chosen = [p for p in load_photos(layout, TINY) if not p.boxed or p.group in kept]
     assert manifest.provenance.training_data_sha256 == data_sha256(*training_rows(chosen))
     assert len(chosen) == len(load_photos(layout, TINY)) - 3 and manifest.features is not None
+    assert manifest.regions is not None  # the box scorer, from its photos' out-of-fold maps
+
+    real = evaluate.cv_boxes(layout, TINY, folds=3)  # the scorer ranks the held-out regions
+    assert real["n_boxes"] > 0 and 0.0 <= real["ap50"] <= 1.0
+    assert [c["grouping"] for c in real["chosen"]] == [{}] * 3
 
     calls: dict[str, Any] = {}
 
     def fake(voc: Path, **kwargs: Any) -> dict[str, Any]:
-        calls.update(voc=voc, folds=kwargs["folds"], trainer=kwargs["trainer"])
+        calls.update(voc=voc, **kwargs)
         return {"ap50": 0.5, "ap": 0.2, "ar100": 0.4, "n_images": 5, "n_boxes": 9}
 
     monkeypatch.setattr("export.boxes.out_of_fold", fake)
     r = evaluate.cv_boxes(layout, TINY, folds=3)
     assert r["kind"] == "cv-boxes" and r["ap50"] == 0.5
     assert calls["voc"] == layout.voc and calls["folds"] == 3 and callable(calls["trainer"])
+    assert calls["groupings"] == ({},)
+    evaluate.cv_boxes(layout, replace(TINY, box_scorer=False), folds=3)
+    assert calls["groupings"] == GROUPINGS  # without a scorer the grouping is chosen by CV
 
 
 def test_cli_json_report_and_summary(

@@ -21,6 +21,8 @@ from agent.contract.manifest import (
     ModelManifest,
     OutputSpec,
     Provenance,
+    RegionGolden,
+    RegionScorerSpec,
     Signature,
     statistic_names,
 )
@@ -55,6 +57,8 @@ __all__ = [
     "OutputSpec",
     "Provenance",
     "Region",
+    "RegionGolden",
+    "RegionScorerSpec",
     "RegistryUrl",
     "Signature",
     "Size",

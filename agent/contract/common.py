@@ -7,7 +7,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-CONTRACT_VERSION = "1.2"
+CONTRACT_VERSION = "1.3"
 """Major.minor of every payload below; a reader refuses a different major."""
 
 SemVer = Annotated[

@@ -121,7 +121,7 @@ class FeatureSpec(Strict):
 class GoldenSample(_OmitsUnset):
     """A pixel with the answer the model must give: the device's smoke test after a load."""
 
-    _omit_when_none = ("features",)
+    _omit_when_none = ("features", "regions")
 
     rgb: tuple[int, int, int] = Field(description="Colour, R, G, B in 0..255")
     features: tuple[float, ...] | None = Field(
@@ -188,6 +188,41 @@ class ImageRule(Strict):
         return self
 
 
+class RegionGolden(Strict):
+    """A feature row of a candidate box and the box scorer's answer: the load-time smoke test."""
+
+    features: tuple[float, ...] = Field(description="The candidate's features, in order")
+    score: Unit = Field(description="The scorer's answer for them")
+
+
+class RegionScorerSpec(Strict):
+    """A trained scorer of candidate boxes (contract 1.3): how regions are chosen.
+
+    agent.engine.proposals computes the candidates and their named features from the frame's
+    scores at `long_side`; the ONNX trees answer each candidate's expected IoU with a box an
+    annotator would draw; NMS at `overlap` keeps the best.
+    """
+
+    model: FileRef = Field(description="The scorer's ONNX file")
+    features: tuple[str, ...] = Field(
+        min_length=1,
+        description="Names of the candidate features, in agent.engine.proposals' order",
+    )
+    long_side: int = Field(ge=16, le=4096, description="Long side of the map candidates come from")
+    overlap: Unit = Field(description="IoU above which the lower-scored of two boxes is dropped")
+    output: str = Field(default="probabilities", description="ONNX output holding the scores")
+    golden: tuple[RegionGolden, ...] = Field(
+        min_length=8, description="Feature rows with the scorer's answers, checked at load"
+    )
+
+    @model_validator(mode="after")
+    def _aligned(self) -> RegionScorerSpec:
+        width = len(self.features)
+        if any(len(g.features) != width for g in self.golden):
+            raise ValueError(f"golden samples must carry {width} features")
+        return self
+
+
 class Decision(_OmitsUnset):
     """How pixel scores become a pixel label and pixel labels become an image flag."""
 
@@ -238,7 +273,7 @@ def _class_names() -> dict[Literal["0", "1"], str]:
 class ModelManifest(_OmitsUnset):
     """Everything a device needs to verify, load and smoke-test a pixel model."""
 
-    _omit_when_none = ("features",)
+    _omit_when_none = ("features", "regions")
 
     schema_version: SchemaVersion = Field(default=CONTRACT_VERSION, description="Contract version")
     name: ModelName = Field(description="Model name")
@@ -260,6 +295,11 @@ class ModelManifest(_OmitsUnset):
     positive_class: Literal[1] = Field(default=1, description="Class id counted as corrosion")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Model outputs")
     decision: Decision = Field(default_factory=Decision, description="Pixel and image rules")
+    regions: RegionScorerSpec | None = Field(
+        default=None,
+        description="Learned box scorer (contract 1.3); without it regions are ranked by "
+        "their rust contrast with the ring around them",
+    )
     golden: tuple[GoldenSample, ...] = Field(
         min_length=64, description="At least 64 colours with their expected answers"
     )
@@ -281,6 +321,9 @@ class ModelManifest(_OmitsUnset):
             )
         if self.output.kind == "probabilities" and any(g.probability is None for g in self.golden):
             raise ValueError("golden samples of a probability model must carry probabilities")
+        names = [ref.file for ref in self.files()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model, table and box scorer must be different files, got {names}")
         self._check_features()
         return self
 
@@ -307,6 +350,11 @@ class ModelManifest(_OmitsUnset):
                 raise ValueError("decision.image_rule needs a model with probabilities")
         if any(g.features is None or len(g.features) != width for g in self.golden):
             raise ValueError(f"golden samples of a feature model must carry {width} features")
+
+    def files(self) -> list[FileRef]:
+        """Every file the manifest pins: what a registry stores and a device downloads."""
+        scorer = None if self.regions is None else self.regions.model
+        return [ref for ref in (self.model, self.table, scorer) if ref is not None]
 
     def signing_payload(self) -> bytes:
         """Canonical bytes that a signature covers: the manifest without its signature."""

@@ -27,6 +27,7 @@ from agent.contract import ModelManifest, ModelRef
 from agent.engine import imagerule
 from agent.engine.features import RGB_FEATURES, FeatureError, FeaturePipeline, expand
 from agent.engine.model import ModelError, PixelModel
+from agent.engine.proposals import RegionScorer
 from agent.engine.table import CORRODED, SIZE, load_table, scores_from
 
 STRIP_ROWS = 48
@@ -109,6 +110,7 @@ class ServingModel(Protocol):
     """What the detector and the model updater use of a model, whatever its kind."""
 
     manifest: ModelManifest
+    regions: RegionScorer | None  # the manifest's box scorer, if it has one
 
     @property
     def ref(self) -> ModelRef: ...
@@ -129,12 +131,18 @@ def _ref(m: ModelManifest) -> ModelRef:
     return ModelRef(name=m.name, version=m.version, sha256=m.model.sha256)
 
 
+def _regions(manifest: ModelManifest, manifest_path: Path) -> RegionScorer | None:
+    spec = manifest.regions
+    return None if spec is None else RegionScorer.load(manifest_path.parent, spec)
+
+
 def load_model(manifest_path: Path, *, threads: int = 1) -> ServingModel:
     """Verify a model against its manifest and make it ready to serve, table or features."""
     model = PixelModel.load(manifest_path, threads=threads)
+    regions = _regions(model.manifest, manifest_path)
     if model.manifest.features is None:
-        return ColourModel.of(model, threads=threads, source=manifest_path)
-    return FeatureModel.of(model, source=manifest_path)
+        return ColourModel.of(model, threads=threads, source=manifest_path, regions=regions)
+    return FeatureModel.of(model, source=manifest_path, regions=regions)
 
 
 @dataclass
@@ -144,21 +152,31 @@ class ColourModel:
     manifest: ModelManifest
     classifier: TableClassifier
     source: Path = field(default_factory=Path)
+    regions: RegionScorer | None = None
 
     @classmethod
     def load(cls, manifest_path: Path, *, threads: int = 1) -> ColourModel:
         """Verify the ONNX model, then take its shipped table (checked) or compile one."""
-        return cls.of(PixelModel.load(manifest_path), threads=threads, source=manifest_path)
+        model = PixelModel.load(manifest_path)
+        regions = _regions(model.manifest, manifest_path)
+        return cls.of(model, threads=threads, source=manifest_path, regions=regions)
 
     @classmethod
-    def of(cls, model: PixelModel, *, threads: int = 1, source: Path = Path()) -> ColourModel:
+    def of(
+        cls,
+        model: PixelModel,
+        *,
+        threads: int = 1,
+        source: Path = Path(),
+        regions: RegionScorer | None = None,
+    ) -> ColourModel:
         if model.manifest.input.features != RGB_FEATURES:
             raise ModelError(
                 f"{model.path}: a model without a feature pipeline must read R, G, B, "
                 f"not {list(model.manifest.input.features)}"
             )
         table = load_table(model)
-        return cls(model.manifest, TableClassifier(table, threads=threads), source)
+        return cls(model.manifest, TableClassifier(table, threads=threads), source, regions)
 
     @property
     def ref(self) -> ModelRef:
@@ -207,9 +225,12 @@ class FeatureModel:
     model: PixelModel
     pipeline: FeaturePipeline
     source: Path = field(default_factory=Path)
+    regions: RegionScorer | None = None
 
     @classmethod
-    def of(cls, model: PixelModel, *, source: Path = Path()) -> FeatureModel:
+    def of(
+        cls, model: PixelModel, *, source: Path = Path(), regions: RegionScorer | None = None
+    ) -> FeatureModel:
         spec = model.manifest.features
         if spec is None:
             raise ModelError(f"{model.path}: the manifest declares no feature pipeline")
@@ -217,7 +238,7 @@ class FeatureModel:
             pipeline = FeaturePipeline(model.manifest.input.features, spec.long_side, spec.stride)
         except FeatureError as exc:
             raise ModelError(f"{source}: {exc}") from exc
-        return cls(model.manifest, model, pipeline, source)
+        return cls(model.manifest, model, pipeline, source, regions)
 
     @property
     def ref(self) -> ModelRef:

@@ -19,7 +19,7 @@ import numpy as np
 from agent.config import ClassifierConfig
 from agent.contract import DetectionMessage, Gps, ModelRef, Region, Size
 from agent.engine.classifier import ServingModel, corroded_mask, load_model
-from agent.engine.regions import find_regions, fit_long_side
+from agent.engine.regions import fit_long_side, scored_regions
 
 BORDERLINE = (96, 159)
 """Scores of pixels the model is unsure of: P within about 1/4 of the way from the pixel
@@ -56,6 +56,7 @@ class Analysis:
     analysis_size: Size
     model: ModelRef
     elapsed_ms: float
+    region_scores: tuple[float, ...] = ()  # what ranked each region (box AP); not in the contract
 
     def message(
         self,
@@ -159,9 +160,14 @@ class Detector:
         classified = model.classify(work, rule=rust_threshold is not None)
         scores = classified.scores
         borderline = cv2.countNonZero(cv2.inRange(scores, *BORDERLINE))
+        if model.regions is not None:  # reads the scores, before the mask overwrites them
+            found = model.regions.regions(
+                scores, full, min_region_pct=cfg.min_region_pct, max_regions=cfg.max_regions
+            )
         mask = corroded_mask(scores)
         pct = 100.0 * cv2.countNonZero(mask) / float(width * height)
-        regions = find_regions(mask, full, **grouping_of(cfg))
+        if model.regions is None:
+            found = scored_regions(mask, full, **grouping_of(cfg))
         threshold = self._threshold_of(model)
         probability = classified.rust_probability
         if probability is not None and rust_threshold is not None:
@@ -176,7 +182,8 @@ class Detector:
             rust_probability=probability,
             rust_threshold=rust_threshold,
             threshold=threshold,
-            regions=regions,
+            regions=tuple(region for region, _ in found),
+            region_scores=tuple(score for _, score in found),
             frame_size=Size(width=full[0], height=full[1]),
             analysis_size=Size(width=width, height=height),
             model=model.ref,

@@ -102,6 +102,24 @@ def read_tree(path: Path) -> TreeNode:
     return TreeNode(trees[0])
 
 
+def onnx_session(onnx_path: Path, threads: int = 1) -> ort.InferenceSession:
+    """A CPU session sized for tree ensembles; a model onnxruntime refuses is a ModelError."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, threads)
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 4
+    options.enable_cpu_mem_arena = False  # tiny batches: an arena only holds on to memory
+    options.enable_mem_pattern = False
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        return ort.InferenceSession(
+            str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+        reason = str(exc).splitlines()[0][-300:]
+        raise ModelError(f"{onnx_path}: onnxruntime refuses the model: {reason}") from exc
+
+
 class PixelModel:
     """A verified ONNX model with its manifest: the reference every fast path must equal."""
 
@@ -112,20 +130,7 @@ class PixelModel:
         self.path = onnx_path
         self.tree = tree
         self._check_tree()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = max(1, threads)
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 4
-        options.enable_cpu_mem_arena = False  # tiny batches: an arena only holds on to memory
-        options.enable_mem_pattern = False
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        try:
-            self.session = ort.InferenceSession(
-                str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            reason = str(exc).splitlines()[0][-300:]
-            raise ModelError(f"{onnx_path}: onnxruntime refuses the model: {reason}") from exc
+        self.session = onnx_session(onnx_path, threads)
         self._check_signature()
 
     @classmethod

@@ -162,16 +162,22 @@ def scored_regions(
     scores = contrast * np.sqrt(inside / total)
     chosen = suppress(boxes, scores, overlap, max_regions)
     chosen = chosen[np.argsort(-area_pct[chosen], kind="stable")]  # the contract: largest first
-    sx, sy = frame_size[0] / width, frame_size[1] / height
-    out = []
-    for i in chosen.tolist():
-        x, y, x_end, y_end = boxes[i].tolist()
-        x0, y0 = int(x * sx), int(y * sy)
-        x1 = min(frame_size[0], max(x0 + 1, round(x_end * sx)))
-        y1 = min(frame_size[1], max(y0 + 1, round(y_end * sy)))
-        region = Region(x=x0, y=y0, w=x1 - x0, h=y1 - y0, area_pct=float(area_pct[i]))
-        out.append((region, float(scores[i])))
-    return out
+    return [
+        (to_region(boxes[i], (width, height), frame_size, area_pct[i]), float(scores[i]))
+        for i in chosen.tolist()
+    ]
+
+
+def to_region(
+    box: I64, map_size: tuple[int, int], frame_size: tuple[int, int], area_pct: float
+) -> Region:
+    """A box of a downscaled map in frame pixels: edges scaled, at least 1 px, in the frame."""
+    x, y, x_end, y_end = (int(v) for v in box)
+    sx, sy = frame_size[0] / map_size[0], frame_size[1] / map_size[1]
+    x0, y0 = int(x * sx), int(y * sy)
+    x1 = min(frame_size[0], max(x0 + 1, round(x_end * sx)))
+    y1 = min(frame_size[1], max(y0 + 1, round(y_end * sy)))
+    return Region(x=x0, y=y0, w=x1 - x0, h=y1 - y0, area_pct=float(area_pct))
 
 
 def find_regions(
