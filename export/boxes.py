@@ -5,9 +5,10 @@ per image): detections are taken best score first, each claims the unmatched gro
 it overlaps most if that IoU reaches the threshold, and the precision envelope is read at the
 101 recalls 0, 0.01, ..., 1. A second detection of an already claimed box is a false positive.
 
-Detections are the regions `Detector.analyse` reports; the contract carries no score, so
-each region is ranked by the score the grouping chose it by (`agent.engine.regions`:
-rust contrast with the ring around the box times the square root of its area share).
+Detections are the regions `Detector.analyse` reports, ranked by the score they were chosen
+by (`Analysis.region_scores`; the contract carries none): the model's box scorer
+(`agent.engine.proposals`) or, without one, `agent.engine.regions`' rust contrast with the
+ring around the box times the square root of its area share.
 
 `out_of_fold` measures a whole recipe on annotated photos that have no separate test set:
 folds by photo (identical files together), a pixel model trained per fold by a `Trainer`,
@@ -375,7 +376,7 @@ def out_of_fold(
                 for _, boxes in detect(fit, held, f"{k}-{j}"):
                     for g, image in enumerate(boxes):
                         per_grouping[g].append(image)
-            best, inner_ap = _best(per_grouping)
+            best, inner_ap = _best(per_grouping) if per_grouping[0] else (0, None)
             chosen.append({"fold": k, "grouping": dict(groupings[best]), "inner_ap50": inner_ap})
             for ann, boxes in detect(
                 train_idx, [i for i in range(len(anns)) if outer[i] == k], str(k)
@@ -383,8 +384,10 @@ def out_of_fold(
                 pooled.append((ann, boxes[best]))
                 for g, image in enumerate(boxes):
                     every[g].append(image)
-            choice = f"grouping {dict(groupings[best])}, inner ap50 {inner_ap:.3f}"
-            log(f"fold {k}: " + (choice if len(groupings) > 1 else "done"))
+            if inner_ap is None:  # one grouping: nothing was chosen
+                log(f"fold {k}: done")
+            else:
+                log(f"fold {k}: grouping {dict(groupings[best])}, inner ap50 {inner_ap:.3f}")
     result = summary([image for _, image in pooled])
     result["per_image"] = [_per_image(ann, image) for ann, image in pooled]
     recommended, recommended_ap = _best(every)

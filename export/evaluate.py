@@ -301,4 +301,4 @@ def cv_boxes(sources: Sources, recipe: Recipe, *, folds: int = 5) -> dict[str, A
     result = boxes.out_of_fold(
         sources.voc, trainer=trainer, groupings=groupings, folds=folds, seed=recipe.seed, log=log
     )
-    return {"kind": "cv-boxes", **result}
+    return {"kind": "cv-boxes", "box_scorer": recipe.box_scorer, **result}

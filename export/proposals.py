@@ -1,15 +1,16 @@
 """Train the box scorer (agent.engine.proposals) on annotated photos and export it to ONNX.
 
 Each annotated photo's candidates, computed by the device's own code from a score map its
-pixel model did not train on (out of fold: a scorer trained on in-sample maps learns a mask
-far cleaner than any the device will see), are labelled with their IoU with the best
-matching annotated box: a soft label for binary:logistic, so the trees predict expected IoU
-and box AP ranks by it. Measured on objdet/train (three fold splits, texture model): soft
-logistic labels rank as well as squared-error regression (AP@0.5 0.187 vs 0.193, within
-split noise) and export as the same 2-class tree node the pixel models use; a ridge
-regression on the same features gets 0.12, and adding candidates (unions of neighbouring
-components, 10 % grown boxes, a dense box lattice) raises the share of boxes reachable at IoU
-0.5 from 56 % to 93 % but lowers AP: the scorer cannot tell near misses apart.
+pixel model did not train on (out of fold: in-sample maps are far cleaner than any the
+device will see), are labelled with their IoU with the best matching annotated box: a soft
+label for binary:logistic, so the trees predict expected IoU, box AP ranks by it, and the
+model exports as the same 2-class tree node the pixel models use. Choices from exploratory
+runs on out-of-fold maps of objdet/train (three fold splits, mean AP@0.5): soft logistic
+labels ranked as well as squared-error regression (0.187 vs 0.193, within split noise); a
+ridge regression on the same features reached 0.12; more candidates (unions of neighbouring
+components, grown boxes, a dense lattice) made more boxes reachable at IoU 0.5 (56 % -> up
+to 93 %) but lowered AP: the scorer cannot tell the near misses apart. The shipped figure is
+`make evaluate`'s nested CV (bench/ACCURACY.md).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from export.train import xgb_params
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
 SCORER_FILE = "regions.onnx"
-LONG_SIDE = 160  # the texture model's grid: 320 px working side, every 2nd pixel
 OVERLAP = 0.3
 SCORER_PARAMS = {
     "objective": "binary:logistic",
@@ -54,7 +54,7 @@ class Annotated:
     boxes: Sequence[Sequence[float]]  # (x0, y0, x1, y1), max exclusive
 
 
-def examples(frame: Annotated, long_side: int = LONG_SIDE) -> tuple[F32, F64]:
+def examples(frame: Annotated, long_side: int) -> tuple[F32, F64]:
     """Feature rows of a frame's candidates and each one's IoU with its best annotated box."""
     maps = Maps.of(frame.scores, long_side)
     boxes = candidates(maps.p)
@@ -72,21 +72,31 @@ def examples(frame: Annotated, long_side: int = LONG_SIDE) -> tuple[F32, F64]:
 
 
 def train_scorer(
-    frames: Sequence[Annotated], *, seed: int = 0, threads: int = 0
+    frames: Sequence[Annotated], long_side: int, *, seed: int = 0, threads: int = 0
 ) -> tuple[xgb.Booster, F32]:
-    """The scorer and the rows it was trained on (what parity and golden rows come from)."""
-    rows, labels = zip(*(examples(f) for f in frames), strict=True)
-    x, y = np.concatenate(rows), np.concatenate(labels)
-    if not len(x) or not np.any(y > 0):
-        raise ConvertError("the box scorer needs annotated frames whose boxes some candidate hits")
+    """The scorer of candidates of `long_side` maps, and the rows it was trained on (what
+    parity and golden rows come from)."""
+    found = [examples(f, long_side) for f in frames]
+    x = np.concatenate([r for r, _ in found]) if found else np.empty((0, len(FEATURES)), np.float32)
+    y = np.concatenate([t for _, t in found]) if found else np.empty(0)
+    if len(x) < GOLDEN or not np.any(y > 0):
+        raise ConvertError(
+            f"the box scorer needs annotated frames with at least {GOLDEN} candidates, some "
+            f"overlapping a box; got {len(frames)} frames, {len(x)} candidates"
+        )
     params, rounds = xgb_params(SCORER_PARAMS, threads, seed)
     return xgb.train(params, xgb.DMatrix(x, label=y), rounds), x
 
 
 def export_scorer(
-    booster: xgb.Booster, rows: F32, out_dir: Path, *, seed: int = 0
+    booster: xgb.Booster, rows: F32, out_dir: Path, long_side: int, *, seed: int = 0
 ) -> RegionScorerSpec:
-    """regions.onnx in `out_dir` and the manifest block pinning it; parity proven on `rows`."""
+    """regions.onnx in `out_dir` and the manifest block pinning it; parity proven on `rows`
+    (at least GOLDEN of them: the golden samples are drawn from them)."""
+    if len(rows) < GOLDEN:
+        raise ConvertError(
+            f"{len(rows)} sample rows, the box scorer's golden samples need {GOLDEN}"
+        )
     if booster.num_features() != len(FEATURES):
         raise ConvertError(
             f"the scorer reads {booster.num_features()} features, not {len(FEATURES)}"
@@ -101,7 +111,7 @@ def export_scorer(
     draft = RegionScorerSpec.model_construct(
         model=ref,
         features=FEATURES,
-        long_side=LONG_SIDE,
+        long_side=long_side,
         overlap=OVERLAP,
         output="probabilities",
         golden=tuple(

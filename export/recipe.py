@@ -314,16 +314,20 @@ def region_scorer(
     photos: Sequence[Photo], maps: Sequence[F32], recipe: Recipe, out: Path
 ) -> RegionScorerSpec | None:
     """The box scorer, trained on the boxed photos' out-of-fold `maps`, written into `out`
-    (None when the recipe asks for none or no photo is boxed)."""
+    (None when the recipe asks for none or no photo is boxed). Its map has the serving
+    grid's resolution: finer holds no more of the model's answers."""
+    if not recipe.box_scorer:
+        return None
     frames = [
         Annotated(photo_scores(p, m, recipe.pixel_threshold), p.boxes)
         for p, m in zip(photos, maps, strict=True)
         if p.boxed
     ]
-    if not recipe.box_scorer or not frames:
+    if not frames:
         return None
-    booster, rows = train_scorer(frames, seed=recipe.seed, threads=recipe.threads)
-    return export_scorer(booster, rows, out, seed=recipe.seed)
+    side = max(16, recipe.long_side // recipe.stride)
+    booster, rows = train_scorer(frames, side, seed=recipe.seed, threads=recipe.threads)
+    return export_scorer(booster, rows, out, side, seed=recipe.seed)
 
 
 def frame_statistics(photos: Sequence[Photo], maps: Sequence[F32], threshold: float) -> F64:

@@ -353,7 +353,7 @@ def _details(
             f"{_pct(held['rust_recall'])}. Too few photos to compare; a sanity check.",
         ]
     if box:
-        learned = all(not c["grouping"] for c in box.get("chosen", [{"grouping": {}}]))
+        learned = bool(box.get("box_scorer"))
         ranking = (
             "with regions ranked by the recipe's box scorer, itself trained on out-of-fold "
             "maps of the training photos only"

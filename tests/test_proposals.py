@@ -16,6 +16,7 @@ from agent.engine.detector import Detector
 from agent.engine.model import ModelError
 from agent.engine.proposals import FEATURES, Maps, RegionScorer, box_features, candidates
 from export.boxes import iou_matrix
+from export.convert import ConvertError
 from export.proposals import SCORER_FILE, Annotated, export_scorer, train_scorer
 from tests.registry_helpers import NAME, Registry, train
 from tests.test_model import copy_model, edit_manifest
@@ -43,9 +44,9 @@ def scene(rng: np.random.Generator) -> Annotated:
 def scorer(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RegionScorerSpec]:
     """A scorer trained in seconds on synthetic frames, exported into a folder."""
     rng = np.random.default_rng(3)
-    booster, rows = train_scorer([scene(rng) for _ in range(12)], threads=2)
+    booster, rows = train_scorer([scene(rng) for _ in range(12)], 160, threads=2)
     folder = tmp_path_factory.mktemp("scorer")
-    return folder, export_scorer(booster, rows, folder)
+    return folder, export_scorer(booster, rows, folder, 160)
 
 
 def test_candidates_hold_each_patch_and_the_whole_map() -> None:
@@ -129,6 +130,7 @@ def test_the_detector_reports_the_scorers_regions(
     frame[40:140, 60:200] = (40, 70, 160)  # BGR rust
     analysis = Detector(model).analyse(frame)
     assert analysis.regions and len(analysis.region_scores) == len(analysis.regions)
+    assert all(r.area_pct <= analysis.corrosion_pct for r in analysis.regions)
     found = model.regions.regions(model.classify(frame).scores, (320, 240))
     assert analysis.regions == tuple(r for r, _ in found)
     assert analysis.region_scores == tuple(s for _, s in found)
@@ -148,10 +150,31 @@ def test_manifest_checks_of_the_scorer_block(
     data["regions"]["golden"][3]["features"] = data["regions"]["golden"][3]["features"][:-1]
     manifest.write_text(json.dumps(data))
     width = len(FEATURES)
-    with pytest.raises(ValueError, match=rf"regions.*golden samples must carry {width} features"):
+    with pytest.raises(ValueError, match=rf"regions.*golden\[3\] carries {width - 1} features"):
         ModelManifest.read(manifest)
     bare = json.loads(logistic_model.read_text())
     assert "regions" not in bare  # a model without a scorer reads as before (contract 1.2)
+
+
+def test_a_labels_only_model_cannot_carry_a_scorer(
+    softmax_model: Path, scorer: tuple[Path, RegionScorerSpec], tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match="box scorer reads probabilities"):
+        with_scorer(copy_model(softmax_model, tmp_path / "m"), scorer)
+
+
+def test_scorer_limits_and_training_errors(scorer: tuple[Path, RegionScorerSpec]) -> None:
+    loaded = RegionScorer.load(*scorer)
+    frame = scene(np.random.default_rng(5)).scores
+    assert loaded.regions(frame, (W, H), max_regions=0) == []
+    assert len(loaded.regions(frame, (W, H), max_regions=2)) == 2
+    assert loaded.regions(frame, (W, H), min_region_pct=100.0) == []
+    assert loaded.regions(np.zeros((H, W), np.uint8), (W, H)) == []  # nothing corroded
+    with pytest.raises(ConvertError, match="0 frames, 0 candidates"):
+        train_scorer([], 160)
+    with pytest.raises(ConvertError, match="golden samples need 16"):
+        booster, rows = train_scorer([scene(np.random.default_rng(1))], 160, threads=2)
+        export_scorer(booster, rows[:3], Path("unused"), 160)
 
 
 def test_a_scorer_travels_through_the_registry_to_the_device(

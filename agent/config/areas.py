@@ -27,19 +27,20 @@ class ClassifierConfig(Area):
         default=640,
         ge=32,
         le=16384,
-        description="Group regions on the mask scaled to this long side; None = full size",
+        description="Ring-contrast grouping (models without a box scorer) runs on the mask "
+        "scaled to this long side; None = full size",
     )
     open_px: int = Field(
         default=3,
         ge=0,
         le=51,
-        description="Opening kernel (px) that drops specks before grouping regions; 0 = off",
+        description="Opening kernel (px) that drops specks before ring-contrast grouping; 0 = off",
     )
     close_px: int = Field(
         default=5,
         ge=0,
         le=101,
-        description="Closing kernel (px) that joins nearby rust into one region; 0 = off",
+        description="Closing kernel (px) joining nearby rust for ring-contrast grouping; 0 = off",
     )
     min_region_pct: float = Field(
         default=0.05, ge=0.0, le=100.0, description="Smallest region reported, % of the frame"
@@ -49,7 +50,8 @@ class ClassifierConfig(Area):
     )
     region_grid: tuple[int, ...] = Field(
         default=(16, 32, 64),
-        description="Long sides of the coarse grids whose dense cells become candidate boxes",
+        description="Ring-contrast grouping: long sides of the coarse grids whose dense cells "
+        "become candidate boxes",
     )
     region_densities: tuple[float, ...] = Field(
         default=(0.2, 0.4, 0.6),
@@ -59,7 +61,8 @@ class ClassifierConfig(Area):
         default=0.3,
         gt=0.0,
         le=1.0,
-        description="IoU above which the lower-scored of two candidate boxes is dropped",
+        description="Ring-contrast grouping: IoU above which the lower-scored of two boxes is "
+        "dropped (a box scorer brings its own)",
     )
 
     @model_validator(mode="after")

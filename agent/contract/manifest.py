@@ -121,7 +121,7 @@ class FeatureSpec(Strict):
 class GoldenSample(_OmitsUnset):
     """A pixel with the answer the model must give: the device's smoke test after a load."""
 
-    _omit_when_none = ("features", "regions")
+    _omit_when_none = ("features",)
 
     rgb: tuple[int, int, int] = Field(description="Colour, R, G, B in 0..255")
     features: tuple[float, ...] | None = Field(
@@ -218,8 +218,11 @@ class RegionScorerSpec(Strict):
     @model_validator(mode="after")
     def _aligned(self) -> RegionScorerSpec:
         width = len(self.features)
-        if any(len(g.features) != width for g in self.golden):
-            raise ValueError(f"golden samples must carry {width} features")
+        for i, sample in enumerate(self.golden):
+            if len(sample.features) != width:
+                raise ValueError(
+                    f"golden[{i}] carries {len(sample.features)} features, not the {width} named"
+                )
         return self
 
 
@@ -321,6 +324,8 @@ class ModelManifest(_OmitsUnset):
             )
         if self.output.kind == "probabilities" and any(g.probability is None for g in self.golden):
             raise ValueError("golden samples of a probability model must carry probabilities")
+        if self.regions is not None and self.output.kind != "probabilities":
+            raise ValueError("regions: a box scorer reads probabilities; this model gives labels")
         names = [ref.file for ref in self.files()]
         if len(set(names)) != len(names):
             raise ValueError(f"model, table and box scorer must be different files, got {names}")

@@ -27,7 +27,8 @@ threshold to either end (scores are 128 at the threshold, 0 and 255 at P = 0 and
 
 
 def grouping_of(cfg: ClassifierConfig) -> dict[str, Any]:
-    """The find_regions arguments a config asks for (evaluation groups boxes the same way)."""
+    """The ring-contrast grouping's arguments a config asks for (models without a box scorer;
+    evaluation groups boxes the same way)."""
     return {
         "long_side": cfg.region_long_side,
         "open_px": cfg.open_px,
@@ -164,10 +165,11 @@ class Detector:
             found = model.regions.regions(
                 scores, full, min_region_pct=cfg.min_region_pct, max_regions=cfg.max_regions
             )
-        mask = corroded_mask(scores)
-        pct = 100.0 * cv2.countNonZero(mask) / float(width * height)
-        if model.regions is None:
+            mask = corroded_mask(scores)
+        else:
+            mask = corroded_mask(scores)
             found = scored_regions(mask, full, **grouping_of(cfg))
+        pct = 100.0 * cv2.countNonZero(mask) / float(width * height)
         threshold = self._threshold_of(model)
         probability = classified.rust_probability
         if probability is not None and rust_threshold is not None:

@@ -3,16 +3,18 @@
 Annotators box rusty objects and surfaces, and which blob of rust-coloured pixels makes a
 box is a judgement no fixed formula captures (agent.engine.regions' ring contrast times
 sqrt(area) is one such formula). So a model trained on annotated boxes judges instead: the
-candidates are the connected components of the corrosion probability map, blurred at five
-scales and cut at seven levels (a speck, a patch, a surface), plus the whole frame; each is
+candidates are the connected components of the corrosion probability map, as it is and
+blurred at four scales, cut at seven levels (a speck, a patch, a surface), plus the whole
+frame; each is
 described by how its probability sits inside, at its edges and in rings around it; the
 scorer (gradient-boosted trees in ONNX, trained by export.proposals on out-of-fold maps with
 the IoU of each candidate with its best annotated box as the soft label) predicts how well a
 candidate matches a box someone would draw; greedy NMS keeps the best.
 
-Measured out of fold on CorrosionDetector objdet/train (texture model, three fold splits):
-box AP@0.5 0.146 (ring contrast) -> 0.187 with the scorer. Costs about 5 ms a frame: the
-map is 160 px on its long side whatever the camera.
+Measured by nested CV on CorrosionDetector objdet/train (`make evaluate`, bench/ACCURACY.md):
+box AP@0.5 0.141 with ring contrast, 0.180 with the scorer. Cost per frame: bench/RESULTS.md
+(`make bench-features`); candidates and features work on a 160 px map, but the map is
+resampled from the full-size scores, which grows with the frame.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ FEATURES: tuple[str, ...] = (
 class Maps:
     """A frame's scores at the scorer's resolution: P(corroded) and the corroded share."""
 
-    p: F32  # mean P(corroded) of each cell
+    p: F32  # mean score / 255 of each cell: P(corroded) itself at a 0.5 pixel threshold
     coverage: F64  # share of each cell's pixels that are corroded (score >= 128)
 
     @classmethod
@@ -179,9 +181,15 @@ class RegionScorer:
         self.spec = spec
         self.path = onnx_path
         if spec.features != FEATURES:
+            differ = next(
+                (f"{i}: {a!r} vs {b!r}"
+                 for i, (a, b) in enumerate(zip(spec.features, FEATURES, strict=False))
+                 if a != b),
+                f"{len(spec.features)} names vs {len(FEATURES)}",
+            )  # fmt: skip
             raise ModelError(
-                f"{onnx_path}: the box scorer reads {len(spec.features)} features that are not "
-                f"agent.engine.proposals' {len(FEATURES)}: export it again with this version"
+                f"{onnx_path}: manifest regions.features are not agent.engine.proposals' "
+                f"FEATURES (first difference {differ}): export the scorer with this version"
             )
         self.session = onnx_session(onnx_path, threads)
         inputs = self.session.get_inputs()
@@ -191,9 +199,12 @@ class RegionScorer:
                 f"{onnx_path}: box scorer inputs {shapes}, expected [N, {len(FEATURES)}]"
             )
         self._input = inputs[0].name
-        outputs = [o.name for o in self.session.get_outputs()]
+        outputs = {o.name: o for o in self.session.get_outputs()}
         if spec.output not in outputs:
-            raise ModelError(f"{onnx_path}: no output {spec.output!r} (has {outputs})")
+            raise ModelError(f"{onnx_path}: no output {spec.output!r} (has {sorted(outputs)})")
+        shape = outputs[spec.output].shape
+        if len(shape) != 2 or shape[1] != 2:
+            raise ModelError(f"{onnx_path}: output {spec.output!r} is {shape}, expected [N, 2]")
         self._check_golden()
 
     @classmethod
@@ -230,15 +241,19 @@ class RegionScorer:
     ) -> list[tuple[Region, float]]:
         """Regions of a frame's uint8 scores with their scores, largest `area_pct` first.
 
-        `area_pct` is the corroded share of the frame inside the box, as agent.engine.regions
-        reports it; boxes holding less than `min_region_pct` are dropped before NMS.
+        `area_pct` is the corroded share of the frame inside the box (never more than the
+        frame's corrosion %, as agent.engine.regions reports it); boxes holding less than
+        `min_region_pct` are dropped before NMS.
         """
         if max_regions == 0:
             return []
         maps = Maps.of(scores, self.spec.long_side)
         boxes = candidates(maps.p)
         height, width = maps.p.shape
-        area_pct = 100.0 * _sums(_integral(maps.coverage), boxes) / (width * height)
+        frame_pct = 100.0 * np.count_nonzero(scores >= CORRODED) / scores.size
+        area_pct = np.minimum(
+            100.0 * _sums(_integral(maps.coverage), boxes) / (width * height), frame_pct
+        )
         keep = area_pct >= min_region_pct
         boxes, area_pct = boxes[keep], area_pct[keep]
         if not len(boxes):

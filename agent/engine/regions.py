@@ -128,8 +128,8 @@ def scored_regions(
 ) -> list[tuple[Region, float]]:
     """`find_regions` with each region's score: contrast with its ring times sqrt(area share).
 
-    The score is what ranks regions across frames (box AP); the contract carries no score,
-    so evaluation calls this with the detector's settings and gets the same regions.
+    The score is what ranks regions across frames (box AP); the detector reports it beside
+    the regions (`Analysis.region_scores`) for models without a box scorer.
     """
     if max_regions == 0:
         return []
