@@ -28,7 +28,7 @@ import numpy.typing as npt
 
 from agent.contract import Region, RegionScorerSpec
 from agent.engine.model import PROBABILITY_TOLERANCE, ModelError, onnx_session, verify_file
-from agent.engine.regions import fit_long_side, suppress, to_region
+from agent.engine.regions import box_sums, components, fit_long_side, suppress, to_region
 from agent.engine.table import CORRODED
 
 F32 = npt.NDArray[np.float32]
@@ -84,10 +84,7 @@ def candidates(p: F32) -> I64:
     for sigma in SIGMAS:
         blurred = p if sigma == 0 else cv2.GaussianBlur(p, (0, 0), sigma)
         for level in LEVELS:
-            binary = (blurred >= np.float32(level)).astype(np.uint8)
-            count, _, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
-            x, y, w, h = (stats[1:count, i].astype(np.int64) for i in range(4))
-            found.append(np.column_stack((x, y, x + w, y + h)))
+            found.append(components((blurred >= np.float32(level)).astype(np.uint8)))
     boxes = np.concatenate(found)
     size = boxes[:, 2:] - boxes[:, :2]
     boxes = boxes[(size >= MIN_SIDE).all(axis=1)]
@@ -96,11 +93,6 @@ def candidates(p: F32) -> I64:
 
 def _integral(plane: np.ndarray) -> F64:
     return np.asarray(cv2.integral(plane.astype(np.float64)), np.float64)
-
-
-def _sums(integral: F64, boxes: I64) -> F64:
-    x0, y0, x1, y1 = boxes.T
-    return np.asarray(integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0])
 
 
 def _area(boxes: I64) -> F64:
@@ -133,7 +125,7 @@ def _edges(boxes: I64) -> list[I64]:
 
 def _mean(integral: F64, boxes: I64, hole: tuple[F64, F64] | None = None) -> F64:
     """Mean of a map over boxes, less a hole's (sum, area) when given: a ring or a band."""
-    total, area = _sums(integral, boxes), _area(boxes)
+    total, area = box_sums(integral, boxes), _area(boxes)
     if hole is not None:
         total, area = total - hole[0], area - hole[1]
     return np.divide(total, area, out=np.zeros(len(boxes)), where=area > 0)
@@ -145,7 +137,7 @@ def box_features(maps: Maps, boxes: I64) -> F32:
     height, width = p.shape
     ip, ic = _integral(p), _integral(corroded)
     area = _area(boxes)
-    sp, sc = _sums(ip, boxes), _sums(ic, boxes)
+    sp, sc = box_sums(ip, boxes), box_sums(ic, boxes)
     size = (boxes[:, 2:] - boxes[:, :2]).astype(np.float64)
     cols: list[F64] = [
         np.log(area / (width * height)),
@@ -166,7 +158,7 @@ def box_features(maps: Maps, boxes: I64) -> F32:
         cols += [_mean(ip, ring, (sp, area)), _mean(ic, ring, (sc, area))]
     for share in CORES:
         core = _core(boxes, share)
-        inner = _sums(ip, core)
+        inner = box_sums(ip, core)
         cols += [_mean(ip, boxes, (inner, _area(core))), inner / _area(core)]
     edges = [_mean(ip, strip) for strip in _edges(boxes)]
     cols += [*edges, np.min(edges, axis=0), np.max(edges, axis=0)]
@@ -252,7 +244,7 @@ class RegionScorer:
         height, width = maps.p.shape
         frame_pct = 100.0 * np.count_nonzero(scores >= CORRODED) / scores.size
         area_pct = np.minimum(
-            100.0 * _sums(_integral(maps.coverage), boxes) / (width * height), frame_pct
+            100.0 * box_sums(_integral(maps.coverage), boxes) / (width * height), frame_pct
         )
         keep = area_pct >= min_region_pct
         boxes, area_pct = boxes[keep], area_pct[keep]

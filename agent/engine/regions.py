@@ -51,7 +51,7 @@ def fit_long_side(image: np.ndarray, long_side: int | None) -> np.ndarray:
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
-def _components(binary: np.ndarray) -> I64:
+def components(binary: np.ndarray) -> I64:
     """Bounding boxes (x0, y0, x1, y1; max exclusive) of the 8-connected components."""
     count, _, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
     x, y, w, h = (stats[1:count, i].astype(np.int64) for i in range(4))
@@ -69,7 +69,7 @@ def candidates(
     height, width = coverage.shape
     _, binary = cv2.threshold(coverage, 127, 255, cv2.THRESH_BINARY)
     cleaned = _morph(_morph(binary, cv2.MORPH_OPEN, open_px), cv2.MORPH_CLOSE, close_px)
-    found = [_components(cleaned)]
+    found = [components(cleaned)]
     cells = coverage
     for side in sorted(grid, reverse=True):  # each grid from the next finer one: cheaper
         if side >= max(height, width):
@@ -77,7 +77,7 @@ def candidates(
         cells = fit_long_side(cells, side)
         ch, cw = cells.shape
         for density in densities:
-            boxes = _components((cells >= round(255 * density)).astype(np.uint8))
+            boxes = components((cells >= round(255 * density)).astype(np.uint8))
             # cell edges back to coverage pixels, outward: a cell's pixels stay inside
             x0, x1 = boxes[:, 0] * width // cw, -(-boxes[:, 2] * width // cw)
             y0, y1 = boxes[:, 1] * height // ch, -(-boxes[:, 3] * height // ch)
@@ -87,7 +87,7 @@ def candidates(
     return np.asarray(boxes[np.unique(rows, return_index=True)[1]], np.int64)
 
 
-def _box_sums(integral: np.ndarray, boxes: I64) -> F64:
+def box_sums(integral: np.ndarray, boxes: I64) -> F64:
     x0, y0, x1, y1 = boxes.T
     total = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
     return np.asarray(total, np.float64)
@@ -140,7 +140,7 @@ def scored_regions(
     height, width = coverage.shape
     total = float(height * width)
     integral = cv2.integral(coverage, sdepth=cv2.CV_64F)  # int32 overflows past ~8k x 8k
-    corroded = _box_sums(integral, boxes) / 255.0
+    corroded = box_sums(integral, boxes) / 255.0
     area_pct = np.minimum(100.0 * corroded / total, 100.0 * cv2.countNonZero(mask) / mask.size)
     keep = np.flatnonzero(area_pct >= min_region_pct)
     boxes, corroded, area_pct = boxes[keep], corroded[keep], area_pct[keep]
@@ -153,7 +153,7 @@ def scored_regions(
     inside = size.prod(axis=1)
     around = (ring[:, 2:] - ring[:, :2]).prod(axis=1) - inside
     ring_density = np.divide(
-        _box_sums(integral, ring) / 255.0 - corroded,
+        box_sums(integral, ring) / 255.0 - corroded,
         around,
         out=np.zeros(len(boxes)),
         where=around > 0,
