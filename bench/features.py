@@ -91,7 +91,7 @@ def median_ms(fn: Callable[[np.ndarray], object], frames: list[np.ndarray]) -> f
 
 def regions_line(model: FeatureModel, frames: list[np.ndarray]) -> str:
     """ms per frame of the model's box scorer against the ring-contrast grouping it replaces,
-    both from the frame's served scores (computed beforehand, not timed)."""
+    both from the frame's served scores and mask (computed beforehand, not timed)."""
     from agent.config import ClassifierConfig
     from agent.engine.classifier import corroded_mask
     from agent.engine.detector import grouping_of
@@ -103,7 +103,11 @@ def regions_line(model: FeatureModel, frames: list[np.ndarray]) -> str:
     scores = {id(f): model.scores(f) for f in frames}
     masks = {id(f): corroded_mask(scores[id(f)].copy()) for f in frames}
     kwargs = grouping_of(ClassifierConfig())
-    learned = median_ms(lambda f: scorer.regions(scores[id(f)], (WIDTH, HEIGHT)), frames)
+
+    def learned_regions(f: np.ndarray) -> object:  # the P map's resampling included
+        return scorer.regions(scorer.probability(scores[id(f)]), masks[id(f)], (WIDTH, HEIGHT))
+
+    learned = median_ms(learned_regions, frames)
     ring = median_ms(lambda f: scored_regions(masks[id(f)], (WIDTH, HEIGHT), **kwargs), frames)
     return (
         f"regions per frame: box scorer {learned:.2f} ms, ring contrast {ring:.2f} ms "

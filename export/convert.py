@@ -243,7 +243,8 @@ def golden_samples(
     return tuple(samples)
 
 
-def _file_ref(path: Path) -> FileRef:
+def file_ref(path: Path) -> FileRef:
+    """A written file pinned for a manifest: name, sha256, size."""
     return FileRef(file=path.name, sha256=sha256_file(path), size=path.stat().st_size)
 
 
@@ -284,7 +285,7 @@ def export_model(
         "name": name,
         "version": version,
         "created_at": datetime.now(UTC),
-        "model": _file_ref(onnx_path),
+        "model": file_ref(onnx_path),
         "input": InputSpec(shape=(None, len(names)), features=names),
         "output": OutputSpec(kind=objective.kind, objective=objective.name),
         "decision": decision,
@@ -310,7 +311,7 @@ def export_model(
     if with_table and pipeline is None:
         table_path = out_dir / TABLE_FILE
         save_table(table_path, compile_table(PixelModel(manifest, onnx_path, tree)))
-        manifest = manifest.model_copy(update={"table": _file_ref(table_path)})
+        manifest = manifest.model_copy(update={"table": file_ref(table_path)})
     manifest_path = out_dir / MANIFEST_FILE
     manifest.write(manifest_path)
     return manifest_path

@@ -23,11 +23,19 @@ import numpy as np
 import numpy.typing as npt
 import xgboost as xgb
 
-from agent.contract import FileRef, RegionGolden, RegionScorerSpec
-from agent.engine.model import PROBABILITY_TOLERANCE, sha256_file
-from agent.engine.proposals import FEATURES, Maps, RegionScorer, box_features, candidates
+from agent.contract import RegionGolden, RegionScorerSpec
+from agent.engine.classifier import corroded_mask
+from agent.engine.model import PROBABILITY_TOLERANCE
+from agent.engine.proposals import (
+    FEATURES,
+    Maps,
+    RegionScorer,
+    box_features,
+    candidates,
+    probability_map,
+)
 from export.boxes import iou_matrix
-from export.convert import ConvertError, to_onnx
+from export.convert import ConvertError, file_ref, to_onnx
 from export.train import xgb_params
 
 F32 = npt.NDArray[np.float32]
@@ -56,7 +64,8 @@ class Annotated:
 
 def examples(frame: Annotated, long_side: int) -> tuple[F32, F64]:
     """Feature rows of a frame's candidates and each one's IoU with its best annotated box."""
-    maps = Maps.of(frame.scores, long_side)
+    p = probability_map(frame.scores, long_side)
+    maps = Maps.of(p, corroded_mask(frame.scores.copy()))  # as the detector: P, then the mask
     boxes = candidates(maps.p)
     height, width = maps.p.shape
     scale = np.array([width, height, width, height]) / np.array(
@@ -104,8 +113,8 @@ def export_scorer(
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / SCORER_FILE
     path.write_bytes(to_onnx(booster, len(FEATURES)))
-    ref = FileRef(file=SCORER_FILE, sha256=sha256_file(path), size=path.stat().st_size)
-    pick = np.random.default_rng(seed).choice(len(rows), min(GOLDEN, len(rows)), replace=False)
+    ref = file_ref(path)
+    pick = np.random.default_rng(seed).choice(len(rows), GOLDEN, replace=False)
     golden = rows[np.sort(pick)]
     want = booster.inplace_predict(golden)
     draft = RegionScorerSpec.model_construct(

@@ -10,11 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.contract import ModelManifest, RegionScorerSpec
-from agent.engine.classifier import ColourModel, load_model
+from agent.contract import ModelManifest, Region, RegionScorerSpec
+from agent.engine.classifier import ColourModel, corroded_mask, load_model
 from agent.engine.detector import Detector
 from agent.engine.model import ModelError
-from agent.engine.proposals import FEATURES, Maps, RegionScorer, box_features, candidates
+from agent.engine.proposals import (
+    FEATURES,
+    Maps,
+    RegionScorer,
+    box_features,
+    candidates,
+    probability_map,
+)
 from export.boxes import iou_matrix
 from export.convert import ConvertError
 from export.proposals import SCORER_FILE, Annotated, export_scorer, train_scorer
@@ -40,6 +47,22 @@ def scene(rng: np.random.Generator) -> Annotated:
     return Annotated(scores, boxes)
 
 
+def maps_of(scores: np.ndarray, side: int = 160) -> Maps:
+    return Maps.of(probability_map(scores, side), corroded_mask(scores.copy()))
+
+
+def regions_of(
+    scorer: RegionScorer,
+    scores: np.ndarray,
+    size: tuple[int, int],
+    min_region_pct: float = 0.05,
+    max_regions: int = 50,
+) -> list[tuple[Region, float]]:
+    """The scorer's regions of a frame's scores, fed as the detector feeds it."""
+    p, mask = scorer.probability(scores), corroded_mask(scores.copy())
+    return scorer.regions(p, mask, size, min_region_pct=min_region_pct, max_regions=max_regions)
+
+
 @pytest.fixture(scope="module")
 def scorer(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RegionScorerSpec]:
     """A scorer trained in seconds on synthetic frames, exported into a folder."""
@@ -52,7 +75,7 @@ def scorer(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RegionScorer
 def test_candidates_hold_each_patch_and_the_whole_map() -> None:
     scores = np.full((H, W), 10, np.uint8)
     scores[30:110, 40:120] = 230
-    maps = Maps.of(scores, 160)
+    maps = maps_of(scores)
     assert maps.p.shape == (120, 160)
     boxes = candidates(maps.p).tolist()
     assert [20, 15, 60, 55] in boxes and [0, 0, 160, 120] in boxes
@@ -63,7 +86,7 @@ def test_candidates_hold_each_patch_and_the_whole_map() -> None:
 def test_features_of_the_whole_frame_by_hand() -> None:
     scores = np.full((H, W), 10, np.uint8)
     scores[30:110, 40:120] = 230
-    maps = Maps.of(scores, 160)
+    maps = maps_of(scores)
     row = dict(zip(FEATURES, box_features(maps, np.array([[0, 0, 160, 120]])).ravel(), strict=True))
     assert row["log_area_share"] == 0 and row["frame_edges_touched"] == 4
     assert row["mean_p"] == pytest.approx(maps.p.mean()) == pytest.approx(row["frame_mean_p"])
@@ -83,7 +106,7 @@ def test_the_trained_scorer_finds_the_annotated_patches(
     rng = np.random.default_rng(11)  # frames the scorer never saw
     for _ in range(6):
         frame = scene(rng)
-        found = loaded.regions(frame.scores, (W * 2, H * 2))  # a frame twice the map's size
+        found = regions_of(loaded, frame.scores, (W * 2, H * 2))  # a frame twice the map's size
         assert found and all(0 <= s <= 1 for _, s in found)
         best = max(found, key=lambda rs: rs[1])[0]
         box = np.array([[best.x, best.y, best.x + best.w, best.y + best.h]]) / 2.0
@@ -131,7 +154,7 @@ def test_the_detector_reports_the_scorers_regions(
     analysis = Detector(model).analyse(frame)
     assert analysis.regions and len(analysis.region_scores) == len(analysis.regions)
     assert all(r.area_pct <= analysis.corrosion_pct for r in analysis.regions)
-    found = model.regions.regions(model.classify(frame).scores, (320, 240))
+    found = regions_of(model.regions, model.classify(frame).scores, (320, 240))
     assert analysis.regions == tuple(r for r, _ in found)
     assert analysis.region_scores == tuple(s for _, s in found)
     plain = Detector(load_model(logistic_model)).analyse(frame)
@@ -166,10 +189,10 @@ def test_a_labels_only_model_cannot_carry_a_scorer(
 def test_scorer_limits_and_training_errors(scorer: tuple[Path, RegionScorerSpec]) -> None:
     loaded = RegionScorer.load(*scorer)
     frame = scene(np.random.default_rng(5)).scores
-    assert loaded.regions(frame, (W, H), max_regions=0) == []
-    assert len(loaded.regions(frame, (W, H), max_regions=2)) == 2
-    assert loaded.regions(frame, (W, H), min_region_pct=100.0) == []
-    assert loaded.regions(np.zeros((H, W), np.uint8), (W, H)) == []  # nothing corroded
+    assert regions_of(loaded, frame, (W, H), max_regions=0) == []
+    assert len(regions_of(loaded, frame, (W, H), max_regions=2)) == 2
+    assert regions_of(loaded, frame, (W, H), min_region_pct=100.0) == []
+    assert regions_of(loaded, np.zeros((H, W), np.uint8), (W, H)) == []  # nothing corroded
     with pytest.raises(ConvertError, match="0 frames, 0 candidates"):
         train_scorer([], 160)
     with pytest.raises(ConvertError, match="golden samples need 16"):

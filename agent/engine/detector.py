@@ -161,15 +161,16 @@ class Detector:
         classified = model.classify(work, rule=rust_threshold is not None)
         scores = classified.scores
         borderline = cv2.countNonZero(cv2.inRange(scores, *BORDERLINE))
-        if model.regions is not None:  # reads the scores, before the mask overwrites them
-            found = model.regions.regions(
-                scores, full, min_region_pct=cfg.min_region_pct, max_regions=cfg.max_regions
-            )
-            mask = corroded_mask(scores)
-        else:
-            mask = corroded_mask(scores)
-            found = scored_regions(mask, full, **grouping_of(cfg))
+        scorer = model.regions
+        p = None if scorer is None else scorer.probability(scores)  # before the mask overwrites
+        mask = corroded_mask(scores)
         pct = 100.0 * cv2.countNonZero(mask) / float(width * height)
+        if scorer is None or p is None:
+            found = scored_regions(mask, full, **grouping_of(cfg))
+        else:
+            found = scorer.regions(
+                p, mask, full, min_region_pct=cfg.min_region_pct, max_regions=cfg.max_regions
+            )
         threshold = self._threshold_of(model)
         probability = classified.rust_probability
         if probability is not None and rust_threshold is not None:

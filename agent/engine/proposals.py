@@ -29,7 +29,6 @@ import numpy.typing as npt
 from agent.contract import Region, RegionScorerSpec
 from agent.engine.model import PROBABILITY_TOLERANCE, ModelError, onnx_session, verify_file
 from agent.engine.regions import box_sums, components, fit_long_side, suppress, to_region
-from agent.engine.table import CORRODED
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -60,20 +59,25 @@ FEATURES: tuple[str, ...] = (
 """What the scorer reads of each candidate, in order (the manifest names them too)."""
 
 
+def probability_map(scores: np.ndarray, long_side: int) -> F32:
+    """P(corroded) at `long_side` from a frame's uint8 scores: mean score / 255 of each cell
+    (P itself at a 0.5 pixel threshold). Take it before corroded_mask overwrites the scores."""
+    return np.asarray(fit_long_side(scores, long_side), np.float32) / np.float32(255.0)
+
+
 @dataclass(frozen=True)
 class Maps:
-    """A frame's scores at the scorer's resolution: P(corroded) and the corroded share."""
+    """A frame at the scorer's resolution: P(corroded) and the corroded share of each cell."""
 
-    p: F32  # mean score / 255 of each cell: P(corroded) itself at a 0.5 pixel threshold
-    coverage: F64  # share of each cell's pixels that are corroded (score >= 128)
+    p: F32  # probability_map of the frame's scores
+    coverage: F64  # share of each cell's pixels that are corroded (the 0/255 mask, averaged)
 
     @classmethod
-    def of(cls, scores: np.ndarray, long_side: int) -> Maps:
-        """From a frame's uint8 scores (128 at the pixel threshold, 255 at P = 1)."""
-        p = np.asarray(fit_long_side(scores, long_side), np.float32) / np.float32(255.0)
-        mask = np.where(scores >= CORRODED, np.uint8(255), np.uint8(0))
-        coverage = np.asarray(fit_long_side(mask, long_side), np.float64) / 255.0
-        return cls(p, coverage)
+    def of(cls, p: F32, mask: np.ndarray) -> Maps:
+        """From a frame's probability_map and its full-size 0/255 corroded mask."""
+        height, width = p.shape
+        coverage = cv2.resize(mask, (width, height), interpolation=cv2.INTER_AREA)
+        return cls(p, np.asarray(coverage, np.float64) / 255.0)
 
 
 def candidates(p: F32) -> I64:
@@ -223,15 +227,21 @@ class RegionScorer:
                     f"manifest expects {sample.score:.6f}"
                 )
 
+    def probability(self, scores: np.ndarray) -> F32:
+        """The frame's probability_map at this scorer's side (before the mask is made)."""
+        return probability_map(scores, self.spec.long_side)
+
     def regions(
         self,
-        scores: np.ndarray,
+        p: F32,
+        mask: np.ndarray,
         frame_size: tuple[int, int],
         *,
         min_region_pct: float = 0.05,
         max_regions: int = 50,
     ) -> list[tuple[Region, float]]:
-        """Regions of a frame's uint8 scores with their scores, largest `area_pct` first.
+        """Regions of a frame (its `probability` and 0/255 corroded mask) with their scores,
+        largest `area_pct` first.
 
         `area_pct` is the corroded share of the frame inside the box (never more than the
         frame's corrosion %, as agent.engine.regions reports it); boxes holding less than
@@ -239,10 +249,10 @@ class RegionScorer:
         """
         if max_regions == 0:
             return []
-        maps = Maps.of(scores, self.spec.long_side)
+        maps = Maps.of(p, mask)
         boxes = candidates(maps.p)
         height, width = maps.p.shape
-        frame_pct = 100.0 * np.count_nonzero(scores >= CORRODED) / scores.size
+        frame_pct = 100.0 * cv2.countNonZero(mask) / mask.size
         area_pct = np.minimum(
             100.0 * box_sums(_integral(maps.coverage), boxes) / (width * height), frame_pct
         )
