@@ -99,6 +99,10 @@ evaluate: model
 	  > $(EVAL)/results/cv-images-no-rule.json
 	$(CE) evaluate cv-images --data $(DATA) --repeats 5 --outside-pixels 250 --json \
 	  > $(EVAL)/results/cv-images-outside-250.json
+	$(CE) evaluate cv-images --data $(DATA) --repeats 5 --no-scene --json \
+	  > $(EVAL)/results/cv-images-no-scene.json
+	$(CE) evaluate cv-images --data $(DATA) --repeats 5 --rule-threshold lowest --json \
+	  > $(EVAL)/results/cv-images-lowest.json
 	$(CE) evaluate cv-boxes --data $(DATA) --outside-pixels 250 --json \
 	  > $(EVAL)/results/cv-boxes-outside-250.json
 	$(CE) evaluate cv-boxes --data $(DATA) --no-box-scorer --json \

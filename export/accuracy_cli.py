@@ -59,6 +59,9 @@ def _recipe(args: argparse.Namespace) -> Recipe:
         recipe = replace(recipe, image_rule=False)
     if args.no_box_scorer:
         recipe = replace(recipe, box_scorer=False)
+    if args.no_scene:
+        recipe = replace(recipe, scene_components=0)
+    recipe = replace(recipe, rule_threshold=args.rule_threshold)
     return recipe
 
 
@@ -142,6 +145,19 @@ def _source_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="rank regions by their rust contrast with the ring around them instead of the "
         "learned box scorer (agent/engine/proposals.py; see bench/ACCURACY.md)",
+    )
+    p.add_argument(
+        "--no-scene",
+        action="store_true",
+        help="leave the pretrained scene embedder out of the image rule "
+        "(agent/engine/scene.py; see bench/ACCURACY.md)",
+    )
+    p.add_argument(
+        "--rule-threshold",
+        choices=("extrapolated", "lowest"),
+        default="extrapolated",
+        help="the image rule's recall-first threshold: the lowest out-of-fold P(rust) of a "
+        "training rust photo, or that lowered by its gap to the next (export/imagerule.py)",
     )
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="XGBoost hyperparameter"

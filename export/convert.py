@@ -33,6 +33,7 @@ from agent.contract import (
     OutputSpec,
     Provenance,
     RegionScorerSpec,
+    SceneSpec,
 )
 from agent.contract.manifest import FeatureSpec
 from agent.engine.features import RGB_FEATURES, FeaturePipeline
@@ -262,12 +263,14 @@ def export_model(
     pipeline: FeaturePipeline | None = None,
     sample: np.ndarray | None = None,
     regions: RegionScorerSpec | None = None,
+    scene: SceneSpec | None = None,
 ) -> Path:
     """Write model.onnx, manifest.json and table.npy into out_dir; returns the manifest path.
 
     With `pipeline` the booster is a feature model: `sample` (feature rows, e.g. the training
     rows) is what parity is proven on and golden samples are drawn from; no table is written.
-    `regions` is a box scorer already written into out_dir (export.proposals).
+    `regions` is a box scorer already written into out_dir (export.proposals), `scene` an
+    embedder (export.scene).
     """
     objective = objective_of(booster)
     names = RGB_FEATURES if pipeline is None else pipeline.names
@@ -293,6 +296,8 @@ def export_model(
     }
     if regions is not None:
         base["regions"] = regions
+    if scene is not None:
+        base["scene"] = scene
     if pipeline is not None:
         base["features"] = FeatureSpec(long_side=pipeline.long_side, stride=pipeline.stride)
     # Golden samples come from the converted model itself: a draft without them lets the

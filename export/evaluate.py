@@ -32,7 +32,6 @@ from export.recipe import (
     choose_decision,
     data_sha256,
     fit,
-    frame_statistics,
     group_folds,
     image_files,
     image_metrics,
@@ -200,6 +199,8 @@ def cv_images(
         "inner_folds": recipe.folds,
         "groups": _groups(photos),
         "decided_by": "image rule" if recipe.image_rule else "corrosion %",
+        "scene_components": recipe.scene_components if recipe.image_rule else 0,
+        "rule_threshold": recipe.rule_threshold,
         **result,
         "splits": splits,
     }
@@ -233,11 +234,12 @@ def _nested_split(
     for k in range(outer):
         train = [p for p, f in zip(photos, folds, strict=True) if f != k]
         held = np.flatnonzero(folds == k).tolist()
-        decision = choose_decision(train, recipe, recipe.seed + 100 * k).decision
+        chosen = choose_decision(train, recipe, recipe.seed + 100 * k)
+        decision = chosen.decision
         booster = fit(train, recipe, recipe.seed + 100 * k)
         shown = [photos[i] for i in held]
         maps = probability_maps(booster, shown)
-        stats = frame_statistics(shown, maps, recipe.pixel_threshold)
+        stats = chosen.statistics(shown, maps)
         rule = decision.image_rule
         thresholds.append(decision.flag_pct if rule is None else rule.threshold)
         for j, i in enumerate(held):
@@ -250,8 +252,8 @@ def _nested_split(
             flagged[i] = p >= rule.threshold
             extra[i] |= {"rust_probability": round(p, 4), "rule_threshold": rule.threshold}
         done = image_metrics(flagged[held], rust[held])
-        chosen = f"flag_pct {decision.flag_pct}" if rule is None else f"rule P >= {rule.threshold}"
-        log(f"split {repeat} outer fold {k}: {chosen}, accuracy {done['accuracy']:.3f}")
+        by = f"flag_pct {decision.flag_pct}" if rule is None else f"rule P >= {rule.threshold}"
+        log(f"split {repeat} outer fold {k}: {by}, accuracy {done['accuracy']:.3f}")
     return _Split(pcts, flagged, extra, thresholds)
 
 

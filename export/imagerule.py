@@ -5,23 +5,30 @@ device, so they are computed from out-of-fold probability maps (export.recipe). 
 
 - a logistic regression on standardized statistics, its ridge penalty chosen among `RIDGES`
   by the log-loss of an inner cross-validation (folds by photo group);
-- the flag threshold is recall-first: the lowest out-of-fold P(rust) of any rust photo, so
-  that every rust photo of the training set would have been flagged by a rule that did not
-  see it (rust recall matters more than precision; a missed rusty girder costs more than a
-  second look at a brick wall).
+- the flag threshold is recall-first (rust recall matters more than precision; a missed
+  rusty girder costs more than a second look at a brick wall). `lowest`: the lowest
+  out-of-fold P(rust) of any rust photo, so that every rust photo of the training set would
+  have been flagged by a rule that did not see it. `extrapolated` (the default): that lowest
+  value lowered by its gap to the second lowest, in logits. The lowest of n photos is where
+  the next rust photo falls below with chance about 1/(n + 1); the last spacing estimates
+  how far below the sample the class still reaches (the endpoint estimator 2 x(1) - x(2)).
+  Nested CV over five splits: 3 of 345 rust decisions missed with `lowest`, 1 with
+  `extrapolated`, at 96.0 % against 94.1 % accuracy (bench/ACCURACY.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 
-from agent.contract import ImageRule, statistic_names
+from agent.contract import ImageRule
 
 F64 = npt.NDArray[np.float64]
 RIDGES = (1.0, 3.0, 10.0, 30.0, 100.0)
+ThresholdRule = Literal["extrapolated", "lowest"]
 
 
 def fit_logistic(x: F64, y: F64, ridge: float) -> tuple[F64, F64, F64, float]:
@@ -64,12 +71,26 @@ def log_loss(p: F64, y: F64) -> float:
     return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log(1.0 - p)))
 
 
+def recall_first(p: F64, rule: ThresholdRule) -> float:
+    """The flag threshold for rust photos whose out-of-fold P(rust) are `p` (module docstring),
+    rounded down so that the photos it is set by stay flagged."""
+    eps = 1e-9
+    z = np.sort(np.log(np.clip(p, eps, 1.0 - eps) / (1.0 - np.clip(p, eps, 1.0 - eps))))
+    edge = z[0] - (z[1] - z[0]) if rule == "extrapolated" and len(z) > 1 else z[0]
+    return float(np.floor(1e6 / (1.0 + np.exp(-edge))) / 1e6)
+
+
 def fit_rule(
-    stats: F64, rust: npt.NDArray[np.bool_], features: Sequence[str], folds: npt.NDArray[np.int64]
+    stats: F64,
+    rust: npt.NDArray[np.bool_],
+    names: Sequence[str],
+    folds: npt.NDArray[np.int64],
+    threshold: ThresholdRule = "extrapolated",
 ) -> tuple[ImageRule, F64]:
     """The rule for photos with these (out-of-fold) statistics, and its out-of-fold P(rust).
 
-    `folds` (by photo group) serve both the ridge choice and the recall-first threshold.
+    `names` are the statistics' (agent.contract.statistic_names); `folds` (by photo group)
+    serve both the ridge choice and the recall-first `threshold`.
     """
     if rust.all() or not rust.any():
         raise ValueError("an image rule needs photos of both classes")
@@ -79,11 +100,11 @@ def fit_rule(
     oof = out_of_fold(stats, y, folds, ridge)
     center, scale, weights, intercept = fit_logistic(stats, y, ridge)
     rule = ImageRule(
-        statistics=statistic_names(features),
+        statistics=tuple(names),
         center=tuple(center.tolist()),
         scale=tuple(scale.tolist()),
         weights=tuple(weights.tolist()),
         intercept=intercept,
-        threshold=float(np.floor(oof[rust].min() * 1e6) / 1e6),  # round down: keep it flagged
+        threshold=recall_first(oof[rust], threshold),
     )
     return rule, oof

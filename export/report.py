@@ -218,7 +218,10 @@ def _variants(results: Mapping[str, Result]) -> list[str]:
         "surroundings that raised rust photos' % no longer matter once the image rule "
         "decides. `--no-box-scorer` ranks regions by their rust contrast with the ring around "
         "them (agent/engine/regions.py, the grouping chosen by inner CV), as before the "
-        "learned box scorer.",
+        "learned box scorer. `--no-scene` leaves the pretrained scene embedder out of the "
+        "image rule (pixel statistics only, as before it). `--rule-threshold lowest` flags "
+        "at the lowest out-of-fold P(rust) of a training rust photo, without lowering it by "
+        "the gap to the next.",
         "",
         "| variant | measure | result |",
         "|---|---|---|",
@@ -282,11 +285,25 @@ def _images_details(img: Result) -> list[str]:
     false = [r for r in per if r["flagged"] and not r["rust"]]
     ruled = img.get("decided_by") == "image rule"
     if ruled:
+        scene = int(img.get("scene_components", 0))
+        reads = (
+            f", and the first {scene} principal components of what a pretrained "
+            "EfficientNet-Lite0 sees in the whole photo (agent/engine/scene.py), fitted on "
+            "the outer-training photos"
+            if scene
+            else ""
+        )
+        threshold = (
+            "lowered by its gap to the second lowest, in logits"
+            if img.get("rule_threshold") == "extrapolated"
+            else ""
+        )
         how = (
             "the image rule (agent/engine/imagerule.py: a logistic regression over the "
-            "frame's feature quantiles, its % and what its corroded pixels look like) was "
-            f"fitted by {img['inner_folds']}-fold CV on the outer-training photos, its flag "
-            "threshold the lowest out-of-fold P(rust) of a training rust photo"
+            f"frame's feature quantiles, its % and what its corroded pixels look like{reads}) "
+            f"was fitted by {img['inner_folds']}-fold CV on the outer-training photos, its "
+            "flag threshold the lowest out-of-fold P(rust) of a training rust photo"
+            + (f" {threshold}" if threshold else "")
         )
     else:
         how = f"the flag % was chosen by {img['inner_folds']}-fold CV on the outer-training photos"
@@ -306,7 +323,7 @@ def _images_details(img: Result) -> list[str]:
     )
     if ruled:
         causes += (
-            " Its recall-first threshold is set by the weakest rust photo of each training "
+            " Its recall-first threshold is set by the weakest rust photos of each training "
             "set, which is what the remaining false alarms pay for; a training set that "
             "happens to lack the weakest rust photos sets it higher, and can miss one of them."
         )

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import xgboost as xgb
 
-from agent.contract import Decision
+from agent.contract import Decision, SceneSpec
 from export.convert import export_model
 from export.recipe import Photo, Recipe, load_photo, training_rows
+from export.scene import Backbone
 from export.synthetic import make_scene, write_scene
 from export.voc import parse
 
@@ -30,15 +31,18 @@ def scene_photos(
     seed: int = 0,
     size: tuple[int, int] = (320, 240),
     count: int = 8,
+    backbone: Backbone | None = None,
 ) -> tuple[list[Path], list[Photo]]:
-    """`count` scene files under `directory` (seeds from `seed`) and their recipe Photos."""
+    """`count` scene files under `directory` (seeds from `seed`) and their recipe Photos
+    (with scene features when a `backbone` is given)."""
     paths, photos = [], []
     for i in range(count):
         rust = i % 4 != 0
         path = scene_photo(directory, seed + i, rust, size)
         boxes = parse(path.with_suffix(".xml")) if rust else None
         paths.append(path)
-        photos.append(load_photo(path, rust, boxes, recipe, np.random.default_rng(i)))
+        rng = np.random.default_rng(i)
+        photos.append(load_photo(path, rust, boxes, recipe, rng, backbone=backbone))
     return paths, photos
 
 
@@ -51,6 +55,7 @@ def export_texture(
     name: str,
     version: str = "1.0.0",
     decision: Decision | None = None,
+    scene: SceneSpec | None = None,
 ) -> Path:
     """The manifest of `booster` exported as a feature model of `recipe`'s pipeline."""
     return export_model(
@@ -61,4 +66,5 @@ def export_texture(
         decision=decision,
         pipeline=recipe.pipeline,
         sample=training_rows(photos)[0],
+        scene=scene,
     )

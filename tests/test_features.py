@@ -25,6 +25,7 @@ TINY = Recipe(
     params={"objective": "binary:logistic", "num_round": 15, "max_depth": 4, "eta": 0.3},
     long_side=160,
     threads=2,
+    scene_components=0,  # tests/test_scene.py trains with scene features
 )
 
 

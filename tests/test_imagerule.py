@@ -21,7 +21,7 @@ from agent.engine import imagerule
 from agent.engine.classifier import FeatureModel, load_model
 from agent.engine.detector import Detector
 from agent.imageio import read
-from export.imagerule import fit_logistic, fit_rule
+from export.imagerule import fit_logistic, fit_rule, recall_first
 from export.recipe import (
     choose_decision,
     fit,
@@ -86,15 +86,27 @@ def test_fitted_rule_flags_every_rust_photo_out_of_fold() -> None:
     shift = np.array([1.5, 0.0, -1.0, 0.0, 0.0, 0.0])
     stats = rng.normal(size=(60, 6)) + rust[:, None] * shift
     folds = np.arange(60) % 5
-    rule, oof = fit_rule(stats, rust, names, folds)
+    rule, oof = fit_rule(stats, rust, statistic_names(names), folds, "lowest")
     assert rule.statistics == statistic_names(names)
     assert rule.threshold <= oof[rust].min()
     assert (oof[rust] >= rule.threshold).all()
     assert ((oof >= rule.threshold) == rust).mean() > 0.7  # and it still tells them apart
+    lowered, same = fit_rule(stats, rust, statistic_names(names), folds)  # "extrapolated"
+    assert np.array_equal(same, oof) and lowered.threshold < rule.threshold
+    assert lowered.threshold == recall_first(oof[rust], "extrapolated")
     _, _, weights, _ = fit_logistic(stats, rust.astype(float), 1.0)
     assert weights[0] > 0 > weights[2]  # the informative statistics, with their signs
     with pytest.raises(ValueError, match="both classes"):
-        fit_rule(stats, np.ones(60, bool), names, folds)
+        fit_rule(stats, np.ones(60, bool), statistic_names(names), folds)
+
+
+def test_the_extrapolated_threshold_lies_one_gap_below_the_lowest() -> None:
+    p = np.array([0.9, 0.5, 0.2])  # logits 2.197, 0, -1.386: the edge is -2.773
+    assert recall_first(p, "lowest") == 0.2
+    assert recall_first(p, "extrapolated") == pytest.approx(
+        1 / (1 + np.exp(2 * np.log(4))), abs=1e-6
+    )
+    assert recall_first(p[:1], "extrapolated") == 0.9  # one photo: nothing to extrapolate
 
 
 @pytest.fixture(scope="module")

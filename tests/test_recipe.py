@@ -31,6 +31,7 @@ TINY = Recipe(
     long_side=96,
     folds=3,
     threads=2,
+    scene_components=0,  # tests/test_scene.py trains with scene features
 )
 
 
@@ -147,13 +148,15 @@ def test_make_model_smoke(layout: Sources, tmp_path: Path) -> None:
     assert rule is not None and analysis.rust_probability is not None
     assert analysis.flagged == (analysis.rust_probability >= rule.threshold)
     assert manifest.regions is not None and model.regions is not None  # the box scorer
+    assert manifest.scene is not None and model.scene is not None  # the scene embedder
+    assert rule.statistics[-len(manifest.scene.names) :] == manifest.scene.names
     assert len(analysis.region_scores) == len(analysis.regions)
     assert all("oof_p" in p for p in record["photos"])
     bare = tmp_path / "bare"
     flags = [*dirs, "--out", str(bare), "--no-image-rule", "--no-box-scorer", *TINY_FLAGS]
     assert export_main(["recipe", "texture", *flags]) == 0
     plain = ModelManifest.read(bare / "manifest.json")
-    assert plain.decision.image_rule is None and plain.regions is None
+    assert plain.decision.image_rule is None and plain.regions is None and plain.scene is None
     assert "image_rule" not in json.loads((bare / "manifest.json").read_text())["decision"]
     analysis = Detector(load_model(bare / "manifest.json")).analyse(
         make_scene(np.random.default_rng(99), 192, 144).image

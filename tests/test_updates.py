@@ -3,17 +3,25 @@ while the old one serves, rollback, and pinning after a rollback."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from agent.config import ModelConfig
-from agent.engine.classifier import ColourModel
+from agent.engine.classifier import ColourModel, ServingModel
 from agent.engine.detector import Detector
 from agent.updater import ModelStore, Outcome, Updater
 from tests.registry_helpers import NAME, Registry, bad_versions, train
 
 
-def updater(reg: Registry, state: Path, detector: Detector, **cfg: Any) -> Updater:
+def updater(
+    reg: Registry,
+    state: Path,
+    detector: Detector,
+    *,
+    load: Callable[[Path], ServingModel] = ColourModel.load,
+    **cfg: Any,
+) -> Updater:
     config = ModelConfig(
         registry=reg.url.uri(),
         endpoint_url=reg.endpoint,
@@ -25,7 +33,7 @@ def updater(reg: Registry, state: Path, detector: Detector, **cfg: Any) -> Updat
         config,
         store=ModelStore(state / "models"),
         detector=detector,
-        load=ColourModel.load,
+        load=load,
         serving=lambda: detector.model.ref,
         report=lambda _o: None,
     )

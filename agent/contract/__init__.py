@@ -23,6 +23,8 @@ from agent.contract.manifest import (
     Provenance,
     RegionGolden,
     RegionScorerSpec,
+    SceneGolden,
+    SceneSpec,
     Signature,
     statistic_names,
 )
@@ -60,6 +62,8 @@ __all__ = [
     "RegionGolden",
     "RegionScorerSpec",
     "RegistryUrl",
+    "SceneGolden",
+    "SceneSpec",
     "Signature",
     "Size",
     "Strict",

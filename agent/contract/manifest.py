@@ -146,15 +146,16 @@ IMAGE_OVERALL = ("log1p_pct", "mean_p")
 pixel threshold) and the mean P."""
 
 
-def statistic_names(features: Sequence[str]) -> tuple[str, ...]:
+def statistic_names(features: Sequence[str], scene: Sequence[str] = ()) -> tuple[str, ...]:
     """The statistics an image rule reads of a frame classified on `features`, in order.
 
     `q{N}:{feature}` is the N-th percentile of the feature over the frame's classified
     points; `pmean:{feature}` its mean weighted by each point's P(corroded). The numbers
-    are computed by agent.engine.imagerule.
+    are computed by agent.engine.imagerule. A model with a scene embedder appends its
+    outputs (`scene`, contract 1.4), computed by agent.engine.scene.
     """
     quantiles = tuple(f"q{q}:{f}" for q in IMAGE_QUANTILES for f in features)
-    return quantiles + IMAGE_OVERALL + tuple(f"pmean:{f}" for f in features)
+    return quantiles + IMAGE_OVERALL + tuple(f"pmean:{f}" for f in features) + tuple(scene)
 
 
 class ImageRule(Strict):
@@ -226,6 +227,45 @@ class RegionScorerSpec(Strict):
         return self
 
 
+class SceneGolden(Strict):
+    """A test card's expected embedding: the load-time smoke test of a scene embedder."""
+
+    frame: int = Field(ge=0, le=1000, description="Index of agent.engine.scene.golden_frame")
+    outputs: tuple[float, ...] = Field(description="The embedder's outputs for it, in order")
+
+
+class SceneSpec(Strict):
+    """A pretrained image embedder (contract 1.4): what the whole frame shows.
+
+    agent.engine.scene squeezes the frame to `size` x `size`, converts it to RGB, subtracts
+    `mean` and divides by `std` (NCHW); the ONNX network answers the numbers `names`, which
+    the image rule reads after its pixel statistics.
+    """
+
+    model: FileRef = Field(description="The embedder's ONNX file")
+    backbone: str = Field(default="", description="Network and weights it was built from")
+    size: int = Field(default=224, ge=32, le=1024, description="Side of the square input")
+    mean: float = Field(default=127.0, description="Subtracted from each 0..255 channel value")
+    std: float = Field(default=128.0, gt=0.0, description="The centred value is divided by this")
+    output: str = Field(default="scene", description="ONNX output holding the numbers")
+    names: tuple[str, ...] = Field(min_length=1, description="Names of the outputs, in order")
+    golden: tuple[SceneGolden, ...] = Field(
+        min_length=2, description="Test cards with the embedder's answers, checked at load"
+    )
+
+    @model_validator(mode="after")
+    def _aligned(self) -> SceneSpec:
+        for sample in self.golden:
+            if len(sample.outputs) != len(self.names):
+                raise ValueError(
+                    f"golden frame {sample.frame} carries {len(sample.outputs)} outputs, "
+                    f"not the {len(self.names)} named"
+                )
+        if not all(math.isfinite(v) for g in self.golden for v in g.outputs):
+            raise ValueError("golden outputs must be finite")
+        return self
+
+
 class Decision(_OmitsUnset):
     """How pixel scores become a pixel label and pixel labels become an image flag."""
 
@@ -276,7 +316,7 @@ def _class_names() -> dict[Literal["0", "1"], str]:
 class ModelManifest(_OmitsUnset):
     """Everything a device needs to verify, load and smoke-test a pixel model."""
 
-    _omit_when_none = ("features", "regions")
+    _omit_when_none = ("features", "regions", "scene")
 
     schema_version: SchemaVersion = Field(default=CONTRACT_VERSION, description="Contract version")
     name: ModelName = Field(description="Model name")
@@ -303,6 +343,10 @@ class ModelManifest(_OmitsUnset):
         description="Learned box scorer (contract 1.3); without it regions are ranked by "
         "their rust contrast with the ring around them",
     )
+    scene: SceneSpec | None = Field(
+        default=None,
+        description="Scene embedder (contract 1.4) whose outputs the image rule reads",
+    )
     golden: tuple[GoldenSample, ...] = Field(
         min_length=64, description="At least 64 colours with their expected answers"
     )
@@ -328,7 +372,9 @@ class ModelManifest(_OmitsUnset):
             raise ValueError("regions: a box scorer reads probabilities; this model gives labels")
         names = [ref.file for ref in self.files()]
         if len(set(names)) != len(names):
-            raise ValueError(f"model, table and box scorer must be different files, got {names}")
+            raise ValueError(
+                f"model, table, box scorer and scene embedder must be different files, got {names}"
+            )
         self._check_features()
         return self
 
@@ -344,12 +390,15 @@ class ModelManifest(_OmitsUnset):
         if self.table is not None:
             raise ValueError("a feature model has no colour table")
         rule = self.decision.image_rule
+        if self.scene is not None and rule is None:
+            raise ValueError("scene: only an image rule reads the embedder; this model has none")
         if rule is not None:
-            if rule.statistics != statistic_names(self.input.features):
+            expected = statistic_names(self.input.features, self.scene.names if self.scene else ())
+            if rule.statistics != expected:
                 raise ValueError(
                     "decision.image_rule.statistics must be agent.engine.imagerule's "
-                    f"statistics of input.features ({len(statistic_names(self.input.features))} "
-                    f"names), got {len(rule.statistics)}"
+                    f"statistics of input.features and scene.names ({len(expected)} names), "
+                    f"got {len(rule.statistics)}"
                 )
             if self.output.kind != "probabilities":
                 raise ValueError("decision.image_rule needs a model with probabilities")
@@ -359,7 +408,8 @@ class ModelManifest(_OmitsUnset):
     def files(self) -> list[FileRef]:
         """Every file the manifest pins: what a registry stores and a device downloads."""
         scorer = None if self.regions is None else self.regions.model
-        return [ref for ref in (self.model, self.table, scorer) if ref is not None]
+        scene = None if self.scene is None else self.scene.model
+        return [ref for ref in (self.model, self.table, scorer, scene) if ref is not None]
 
     def signing_payload(self) -> bytes:
         """Canonical bytes that a signature covers: the manifest without its signature."""

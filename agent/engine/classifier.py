@@ -2,9 +2,10 @@
 
 This is the one place where OpenCV's BGR order meets the models' RGB: a strip is copied
 into an 8-byte-per-pixel buffer as B, G, R, 0, 0, 0, 0, 0, whose little-endian int64 view
-is R << 16 | G << 8 | B, the index of the colour in the table. No other code reorders
-channels. Strips keep the index buffer in cache (measured: 3.6 ms per 1080p frame on one
-core against 7 ms for whole-frame passes); numpy and OpenCV release the GIL, so strips can
+is R << 16 | G << 8 | B, the index of the colour in the table. No other pixel path reorders
+channels (the scene embedder, agent.engine.scene, converts its own squeezed copy). Strips
+keep the index buffer in cache (measured: 3.6 ms per 1080p frame on one core against 7 ms
+for whole-frame passes); numpy and OpenCV release the GIL, so strips can
 also run on several threads.
 
 Feature models (`FeatureModel`) cannot be tabulated: they compute their named features on
@@ -28,6 +29,7 @@ from agent.engine import imagerule
 from agent.engine.features import RGB_FEATURES, FeatureError, FeaturePipeline, expand
 from agent.engine.model import ModelError, PixelModel
 from agent.engine.proposals import RegionScorer
+from agent.engine.scene import SceneEmbedder
 from agent.engine.table import CORRODED, SIZE, load_table, scores_from
 
 STRIP_ROWS = 48
@@ -142,7 +144,9 @@ def load_model(manifest_path: Path, *, threads: int = 1) -> ServingModel:
     regions = _regions(model.manifest, manifest_path)
     if model.manifest.features is None:
         return ColourModel.of(model, threads=threads, source=manifest_path, regions=regions)
-    return FeatureModel.of(model, source=manifest_path, regions=regions)
+    spec = model.manifest.scene
+    scene = None if spec is None else SceneEmbedder.load(manifest_path.parent, spec)
+    return FeatureModel.of(model, source=manifest_path, regions=regions, scene=scene)
 
 
 @dataclass
@@ -226,10 +230,16 @@ class FeatureModel:
     pipeline: FeaturePipeline
     source: Path = field(default_factory=Path)
     regions: RegionScorer | None = None
+    scene: SceneEmbedder | None = None  # the manifest's scene embedder, if it has one
 
     @classmethod
     def of(
-        cls, model: PixelModel, *, source: Path = Path(), regions: RegionScorer | None = None
+        cls,
+        model: PixelModel,
+        *,
+        source: Path = Path(),
+        regions: RegionScorer | None = None,
+        scene: SceneEmbedder | None = None,
     ) -> FeatureModel:
         spec = model.manifest.features
         if spec is None:
@@ -238,7 +248,9 @@ class FeatureModel:
             pipeline = FeaturePipeline(model.manifest.input.features, spec.long_side, spec.stride)
         except FeatureError as exc:
             raise ModelError(f"{source}: {exc}") from exc
-        return cls(model.manifest, model, pipeline, source, regions)
+        if (scene is None) != (model.manifest.scene is None):
+            raise ModelError(f"{source}: the manifest's scene embedder and the one given differ")
+        return cls(model.manifest, model, pipeline, source, regions, scene)
 
     @property
     def ref(self) -> ModelRef:
@@ -262,7 +274,8 @@ class FeatureModel:
         )
         if not rule or decision.image_rule is None or proba is None:
             return Classified(scores)
-        stats = imagerule.statistics(rows, proba, decision.pixel_threshold)
+        scene = None if self.scene is None else self.scene.embed(bgr)
+        stats = imagerule.statistics(rows, proba, decision.pixel_threshold, scene)
         return Classified(scores, imagerule.probability(decision.image_rule, stats))
 
     def close(self) -> None:

@@ -23,9 +23,11 @@ from agent.contract.manifest import IMAGE_QUANTILES, ImageRule
 F64 = npt.NDArray[np.float64]
 
 
-def statistics(rows: np.ndarray, proba: np.ndarray, pixel_threshold: float) -> F64:
+def statistics(
+    rows: np.ndarray, proba: np.ndarray, pixel_threshold: float, scene: F64 | None = None
+) -> F64:
     """The statistics of one frame in `statistic_names` order, from the rows (N, features)
-    the model classified and their P(corroded) (N,)."""
+    the model classified and their P(corroded) (N,), then the scene embedder's outputs."""
     x = np.asarray(rows, np.float64)
     p = np.asarray(proba, np.float64).reshape(-1)
     if x.ndim != 2 or len(x) != len(p) or not len(p):
@@ -33,7 +35,8 @@ def statistics(rows: np.ndarray, proba: np.ndarray, pixel_threshold: float) -> F
     quantiles = np.percentile(x, IMAGE_QUANTILES, axis=0).reshape(-1)
     pct = 100.0 * np.count_nonzero(p >= pixel_threshold) / len(p)
     weights = p / p.sum() if p.sum() > 0 else np.full(len(p), 1.0 / len(p))
-    return np.concatenate((quantiles, [np.log1p(pct), p.mean()], weights @ x))
+    extra = np.empty(0) if scene is None else np.asarray(scene, np.float64).reshape(-1)
+    return np.concatenate((quantiles, [np.log1p(pct), p.mean()], weights @ x, extra))
 
 
 def probability(rule: ImageRule, stats: F64) -> float:

@@ -102,15 +102,23 @@ def read_tree(path: Path) -> TreeNode:
     return TreeNode(trees[0])
 
 
-def onnx_session(onnx_path: Path, threads: int = 1) -> ort.InferenceSession:
-    """A CPU session sized for tree ensembles; a model onnxruntime refuses is a ModelError."""
+def onnx_session(
+    onnx_path: Path, threads: int = 1, *, optimize: bool = False
+) -> ort.InferenceSession:
+    """A CPU session sized for tree ensembles (graph optimizations off: nothing to fuse in one
+    tree node), or, with `optimize`, for a network (conv and activation fusion pay there); a
+    model onnxruntime refuses is a ModelError."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = max(1, threads)
     options.inter_op_num_threads = 1
     options.log_severity_level = 4
     options.enable_cpu_mem_arena = False  # tiny batches: an arena only holds on to memory
     options.enable_mem_pattern = False
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     try:
         return ort.InferenceSession(
             str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"]
