@@ -154,7 +154,7 @@ def main() -> int:
               f"{work.shape[0]}, stride {spec.stride}")  # fmt: skip
         print(f"ms per {WIDTH}x{HEIGHT} frame (median of {REPEATS}x{len(frames)}, one core):")
         print(f"  features only (every working pixel)   {features:8.2f}")
-        print(f"  served (stride {spec.stride}, image rule included)  {served:8.2f}")
+        print(f"  served (stride {spec.stride}, rule statistics incl.) {served:8.2f}")
         print(f"  scene embedder (whole frame, 224x224) {scene:8.2f}")
         print(f"  served total, scene embedder included {total:8.2f}")
         print(f"  brute force (stride 1, all trees, ORT) {brute:8.2f}")

@@ -10,7 +10,7 @@ chose its decision (nested CV for the image decision).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -266,8 +266,9 @@ def texture_trainer(
 ) -> Callable[[Sequence[Annotation], Path], Path]:
     """export.boxes' trainer for out-of-fold box AP: the texture recipe trained on the
     given boxed photos plus every photo that is not box-scored (norust, unboxed rust), so a
-    held-out photo (or a copy of it) never trains the model that scores it."""
-    photos = load_photos(sources, recipe)
+    held-out photo (or a copy of it) never trains the model that scores it. Boxes never read
+    the image rule's scene features, so photos are loaded without them."""
+    photos = load_photos(sources, replace(recipe, scene_components=0))
 
     def train(anns: Sequence[Annotation], out: Path) -> Path:
         keep = {sha256(a.image) for a in anns}

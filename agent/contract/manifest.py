@@ -245,8 +245,12 @@ class SceneSpec(Strict):
     model: FileRef = Field(description="The embedder's ONNX file")
     backbone: str = Field(default="", description="Network and weights it was built from")
     size: int = Field(default=224, ge=32, le=1024, description="Side of the square input")
-    mean: float = Field(default=127.0, description="Subtracted from each 0..255 channel value")
-    std: float = Field(default=128.0, gt=0.0, description="The centred value is divided by this")
+    mean: float = Field(
+        default=127.0, allow_inf_nan=False, description="Subtracted from each 0..255 channel value"
+    )
+    std: float = Field(
+        default=128.0, gt=0.0, allow_inf_nan=False, description="Centred values are divided by it"
+    )
     output: str = Field(default="scene", description="ONNX output holding the numbers")
     names: tuple[str, ...] = Field(min_length=1, description="Names of the outputs, in order")
     golden: tuple[SceneGolden, ...] = Field(
@@ -263,6 +267,11 @@ class SceneSpec(Strict):
                 )
         if not all(math.isfinite(v) for g in self.golden for v in g.outputs):
             raise ValueError("golden outputs must be finite")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"names must be distinct, got {list(self.names)}")
+        frames = [g.frame for g in self.golden]
+        if len(set(frames)) != len(frames):
+            raise ValueError(f"golden frames must be distinct test cards, got {frames}")
         return self
 
 
@@ -370,6 +379,8 @@ class ModelManifest(_OmitsUnset):
             raise ValueError("golden samples of a probability model must carry probabilities")
         if self.regions is not None and self.output.kind != "probabilities":
             raise ValueError("regions: a box scorer reads probabilities; this model gives labels")
+        if self.scene is not None and self.decision.image_rule is None:
+            raise ValueError("scene: only an image rule reads the embedder; this model has none")
         names = [ref.file for ref in self.files()]
         if len(set(names)) != len(names):
             raise ValueError(
@@ -390,8 +401,6 @@ class ModelManifest(_OmitsUnset):
         if self.table is not None:
             raise ValueError("a feature model has no colour table")
         rule = self.decision.image_rule
-        if self.scene is not None and rule is None:
-            raise ValueError("scene: only an image rule reads the embedder; this model has none")
         if rule is not None:
             expected = statistic_names(self.input.features, self.scene.names if self.scene else ())
             if rule.statistics != expected:

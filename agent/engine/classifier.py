@@ -123,7 +123,8 @@ class ServingModel(Protocol):
 
     def classify(self, bgr: np.ndarray, *, rule: bool = True) -> Classified:
         """`scores`, with the image rule's answer where the manifest has one and `rule` asks
-        for it (its statistics cost ~6 ms a frame: skipped when an operator's % decides)."""
+        for it (its statistics cost ~6 ms a frame and a scene embedder ~10 more at 640x360 on
+        one core: skipped when an operator's % decides)."""
         ...
 
     def close(self) -> None: ...
@@ -145,7 +146,9 @@ def load_model(manifest_path: Path, *, threads: int = 1) -> ServingModel:
     if model.manifest.features is None:
         return ColourModel.of(model, threads=threads, source=manifest_path, regions=regions)
     spec = model.manifest.scene
-    scene = None if spec is None else SceneEmbedder.load(manifest_path.parent, spec)
+    scene = (
+        None if spec is None else SceneEmbedder.load(manifest_path.parent, spec, threads=threads)
+    )
     return FeatureModel.of(model, source=manifest_path, regions=regions, scene=scene)
 
 
@@ -248,8 +251,13 @@ class FeatureModel:
             pipeline = FeaturePipeline(model.manifest.input.features, spec.long_side, spec.stride)
         except FeatureError as exc:
             raise ModelError(f"{source}: {exc}") from exc
-        if (scene is None) != (model.manifest.scene is None):
-            raise ModelError(f"{source}: the manifest's scene embedder and the one given differ")
+        pinned = model.manifest.scene
+        if (None if scene is None else scene.spec) != pinned:
+            state = "none" if pinned is None else pinned.model.file
+            given = "none" if scene is None else str(scene.path)
+            raise ModelError(
+                f"{source}: the manifest pins scene embedder {state}, the loader gave {given}"
+            )
         return cls(model.manifest, model, pipeline, source, regions, scene)
 
     @property

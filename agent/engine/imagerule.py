@@ -10,7 +10,9 @@ nested CV to 90.1 % (bench/ACCURACY.md).
 
 The statistics are computed here once, from the feature rows and pixel probabilities the
 model already produced for the frame, and training (export) calls this same code, so a
-device and the cloud compute identical numbers.
+device and the cloud compute identical numbers. A model with a scene embedder appends its
+outputs (agent.engine.scene): float32 ONNX on the device, the float64 projection of the same
+network's features in training, equal within about 1e-4 (tests/test_scene.py).
 """
 
 from __future__ import annotations

@@ -128,6 +128,46 @@ def onnx_session(
         raise ModelError(f"{onnx_path}: onnxruntime refuses the model: {reason}") from exc
 
 
+def checked_session(
+    onnx_path: Path,
+    what: str,
+    input_tail: list[int],
+    output: str,
+    output_width: int,
+    *,
+    threads: int = 1,
+    optimize: bool = False,
+) -> tuple[ort.InferenceSession, str]:
+    """A session of a side model (box scorer, scene embedder) whose one input is
+    [N, *input_tail] and whose `output` is [N, output_width]; returns it and its input name."""
+    session = onnx_session(onnx_path, threads, optimize=optimize)
+    inputs = session.get_inputs()
+    if len(inputs) != 1 or list(inputs[0].shape)[1:] != input_tail:
+        shapes = [i.shape for i in inputs]
+        raise ModelError(f"{onnx_path}: {what} inputs {shapes}, expected [N, {input_tail}]")
+    outputs = {o.name: o for o in session.get_outputs()}
+    if output not in outputs:
+        raise ModelError(f"{onnx_path}: no output {output!r} (has {sorted(outputs)})")
+    shape = outputs[output].shape
+    if len(shape) != 2 or shape[1] != output_width:
+        raise ModelError(f"{onnx_path}: output {output!r} is {shape}, expected [N, {output_width}]")
+    return session, inputs[0].name
+
+
+def worst_miss(got: np.ndarray, want: np.ndarray, tolerance: float) -> int | None:
+    """Index of the answer furthest outside `tolerance` (relative above 1 in magnitude), or
+    None when all are inside; a NaN or a wrong count is always outside."""
+    got = np.asarray(got, np.float64).reshape(-1)
+    want = np.asarray(want, np.float64).reshape(-1)
+    if got.shape != want.shape:
+        return 0
+    excess = np.abs(got - want) / np.maximum(1.0, np.abs(want))
+    bad = ~(excess <= tolerance)  # NaN compares False: counted as bad
+    if not bad.any():
+        return None
+    return int(np.argmax(np.where(np.isnan(excess), np.inf, excess)))
+
+
 class PixelModel:
     """A verified ONNX model with its manifest: the reference every fast path must equal."""
 

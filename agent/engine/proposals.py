@@ -27,7 +27,13 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.contract import Region, RegionScorerSpec
-from agent.engine.model import PROBABILITY_TOLERANCE, ModelError, onnx_session, verify_file
+from agent.engine.model import (
+    PROBABILITY_TOLERANCE,
+    ModelError,
+    checked_session,
+    verify_file,
+    worst_miss,
+)
 from agent.engine.regions import box_sums, components, fit_long_side, suppress, to_region
 
 F32 = npt.NDArray[np.float32]
@@ -187,20 +193,9 @@ class RegionScorer:
                 f"{onnx_path}: manifest regions.features are not agent.engine.proposals' "
                 f"FEATURES (first difference {differ}): export the scorer with this version"
             )
-        self.session = onnx_session(onnx_path, threads)
-        inputs = self.session.get_inputs()
-        if len(inputs) != 1 or list(inputs[0].shape)[1:] != [len(FEATURES)]:
-            shapes = [i.shape for i in inputs]
-            raise ModelError(
-                f"{onnx_path}: box scorer inputs {shapes}, expected [N, {len(FEATURES)}]"
-            )
-        self._input = inputs[0].name
-        outputs = {o.name: o for o in self.session.get_outputs()}
-        if spec.output not in outputs:
-            raise ModelError(f"{onnx_path}: no output {spec.output!r} (has {sorted(outputs)})")
-        shape = outputs[spec.output].shape
-        if len(shape) != 2 or shape[1] != 2:
-            raise ModelError(f"{onnx_path}: output {spec.output!r} is {shape}, expected [N, 2]")
+        self.session, self._input = checked_session(
+            onnx_path, "box scorer", [len(FEATURES)], spec.output, 2, threads=threads
+        )
         self._check_golden()
 
     @classmethod
@@ -220,12 +215,13 @@ class RegionScorer:
     def _check_golden(self) -> None:
         rows = np.array([g.features for g in self.spec.golden], np.float32)
         got = self.predict(rows)
-        for i, (sample, value) in enumerate(zip(self.spec.golden, got, strict=True)):
-            if abs(float(value) - sample.score) > PROBABILITY_TOLERANCE:
-                raise ModelError(
-                    f"{self.path}: box scorer golden sample {i} gives {value:.6f}, "
-                    f"manifest expects {sample.score:.6f}"
-                )
+        want = np.array([g.score for g in self.spec.golden])
+        i = worst_miss(got, want, PROBABILITY_TOLERANCE)
+        if i is not None:
+            raise ModelError(
+                f"{self.path}: box scorer golden sample {i} gives {got[i]:.6f}, "
+                f"manifest expects {want[i]:.6f}"
+            )
 
     def probability(self, scores: np.ndarray) -> F32:
         """The frame's probability_map at this scorer's side (before the mask is made)."""

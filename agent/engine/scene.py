@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.contract import SceneSpec
-from agent.engine.model import ModelError, onnx_session, verify_file
+from agent.engine.model import ModelError, checked_session, verify_file, worst_miss
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -45,22 +45,10 @@ class SceneEmbedder:
     def __init__(self, spec: SceneSpec, onnx_path: Path, *, threads: int = 1) -> None:
         self.spec = spec
         self.path = onnx_path
-        self.session = onnx_session(onnx_path, threads, optimize=True)
-        inputs = self.session.get_inputs()
-        if len(inputs) != 1 or list(inputs[0].shape)[1:] != [3, spec.size, spec.size]:
-            shapes = [i.shape for i in inputs]
-            raise ModelError(
-                f"{onnx_path}: scene inputs {shapes}, expected [N, 3, {spec.size}, {spec.size}]"
-            )
-        self._input = inputs[0].name
-        outputs = {o.name: o for o in self.session.get_outputs()}
-        if spec.output not in outputs:
-            raise ModelError(f"{onnx_path}: no output {spec.output!r} (has {sorted(outputs)})")
-        shape = outputs[spec.output].shape
-        if len(shape) != 2 or shape[1] != len(spec.names):
-            raise ModelError(
-                f"{onnx_path}: output {spec.output!r} is {shape}, expected [N, {len(spec.names)}]"
-            )
+        self.session, self._input = checked_session(
+            onnx_path, "scene", [3, spec.size, spec.size], spec.output, len(spec.names),
+            threads=threads, optimize=True,
+        )  # fmt: skip
         self._check_golden()
 
     @classmethod
@@ -79,10 +67,11 @@ class SceneEmbedder:
         for sample in self.spec.golden:
             got = self.embed(golden_frame(sample.frame))
             want = np.asarray(sample.outputs)
-            worst = int(np.argmax(np.abs(got - want) / np.maximum(1.0, np.abs(want))))
-            if abs(got[worst] - want[worst]) > TOLERANCE * max(1.0, abs(want[worst])):
+            i = worst_miss(got, want, TOLERANCE)
+            if i is not None:
+                name = self.spec.names[i] if i < len(self.spec.names) else "output"
+                value = got[i] if i < len(got) else float("nan")
                 raise ModelError(
-                    f"{self.path}: scene golden frame {sample.frame} gives "
-                    f"{self.spec.names[worst]} = {got[worst]:.6f}, manifest expects "
-                    f"{want[worst]:.6f}"
+                    f"{self.path}: scene golden frame {sample.frame} gives {name} = "
+                    f"{value:.6f}, manifest expects {want[i]:.6f}"
                 )
