@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from agent.contract import MANIFEST_FILE, ModelManifest
+from agent.contract import MANIFEST_FILE, FileRef, ModelManifest
 from agent.engine.onnxproto import Attribute, parse_nodes
 
 TREE_OP = "TreeEnsembleClassifier"
@@ -50,6 +50,13 @@ def verify_file(path: Path, size: int, sha256: str, what: str) -> None:
     digest = sha256_file(path)
     if digest != sha256:
         raise ModelError(f"{what} {path}: sha256 {digest} does not match manifest {sha256}")
+
+
+def verified(folder: Path, ref: FileRef, what: str) -> Path:
+    """The path of a file the manifest pins, after verify_file."""
+    path = folder / ref.file
+    verify_file(path, ref.size, ref.sha256, what)
+    return path
 
 
 def resolve_manifest(model: Path) -> Path:

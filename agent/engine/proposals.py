@@ -31,7 +31,7 @@ from agent.engine.model import (
     PROBABILITY_TOLERANCE,
     ModelError,
     checked_session,
-    verify_file,
+    verified,
     worst_miss,
 )
 from agent.engine.regions import box_sums, components, fit_long_side, suppress, to_region
@@ -200,9 +200,7 @@ class RegionScorer:
 
     @classmethod
     def load(cls, folder: Path, spec: RegionScorerSpec, *, threads: int = 1) -> RegionScorer:
-        path = folder / spec.model.file
-        verify_file(path, spec.model.size, spec.model.sha256, "box scorer")
-        return cls(spec, path, threads=threads)
+        return cls(spec, verified(folder, spec.model, "box scorer"), threads=threads)
 
     def predict(self, rows: F32) -> F32:
         """The scorer's answer for each feature row: its expected IoU with an annotated box."""

@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.contract import SceneSpec
-from agent.engine.model import ModelError, checked_session, verify_file, worst_miss
+from agent.engine.model import ModelError, checked_session, verified, worst_miss
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -53,9 +53,7 @@ class SceneEmbedder:
 
     @classmethod
     def load(cls, folder: Path, spec: SceneSpec, *, threads: int = 1) -> SceneEmbedder:
-        path = folder / spec.model.file
-        verify_file(path, spec.model.size, spec.model.sha256, "scene embedder")
-        return cls(spec, path, threads=threads)
+        return cls(spec, verified(folder, spec.model, "scene embedder"), threads=threads)
 
     def embed(self, bgr: np.ndarray) -> F64:
         """The frame's numbers, in `spec.names` order."""
