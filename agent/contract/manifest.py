@@ -237,9 +237,9 @@ class SceneGolden(Strict):
 class SceneSpec(Strict):
     """A pretrained image embedder (contract 1.4): what the whole frame shows.
 
-    agent.engine.scene squeezes the frame to `size` x `size`, converts it to RGB, subtracts
-    `mean` and divides by `std` (NCHW); the ONNX network answers the numbers `names`, which
-    the image rule reads after its pixel statistics.
+    agent.engine.scene squeezes the frame to `size` x `size` (OpenCV INTER_AREA), converts it
+    to RGB, subtracts `mean` and divides by `std` (NCHW); the ONNX network answers the
+    numbers `names`, which the image rule reads after its pixel statistics.
     """
 
     model: FileRef = Field(description="The embedder's ONNX file")

@@ -123,7 +123,7 @@ class ServingModel(Protocol):
 
     def classify(self, bgr: np.ndarray, *, rule: bool = True) -> Classified:
         """`scores`, with the image rule's answer where the manifest has one and `rule` asks
-        for it (its statistics cost ~6 ms a frame and a scene embedder ~10 more at 640x360 on
+        for it (its statistics cost ~6 ms a frame and a scene embedder ~9 more at 640x360 on
         one core: skipped when an operator's % decides)."""
         ...
 

@@ -26,14 +26,17 @@ TOLERANCE = 1e-3  # relative: float32 convolutions differ slightly across CPUs a
 
 
 def golden_frame(index: int) -> np.ndarray:
-    """A deterministic 120x160 BGR test card, different for each index."""
-    y, x = np.mgrid[0:120, 0:160]
+    """A deterministic BGR test card, different for each index: 120x160, or 360x640 for every
+    third (index 2, 5, ...), so that both the enlarging and the shrinking resize are checked."""
+    height, width = (360, 640) if index % 3 == 2 else (120, 160)
+    y, x = np.mgrid[0:height, 0:width]
     planes = [(x * (3 + index) + y * (5 + 2 * c) + 37 * index * (c + 1)) % 256 for c in range(3)]
     return np.ascontiguousarray(np.stack(planes, axis=-1).astype(np.uint8))
 
 
 def preprocess(bgr: np.ndarray, size: int, mean: float, std: float) -> F32:
-    """The embedder's input: the frame squeezed to size x size, RGB, scaled, NCHW."""
+    """The embedder's input: the frame squeezed to size x size (OpenCV INTER_AREA), RGB,
+    scaled, NCHW."""
     square = cv2.resize(bgr, (size, size), interpolation=cv2.INTER_AREA)
     rgb = cv2.cvtColor(square, cv2.COLOR_BGR2RGB).astype(np.float32)
     return np.ascontiguousarray(((rgb - mean) / std).transpose(2, 0, 1)[None])
