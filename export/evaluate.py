@@ -199,7 +199,7 @@ def cv_images(
         "inner_folds": recipe.folds,
         "groups": _groups(photos),
         "decided_by": "image rule" if recipe.image_rule else "corrosion %",
-        "scene_components": recipe.scene_components if recipe.image_rule else 0,
+        "scene_components": recipe.scene_components if recipe.reads_scene else 0,
         "rule_threshold": recipe.rule_threshold,
         **result,
         "splits": splits,

@@ -80,9 +80,7 @@ def design(
         return (lambda rows: stats[rows]), None
     k = min(scene.components, int(fit_on.sum()) - 1)
     projection = Projection.fit(scene.embeddings[fit_on], k)
-    return (
-        lambda rows: np.hstack((stats[rows], projection.apply(scene.embeddings[rows])))
-    ), projection
+    return (lambda rows: projection.extend(stats[rows], scene.embeddings[rows])), projection
 
 
 def out_of_fold(

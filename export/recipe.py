@@ -130,6 +130,11 @@ class Recipe:
     threads: int = 0
 
     @property
+    def reads_scene(self) -> bool:
+        """Whether the decision reads scene features (they need the pretrained backbone)."""
+        return self.image_rule and self.scene_components > 0
+
+    @property
     def pipeline(self) -> FeaturePipeline:
         return FeaturePipeline(self.features, self.long_side, self.stride)
 
@@ -275,7 +280,7 @@ def load_photos(
     """Every rust and norust photo; boxes attach to the rust photo they are a copy of. Scene
     features come from `backbone`, or one built here when the recipe's rule reads them."""
     boxes = boxed_annotations(sources.voc)
-    if backbone is None and recipe.image_rule and recipe.scene_components:
+    if backbone is None and recipe.reads_scene:
         backbone = Backbone(recipe.threads)
     photos: list[Photo] = []
     for rust, directory in ((True, sources.rust), (False, sources.norust)):
@@ -436,7 +441,7 @@ class Chosen:
         stats = frame_statistics(photos, maps, self.decision.pixel_threshold)
         if self.scene is None:
             return stats
-        return np.hstack((stats, self.scene.apply(np.array([p.scene for p in photos]))))
+        return self.scene.extend(stats, np.array([p.scene for p in photos]))
 
     def flags(self) -> np.ndarray:
         """Out-of-fold flags: what the decision says of photos its models did not see.
@@ -461,7 +466,7 @@ def choose_decision(photos: Sequence[Photo], recipe: Recipe, seed: int) -> Chose
     if not recipe.image_rule:
         return Chosen(Decision(pixel_threshold=threshold, flag_pct=flag), maps, pcts, None)
     scene = None
-    if recipe.scene_components:
+    if recipe.reads_scene:
         embedded = np.array([p.scene for p in photos])
         if embedded.ndim != 2 or embedded.shape[1] == 0:
             raise DatasetError("the recipe reads scene features but the photos carry none")
@@ -485,7 +490,7 @@ def build_texture(
 ) -> Path:
     """The recommended model into `out` (manifest, ONNX, recipe.json); returns the manifest."""
     start = time.perf_counter()
-    backbone = Backbone(recipe.threads) if recipe.image_rule and recipe.scene_components else None
+    backbone = Backbone(recipe.threads) if recipe.reads_scene else None
     photos = load_photos(sources, recipe, backbone=backbone)
     chosen = choose_decision(photos, recipe, recipe.seed)
     decision = chosen.decision

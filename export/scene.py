@@ -310,6 +310,10 @@ class Projection:
         out: F64 = z @ self.components.T
         return out
 
+    def extend(self, stats: F64, embeddings: F64) -> F64:
+        """Rows of pixel statistics followed by their photos' scene numbers: the rule's input."""
+        return np.hstack((stats, self.apply(embeddings)))
+
 
 def network(weights: dict[str, F32], projection: Projection | None = None) -> onnx.ModelProto:
     """The backbone as ONNX: input `image` [N, 3, 224, 224]; output `embedding` [N, 1280],

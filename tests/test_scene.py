@@ -192,7 +192,9 @@ def test_the_folded_network_answers_the_projected_embedding(
     assert np.allclose(embedder.embed(frame), want, rtol=1e-4, atol=1e-4)
 
 
-def test_device_and_training_compute_the_same_probability(scened: Scened) -> None:
+def test_device_and_training_compute_the_same_probability(
+    scened: Scened, backbone: Backbone
+) -> None:
     """Training's statistics (xgboost, numpy projection) and the device's (ONNX) agree."""
     manifest, _, booster, chosen = scened
     model = load_model(manifest)
@@ -202,8 +204,8 @@ def test_device_and_training_compute_the_same_probability(scened: Scened) -> Non
     assert rule.statistics == statistic_names(
         SCENED.features, ("scene:pc0", "scene:pc1", "scene:pc2")
     )
-    _, photos = scene_photos(manifest.parent.parent / "again", SCENED, seed=100, count=3,
-                             backbone=Backbone())  # fmt: skip
+    again = manifest.parent.parent / "again"
+    _, photos = scene_photos(again, SCENED, seed=100, count=3, backbone=backbone)
     stats = chosen.statistics(photos, probability_maps(booster, photos))
     for photo, row in zip(photos, stats, strict=True):
         device = Detector(model).analyse(read(photo.path).image).rust_probability
