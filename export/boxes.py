@@ -8,7 +8,9 @@ it overlaps most if that IoU reaches the threshold, and the precision envelope i
 Detections are the regions `Detector.analyse` reports, ranked by the score they were chosen
 by (`Analysis.region_scores`; the contract carries none): the model's box scorer
 (`agent.engine.proposals`) or, without one, `agent.engine.regions`' rust contrast with the
-ring around the box times the square root of its area share.
+ring around the box times the square root of its area share. AP ranks every region, below
+the box scorer's reporting floor too (as COCO ranks every detection); `reported` measures
+what a device reports: the regions at or above the floor.
 
 `out_of_fold` measures a whole recipe on annotated photos that have no separate test set:
 folds by photo (identical files together), a pixel model trained per fold by a `Trainer`,
@@ -52,6 +54,7 @@ class ImageBoxes:
     gt: F64  # (M, 4)
     boxes: F64  # (N, 4)
     scores: F64  # (N,)
+    floor: float = 0.0  # a device reports the detections scored at or above it
 
     @classmethod
     def of(
@@ -59,12 +62,19 @@ class ImageBoxes:
         gt: Sequence[Sequence[float]],
         boxes: Sequence[Sequence[float]],
         scores: Sequence[float],
+        floor: float = 0.0,
     ) -> ImageBoxes:
         return cls(
             np.asarray(gt, np.float64).reshape(-1, 4),
             np.asarray(boxes, np.float64).reshape(-1, 4),
             np.asarray(scores, np.float64).reshape(-1),
+            floor,
         )
+
+    def reported(self) -> ImageBoxes:
+        """The detections a device reports."""
+        keep = self.scores >= self.floor
+        return ImageBoxes(self.gt, self.boxes[keep], self.scores[keep], self.floor)
 
 
 def iou_matrix(a: F64, b: F64) -> F64:
@@ -144,14 +154,33 @@ def average_recall(images: Sequence[ImageBoxes]) -> float:
     return float(np.mean(found) / n_gt)
 
 
+def operating_point(images: Sequence[ImageBoxes], threshold: float = 0.5) -> dict[str, float]:
+    """Precision, recall and F1 at IoU `threshold` of what a device reports, and how many
+    regions it reports per image."""
+    shown = [image.reported() for image in images]
+    n_gt = sum(len(image.gt) for image in shown)
+    found = sum(int(match(_top(image)[0], image.gt, threshold).sum()) for image in shown)
+    reported = sum(min(len(image.boxes), MAX_DETECTIONS) for image in shown)
+    precision = found / reported if reported else 0.0
+    recall = found / n_gt if n_gt else float("nan")
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": 2.0 * found / (reported + n_gt) if reported + n_gt else 0.0,
+        "per_image": reported / len(shown) if shown else 0.0,
+    }
+
+
 def summary(images: Sequence[ImageBoxes]) -> dict[str, Any]:
-    """The headline numbers and the 101-point precision-recall curve at IoU 0.5."""
+    """The headline numbers, what a device reports and the 101-point precision-recall curve
+    at IoU 0.5."""
     recall, precision, n_gt = precision_recall(images, 0.5)
     curve = interpolated(recall, precision)
     return {
         "ap50": average_precision(images, 0.5),
         "ap": float(np.mean([average_precision(images, t) for t in IOU_THRESHOLDS])),
         "ar100": average_recall(images),
+        "reported": operating_point(images),
         "n_images": len(images),
         "n_boxes": n_gt,
         "pr_curve": [
@@ -176,10 +205,13 @@ def image_boxes(
     config: ClassifierConfig,
     grouping: Grouping | None = None,
     labels: Collection[str] = LABELS,
+    *,
+    floor: float = 0.0,
 ) -> ImageBoxes:
     """One photo's truth and detections: without `grouping`, the regions the detector reported
     ranked by the scores it chose them by (evaluation cannot drift from the device); with
-    one, the ring-contrast grouping of the detector's mask with those settings."""
+    one, the ring-contrast grouping of the detector's mask with those settings. `floor`: the
+    score below which a device would not report a region."""
     if grouping:
         frame = (analysis.frame_size.width, analysis.frame_size.height)
         found = scored_regions(analysis.mask, frame, **region_kwargs(config, grouping))
@@ -189,7 +221,19 @@ def image_boxes(
         [o.box for o in truth.objects if o.name in labels],
         [(r.x, r.y, r.x + r.w, r.y + r.h) for r, _ in found],
         [score for _, score in found],
+        0.0 if grouping else floor,
     )
+
+
+def ranking(config: ClassifierConfig | None) -> ClassifierConfig:
+    """`config` with the box scorer's floor off: AP ranks every region."""
+    return (config or ClassifierConfig()).model_copy(update={"min_region_score": 0.0})
+
+
+def floor_of(detector: Detector) -> float:
+    """The box scorer's reporting floor of the detector's model (0: none)."""
+    scorer = detector.model.regions
+    return 0.0 if scorer is None else scorer.spec.min_score or 0.0
 
 
 def load_annotations(voc_dir: Path) -> tuple[list[Annotation], list[str]]:
@@ -212,6 +256,7 @@ def _detect(
 ) -> list[tuple[Annotation, list[ImageBoxes]]]:
     """Each readable photo with its ImageBoxes under every grouping (one analysis per photo)."""
     out = []
+    floor = floor_of(detector)
     for ann in anns:
         try:
             image = read(ann.image).image
@@ -225,7 +270,9 @@ def _detect(
             )
             continue
         analysis = detector.analyse(image)
-        boxes = [image_boxes(analysis, ann, detector.config, g, labels) for g in groupings]
+        boxes = [
+            image_boxes(analysis, ann, detector.config, g, labels, floor=floor) for g in groupings
+        ]
         out.append((ann, boxes))
     return out
 
@@ -250,7 +297,7 @@ def evaluate_boxes(
 ) -> dict[str, Any]:
     """AP@0.5, AP@[.5:.95], AR@100, the PR curve and per-photo counts of one exported model
     on the VOC photos of `voc_dir`; `grouping` overrides find_regions settings."""
-    config = config or ClassifierConfig()
+    config = ranking(config)
     anns, problems = load_annotations(voc_dir)
     detector = Detector.load(manifest, config)
     try:
@@ -345,7 +392,7 @@ def out_of_fold(
     device should use (its own `ap50` there is optimistic: it was chosen on those photos).
     """
     trainer = trainer or colour_trainer(labels=labels)
-    config = config or ClassifierConfig()
+    config = ranking(config)
     anns, problems = load_annotations(voc_dir)
     shas = [hashlib.sha256(a.image.read_bytes()).hexdigest() for a in anns]
     if len(set(shas)) < folds:

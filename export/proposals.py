@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 import xgboost as xgb
 
+from agent.config import ClassifierConfig
 from agent.contract import RegionGolden, RegionScorerSpec
 from agent.engine.classifier import corroded_mask
 from agent.engine.model import PROBABILITY_TOLERANCE
@@ -33,8 +34,9 @@ from agent.engine.proposals import (
     box_features,
     candidates,
     probability_map,
+    select,
 )
-from export.boxes import iou_matrix
+from export.boxes import iou_matrix, match, photo_folds
 from export.convert import ConvertError, file_ref, to_onnx
 from export.train import xgb_params
 
@@ -52,6 +54,7 @@ SCORER_PARAMS = {
     "min_child_weight": 5,
 }
 GOLDEN = 16
+FLOOR_FOLDS = 5
 
 
 @dataclass(frozen=True)
@@ -60,18 +63,24 @@ class Annotated:
 
     scores: np.ndarray
     boxes: Sequence[Sequence[float]]  # (x0, y0, x1, y1), max exclusive
+    group: str = ""  # identical photos share one and a fold ("": a group of its own)
 
 
-def examples(frame: Annotated, long_side: int) -> tuple[F32, F64]:
-    """Feature rows of a frame's candidates and each one's IoU with its best annotated box."""
+def _maps(frame: Annotated, long_side: int) -> tuple[Maps, F64]:
+    """The frame's maps as the detector makes them (P, then the mask) and its boxes on them."""
     p = probability_map(frame.scores, long_side)
-    maps = Maps.of(p, corroded_mask(frame.scores.copy()))  # as the detector: P, then the mask
-    boxes = candidates(maps.p)
+    maps = Maps.of(p, corroded_mask(frame.scores.copy()))
     height, width = maps.p.shape
     scale = np.array([width, height, width, height]) / np.array(
         [frame.scores.shape[1], frame.scores.shape[0]] * 2, np.float64
     )
-    truth = np.asarray(frame.boxes, np.float64).reshape(-1, 4) * scale
+    return maps, np.asarray(frame.boxes, np.float64).reshape(-1, 4) * scale
+
+
+def examples(frame: Annotated, long_side: int) -> tuple[F32, F64]:
+    """Feature rows of a frame's candidates and each one's IoU with its best annotated box."""
+    maps, truth = _maps(frame, long_side)
+    boxes = candidates(maps.p)
     best = (
         iou_matrix(boxes.astype(np.float64), truth).max(axis=1)
         if len(truth)
@@ -80,28 +89,90 @@ def examples(frame: Annotated, long_side: int) -> tuple[F32, F64]:
     return box_features(maps, boxes), best
 
 
+def _fit(found: Sequence[tuple[F32, F64]], seed: int, threads: int) -> xgb.Booster:
+    x = np.concatenate([r for r, _ in found]) if found else np.empty((0, len(FEATURES)), np.float32)
+    y = np.concatenate([t for _, t in found]) if found else np.empty(0)
+    if len(x) < GOLDEN or not np.any(y > 0):
+        raise ConvertError(
+            f"the box scorer needs annotated frames with at least {GOLDEN} candidates, some "
+            f"overlapping a box; got {len(found)} frames, {len(x)} candidates"
+        )
+    params, rounds = xgb_params(SCORER_PARAMS, threads, seed)
+    return xgb.train(params, xgb.DMatrix(x, label=y), rounds)
+
+
 def train_scorer(
     frames: Sequence[Annotated], long_side: int, *, seed: int = 0, threads: int = 0
 ) -> tuple[xgb.Booster, F32]:
     """The scorer of candidates of `long_side` maps, and the rows it was trained on (what
     parity and golden rows come from)."""
     found = [examples(f, long_side) for f in frames]
-    x = np.concatenate([r for r, _ in found]) if found else np.empty((0, len(FEATURES)), np.float32)
-    y = np.concatenate([t for _, t in found]) if found else np.empty(0)
-    if len(x) < GOLDEN or not np.any(y > 0):
-        raise ConvertError(
-            f"the box scorer needs annotated frames with at least {GOLDEN} candidates, some "
-            f"overlapping a box; got {len(frames)} frames, {len(x)} candidates"
-        )
-    params, rounds = xgb_params(SCORER_PARAMS, threads, seed)
-    return xgb.train(params, xgb.DMatrix(x, label=y), rounds), x
+    return _fit(found, seed, threads), np.concatenate([r for r, _ in found])
+
+
+def best_f1_floor(scores: F64, hits: npt.NDArray[np.bool_], n_truth: int) -> float | None:
+    """The score floor whose reported boxes (score >= floor, pooled over frames) have the best
+    F1 against `n_truth` annotated boxes; None when no box is ever found."""
+    order = np.argsort(-scores, kind="mergesort")
+    s, tp = scores[order], np.cumsum(hits[order])
+    if not len(s) or tp[-1] == 0:
+        return None
+    f1 = 2.0 * tp / (np.arange(1, len(s) + 1) + n_truth)  # 2PR / (P + R)
+    last_of_tie = np.append(s[1:] != s[:-1], True)  # a floor keeps every box of its score
+    return float(s[int(np.argmax(np.where(last_of_tie, f1, -1.0)))])
+
+
+def choose_floor(
+    frames: Sequence[Annotated],
+    long_side: int,
+    *,
+    folds: int = FLOOR_FOLDS,
+    seed: int = 0,
+    threads: int = 0,
+) -> float | None:
+    """The floor below which a device does not report a region: each frame's regions are
+    selected as a device selects them (agent.engine.proposals.select, the default
+    ClassifierConfig) by a scorer trained without it (folds by group), and the floor with
+    the best pooled F1 at IoU 0.5 wins. None with fewer than two groups or no match."""
+    groups = [f.group or f"#{i}" for i, f in enumerate(frames)]
+    k = min(folds, len(set(groups)))
+    if k < 2:
+        return None
+    fold = photo_folds(groups, k, seed)
+    found = [examples(f, long_side) for f in frames]
+    device = ClassifierConfig()
+    scores: list[F64] = []
+    hits: list[npt.NDArray[np.bool_]] = []
+    for j in range(k):
+        booster = _fit([e for e, f in zip(found, fold, strict=True) if f != j], seed, threads)
+        for i in np.flatnonzero(fold == j).tolist():
+            maps, truth = _maps(frames[i], long_side)
+            boxes, s, _ = select(
+                maps,
+                booster.inplace_predict,
+                overlap=OVERLAP,
+                min_region_pct=device.min_region_pct,
+                max_regions=device.max_regions,
+                min_score=0.0,
+            )
+            scores.append(s)
+            hits.append(match(boxes.astype(np.float64), truth, 0.5))
+    n_truth = sum(len(f.boxes) for f in frames)
+    return best_f1_floor(np.concatenate(scores), np.concatenate(hits), n_truth)
 
 
 def export_scorer(
-    booster: xgb.Booster, rows: F32, out_dir: Path, long_side: int, *, seed: int = 0
+    booster: xgb.Booster,
+    rows: F32,
+    out_dir: Path,
+    long_side: int,
+    *,
+    seed: int = 0,
+    min_score: float | None = None,
 ) -> RegionScorerSpec:
-    """regions.onnx in `out_dir` and the manifest block pinning it; parity proven on `rows`
-    (at least GOLDEN of them: the golden samples are drawn from them)."""
+    """regions.onnx in `out_dir` and the manifest block pinning it (with the reporting floor
+    `min_score`); parity proven on `rows` (at least GOLDEN of them: the golden samples are
+    drawn from them)."""
     if len(rows) < GOLDEN:
         raise ConvertError(
             f"{len(rows)} sample rows, the box scorer's golden samples need {GOLDEN}"
@@ -127,6 +198,7 @@ def export_scorer(
             RegionGolden(features=tuple(map(float, r)), score=float(s))
             for r, s in zip(golden, want, strict=True)
         ),
+        min_score=min_score,
     )
     scorer = RegionScorer(draft, path)
     worst = float(np.max(np.abs(scorer.predict(rows) - booster.inplace_predict(rows))))

@@ -85,7 +85,7 @@ from agent.imageio import ImageError, read
 from export.convert import export_model
 from export.datasets import DatasetError
 from export.imagerule import SceneInput, ThresholdRule, fit_rule
-from export.proposals import Annotated, export_scorer, train_scorer
+from export.proposals import Annotated, choose_floor, export_scorer, train_scorer
 from export.scene import Backbone, Projection, export_scene
 from export.train import xgb_params
 from export.voc import IMAGE_SUFFIXES, Annotation, VocError, box_problem, parse
@@ -352,7 +352,7 @@ def region_scorer(
     if not recipe.box_scorer:
         return None
     frames = [
-        Annotated(photo_scores(p, m, recipe.pixel_threshold), p.boxes)
+        Annotated(photo_scores(p, m, recipe.pixel_threshold), p.boxes, p.group)
         for p, m in zip(photos, maps, strict=True)
         if p.boxed
     ]
@@ -360,7 +360,8 @@ def region_scorer(
         return None
     side = max(16, recipe.long_side // recipe.stride)
     booster, rows = train_scorer(frames, side, seed=recipe.seed, threads=recipe.threads)
-    return export_scorer(booster, rows, out, side, seed=recipe.seed)
+    floor = choose_floor(frames, side, seed=recipe.seed, threads=recipe.threads)
+    return export_scorer(booster, rows, out, side, seed=recipe.seed, min_score=floor)
 
 
 def frame_statistics(photos: Sequence[Photo], maps: Sequence[F32], threshold: float) -> F64:

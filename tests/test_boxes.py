@@ -20,6 +20,7 @@ from export.boxes import (
     evaluate_boxes,
     iou_matrix,
     load_annotations,
+    operating_point,
     out_of_fold,
     photo_folds,
     summary,
@@ -63,6 +64,23 @@ def test_ranking_is_pooled_across_images() -> None:
     # image 1's false positive outranks image 2's hit: precision at recall 1 is 1/2
     images = [ImageBoxes.of([], [A], [0.9]), ImageBoxes.of([B], [B], [0.5])]
     assert average_precision(images) == pytest.approx(0.5)
+
+
+def test_what_a_device_reports_is_measured_at_its_floor() -> None:
+    # image 1: A hit (0.9), C false (0.4); image 2: B hit (0.3), A false (0.8); 3 boxes to find
+    images = [
+        ImageBoxes.of([A, (30, 30, 50, 50)], [A, C], [0.9, 0.4], floor=0.35),
+        ImageBoxes.of([B], [B, A], [0.3, 0.8], floor=0.35),
+    ]
+    got = operating_point(images)
+    assert got == pytest.approx(
+        {"precision": 1 / 3, "recall": 1 / 3, "f1": 1 / 3, "per_image": 1.5}
+    )
+    assert summary(images)["reported"] == got
+    assert (
+        summary(images)["ap50"]
+        == summary([ImageBoxes.of(i.gt, i.boxes, i.scores) for i in images])["ap50"]
+    )
 
 
 def test_iou_thresholds() -> None:

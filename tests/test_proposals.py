@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agent.config import ClassifierConfig
 from agent.contract import ModelManifest, Region, RegionScorerSpec
 from agent.engine.classifier import ColourModel, corroded_mask, load_model
 from agent.engine.detector import Detector
@@ -22,9 +23,17 @@ from agent.engine.proposals import (
     candidates,
     probability_map,
 )
-from export.boxes import iou_matrix
+from export.boxes import evaluate_boxes, iou_matrix
 from export.convert import ConvertError
-from export.proposals import SCORER_FILE, Annotated, export_scorer, train_scorer
+from export.proposals import (
+    SCORER_FILE,
+    Annotated,
+    best_f1_floor,
+    choose_floor,
+    export_scorer,
+    train_scorer,
+)
+from export.synthetic import generate
 from tests.registry_helpers import NAME, Registry, train
 from tests.test_model import copy_model, edit_manifest
 from tests.test_updates import updater
@@ -57,10 +66,14 @@ def regions_of(
     size: tuple[int, int],
     min_region_pct: float = 0.05,
     max_regions: int = 50,
+    *,
+    min_score: float | None = None,
 ) -> list[tuple[Region, float]]:
     """The scorer's regions of a frame's scores, fed as the detector feeds it."""
     p, mask = scorer.probability(scores), corroded_mask(scores.copy())
-    return scorer.regions(p, mask, size, min_region_pct=min_region_pct, max_regions=max_regions)
+    return scorer.regions(
+        p, mask, size, min_region_pct=min_region_pct, max_regions=max_regions, min_score=min_score
+    )
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +190,7 @@ def test_manifest_checks_of_the_scorer_block(
         ModelManifest.read(manifest)
     bare = json.loads(logistic_model.read_text())
     assert "regions" not in bare  # a model without a scorer reads as before (contract 1.2)
+    assert "min_score" not in data["regions"]  # nor a scorer without a floor (contract 1.3)
 
 
 def test_a_labels_only_model_cannot_carry_a_scorer(
@@ -198,6 +212,52 @@ def test_scorer_limits_and_training_errors(scorer: tuple[Path, RegionScorerSpec]
     with pytest.raises(ConvertError, match="golden samples need 16"):
         booster, rows = train_scorer([scene(np.random.default_rng(1))], 160, threads=2)
         export_scorer(booster, rows[:3], Path("unused"), 160)
+
+
+def test_the_best_f1_floor_by_hand() -> None:
+    scores = np.array([0.6, 0.9, 0.7, 0.8])  # pooled, in any order
+    hits = np.array([False, True, True, False])
+    # reporting the best k of 4 with 3 boxes to find: F1 = 2 TP / (k + 3) = .5, .4, .67, .57
+    assert best_f1_floor(scores, hits, 3) == 0.7
+    # a floor keeps every box of its score: [0.9 hit, 0.7 hit, 0.7 miss] cannot stop at two
+    assert best_f1_floor(np.array([0.9, 0.7, 0.7]), np.array([True, True, False]), 2) == 0.7
+    assert best_f1_floor(np.array([0.9, 0.5]), np.array([False, False]), 2) is None
+    assert best_f1_floor(np.empty(0), np.empty(0, bool), 2) is None
+
+
+def test_a_device_reports_only_regions_at_or_above_the_cross_validated_floor(
+    scorer: tuple[Path, RegionScorerSpec], logistic_model: Path, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(3)  # the frames the fixture's scorer was trained on
+    frames = [
+        Annotated(f.scores, f.boxes, group=str(i % 6))
+        for i, f in enumerate(scene(rng) for _ in range(12))
+    ]
+    floor = choose_floor(frames, 160, threads=2)
+    assert floor is not None and 0.0 < floor < 1.0
+    assert choose_floor(frames[:1], 160) is None  # one group: nothing to hold out
+    folder, spec = scorer
+    floored = RegionScorer.load(folder, spec.model_copy(update={"min_score": floor}))
+    plain = RegionScorer.load(folder, spec)
+    frame = scene(np.random.default_rng(11)).scores
+    every = regions_of(plain, frame, (W, H))
+    shown = regions_of(floored, frame, (W, H))
+    assert shown and all(s >= floor for _, s in shown)
+    assert shown == [(r, s) for r, s in every if s >= floor] and len(shown) < len(every)
+    assert regions_of(floored, frame, (W, H), min_score=0.0) == every  # the operator's override
+    manifest = with_scorer(copy_model(logistic_model, tmp_path / "m"), (folder, floored.spec))
+    assert json.loads(manifest.read_text())["regions"]["min_score"] == floor
+    model = load_model(manifest)
+    image = np.full((240, 320, 3), (200, 200, 200), np.uint8)
+    image[40:140, 60:200] = (40, 70, 160)  # BGR rust
+    assert all(s >= floor for s in Detector(model).analyse(image).region_scores)
+    everything = Detector(model, ClassifierConfig(min_region_score=0.0)).analyse(image)
+    assert min(everything.region_scores) < floor
+    voc = tmp_path / "voc"
+    generate(voc, 6, seed=1, width=160, height=120)
+    result = evaluate_boxes(manifest, voc)  # AP ranks every region, a device shows fewer
+    detections = sum(p["detections"] for p in result["per_image"]) / result["n_images"]
+    assert 0 < result["reported"]["per_image"] < detections
 
 
 def test_a_scorer_travels_through_the_registry_to_the_device(

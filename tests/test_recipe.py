@@ -151,6 +151,8 @@ def test_make_model_smoke(layout: Sources, tmp_path: Path) -> None:
     assert manifest.scene is not None and model.scene is not None  # the scene embedder
     assert rule.statistics[-len(manifest.scene.names) :] == manifest.scene.names
     assert len(analysis.region_scores) == len(analysis.regions)
+    floor = manifest.regions.min_score  # chosen by CV with the scorer
+    assert floor is not None and all(s >= floor for s in analysis.region_scores)
     assert all("oof_p" in p for p in record["photos"])
     pixels = tmp_path / "pixels"  # the rule without the scene embedder
     flags = [*dirs, "--out", str(pixels), "--no-scene", "--no-box-scorer", *TINY_FLAGS]

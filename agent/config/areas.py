@@ -53,6 +53,13 @@ class ClassifierConfig(Area):
     max_regions: int = Field(
         default=50, ge=0, le=10000, description="Most regions reported per frame, largest first"
     )
+    min_region_score: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="Lowest box-scorer score a reported region needs; unset: the model's "
+        "cross-validated floor; 0: every region (as box AP ranks them)",
+    )
     region_grid: tuple[int, ...] = Field(
         default=(16, 32, 64),
         description="Ring-contrast grouping: long sides of the coarse grids whose dense cells "

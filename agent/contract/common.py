@@ -7,7 +7,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-CONTRACT_VERSION = "1.4"
+CONTRACT_VERSION = "1.5"
 """Major.minor of every payload below; a reader refuses a different major."""
 
 SemVer = Annotated[

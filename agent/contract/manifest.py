@@ -196,13 +196,17 @@ class RegionGolden(Strict):
     score: Unit = Field(description="The scorer's answer for them")
 
 
-class RegionScorerSpec(Strict):
+class RegionScorerSpec(_OmitsUnset):
     """A trained scorer of candidate boxes (contract 1.3): how regions are chosen.
 
     agent.engine.proposals computes the candidates and their named features from the frame's
     scores at `long_side`; the ONNX trees answer each candidate's expected IoU with a box an
-    annotator would draw; NMS at `overlap` keeps the best.
+    annotator would draw; NMS at `overlap` keeps the best, and those scored below `min_score`
+    (contract 1.5) are not reported: without a floor a frame reports dozens of boxes that
+    match nothing.
     """
+
+    _omit_when_none = ("min_score",)
 
     model: FileRef = Field(description="The scorer's ONNX file")
     features: tuple[str, ...] = Field(
@@ -214,6 +218,11 @@ class RegionScorerSpec(Strict):
     output: str = Field(default="probabilities", description="ONNX output holding the scores")
     golden: tuple[RegionGolden, ...] = Field(
         min_length=8, description="Feature rows with the scorer's answers, checked at load"
+    )
+    min_score: Unit | None = Field(
+        default=None,
+        description="Score below which a region is not reported (contract 1.5), chosen by "
+        "cross-validation; absent: every region NMS keeps",
     )
 
     @model_validator(mode="after")

@@ -169,7 +169,12 @@ class Detector:
             found = scored_regions(mask, full, **grouping_of(cfg))
         else:
             found = scorer.regions(
-                p, mask, full, min_region_pct=cfg.min_region_pct, max_regions=cfg.max_regions
+                p,
+                mask,
+                full,
+                min_region_pct=cfg.min_region_pct,
+                max_regions=cfg.max_regions,
+                min_score=cfg.min_region_score,
             )
         threshold = self._threshold_of(model)
         probability = classified.rust_probability

@@ -19,6 +19,7 @@ resampled from the full-size scores, which grows with the frame.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,13 +78,15 @@ class Maps:
 
     p: F32  # probability_map of the frame's scores
     coverage: F64  # share of each cell's pixels that are corroded (the 0/255 mask, averaged)
+    frame_pct: float  # the frame's corrosion %, from the full-size mask
 
     @classmethod
     def of(cls, p: F32, mask: np.ndarray) -> Maps:
         """From a frame's probability_map and its full-size 0/255 corroded mask."""
         height, width = p.shape
         coverage = cv2.resize(mask, (width, height), interpolation=cv2.INTER_AREA)
-        return cls(p, np.asarray(coverage, np.float64) / 255.0)
+        frame_pct = 100.0 * cv2.countNonZero(mask) / mask.size
+        return cls(p, np.asarray(coverage, np.float64) / 255.0, frame_pct)
 
 
 def candidates(p: F32) -> I64:
@@ -233,31 +236,56 @@ class RegionScorer:
         *,
         min_region_pct: float = 0.05,
         max_regions: int = 50,
+        min_score: float | None = None,
     ) -> list[tuple[Region, float]]:
         """Regions of a frame (its `probability` and 0/255 corroded mask) with their scores,
-        largest `area_pct` first.
+        largest `area_pct` first; `min_score` None: the manifest's floor.
 
         `area_pct` is the corroded share of the frame inside the box (never more than the
-        frame's corrosion %, as agent.engine.regions reports it); boxes holding less than
-        `min_region_pct` are dropped before NMS.
+        frame's corrosion %, as agent.engine.regions reports it).
         """
-        if max_regions == 0:
-            return []
+        floor = self.spec.min_score if min_score is None else min_score
         maps = Maps.of(p, mask)
-        boxes = candidates(maps.p)
-        height, width = maps.p.shape
-        frame_pct = 100.0 * cv2.countNonZero(mask) / mask.size
-        area_pct = np.minimum(
-            100.0 * box_sums(_integral(maps.coverage), boxes) / (width * height), frame_pct
+        boxes, scores, area_pct = select(
+            maps,
+            self.predict,
+            overlap=self.spec.overlap,
+            min_region_pct=min_region_pct,
+            max_regions=max_regions,
+            min_score=floor or 0.0,
         )
-        keep = area_pct >= min_region_pct
-        boxes, area_pct = boxes[keep], area_pct[keep]
-        if not len(boxes):
-            return []
-        predicted = self.predict(box_features(maps, boxes)).astype(np.float64)
-        chosen = suppress(boxes, predicted, self.spec.overlap, max_regions)
-        chosen = chosen[np.argsort(-area_pct[chosen], kind="stable")]
+        height, width = maps.p.shape
+        order = np.argsort(-area_pct, kind="stable")
         return [
-            (to_region(boxes[i], (width, height), frame_size, area_pct[i]), float(predicted[i]))
-            for i in chosen.tolist()
+            (to_region(boxes[i], (width, height), frame_size, area_pct[i]), float(scores[i]))
+            for i in order.tolist()
         ]
+
+
+def select(
+    maps: Maps,
+    predict: Callable[[F32], F32],
+    *,
+    overlap: float,
+    min_region_pct: float,
+    max_regions: int,
+    min_score: float,
+) -> tuple[I64, F64, F64]:
+    """The boxes a frame reports, best score first, with their scores and `area_pct`: boxes
+    holding less than `min_region_pct` of the frame or scored below `min_score` are dropped
+    before NMS (a box at or above the floor is only ever suppressed by a better one, so the
+    order does not change what is kept). Training chooses the floor through this same code."""
+    boxes = candidates(maps.p)
+    height, width = maps.p.shape
+    area_pct = np.minimum(
+        100.0 * box_sums(_integral(maps.coverage), boxes) / (width * height), maps.frame_pct
+    )
+    keep = area_pct >= min_region_pct
+    boxes, area_pct = boxes[keep], area_pct[keep]
+    if max_regions == 0 or not len(boxes):
+        return boxes[:0], np.empty(0), np.empty(0)
+    scores = np.asarray(predict(box_features(maps, boxes)), np.float64)
+    keep = scores >= min_score
+    boxes, scores, area_pct = boxes[keep], scores[keep], area_pct[keep]
+    chosen = suppress(boxes, scores, overlap, max_regions)
+    return boxes[chosen], scores[chosen], area_pct[chosen]
