@@ -154,7 +154,7 @@ def average_recall(images: Sequence[ImageBoxes]) -> float:
     return float(np.mean(found) / n_gt)
 
 
-def operating_point(images: Sequence[ImageBoxes], threshold: float = 0.5) -> dict[str, float]:
+def operating_point(images: Sequence[ImageBoxes], threshold: float = 0.5) -> dict[str, Any]:
     """Precision, recall and F1 at IoU `threshold` of what a device reports, and how many
     regions it reports per image."""
     shown = [image.reported() for image in images]
@@ -168,6 +168,7 @@ def operating_point(images: Sequence[ImageBoxes], threshold: float = 0.5) -> dic
         "recall": recall,
         "f1": 2.0 * found / (reported + n_gt) if reported + n_gt else 0.0,
         "per_image": reported / len(shown) if shown else 0.0,
+        "floors": sorted({image.floor for image in images}),
     }
 
 
@@ -225,15 +226,11 @@ def image_boxes(
     )
 
 
-def ranking(config: ClassifierConfig | None) -> ClassifierConfig:
-    """`config` with the box scorer's floor off: AP ranks every region."""
-    return (config or ClassifierConfig()).model_copy(update={"min_region_score": 0.0})
-
-
-def floor_of(detector: Detector) -> float:
-    """The box scorer's reporting floor of the detector's model (0: none)."""
-    scorer = detector.model.regions
-    return 0.0 if scorer is None else scorer.spec.min_score or 0.0
+def ranking(config: ClassifierConfig | None) -> tuple[ClassifierConfig, float | None]:
+    """`config` with the box scorer's floor off, so AP ranks every region, and the floor it
+    set (None: the model's), for what a device reports."""
+    config = config or ClassifierConfig()
+    return config.model_copy(update={"min_region_score": 0.0}), config.min_region_score
 
 
 def load_annotations(voc_dir: Path) -> tuple[list[Annotation], list[str]]:
@@ -253,10 +250,14 @@ def _detect(
     groupings: Sequence[Grouping | None],
     labels: Collection[str],
     problems: list[str],
+    *,
+    override: float | None = None,
 ) -> list[tuple[Annotation, list[ImageBoxes]]]:
-    """Each readable photo with its ImageBoxes under every grouping (one analysis per photo)."""
+    """Each readable photo with its ImageBoxes under every grouping (one analysis per photo);
+    `override`: the reporting floor the caller's config set (None: the model's)."""
     out = []
-    floor = floor_of(detector)
+    scorer = detector.model.regions
+    floor = 0.0 if scorer is None else scorer.floor(override)
     for ann in anns:
         try:
             image = read(ann.image).image
@@ -283,6 +284,7 @@ def _per_image(ann: Annotation, image: ImageBoxes) -> dict[str, Any]:
         "file": ann.image.name,
         "gt": len(image.gt),
         "detections": len(image.boxes),
+        "reported": len(image.reported().boxes),
         "tp50": int(match(boxes, image.gt, 0.5).sum()),
     }
 
@@ -297,11 +299,11 @@ def evaluate_boxes(
 ) -> dict[str, Any]:
     """AP@0.5, AP@[.5:.95], AR@100, the PR curve and per-photo counts of one exported model
     on the VOC photos of `voc_dir`; `grouping` overrides find_regions settings."""
-    config = ranking(config)
+    config, override = ranking(config)
     anns, problems = load_annotations(voc_dir)
     detector = Detector.load(manifest, config)
     try:
-        found = _detect(detector, anns, [grouping], labels, problems)
+        found = _detect(detector, anns, [grouping], labels, problems, override=override)
     finally:
         detector.close()
     result = summary([boxes[0] for _, boxes in found])
@@ -392,7 +394,7 @@ def out_of_fold(
     device should use (its own `ap50` there is optimistic: it was chosen on those photos).
     """
     trainer = trainer or colour_trainer(labels=labels)
-    config = ranking(config)
+    config, override = ranking(config)
     anns, problems = load_annotations(voc_dir)
     shas = [hashlib.sha256(a.image.read_bytes()).hexdigest() for a in anns]
     if len(set(shas)) < folds:
@@ -409,7 +411,8 @@ def out_of_fold(
             manifest = trainer([anns[i] for i in fit], Path(tmp) / tag)
             detector = Detector.load(manifest, config)
             try:
-                return _detect(detector, [anns[i] for i in held], groupings, labels, problems)
+                held_anns = [anns[i] for i in held]
+                return _detect(detector, held_anns, groupings, labels, problems, override=override)
             finally:
                 detector.close()
 

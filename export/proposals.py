@@ -112,14 +112,18 @@ def train_scorer(
 
 def best_f1_floor(scores: F64, hits: npt.NDArray[np.bool_], n_truth: int) -> float | None:
     """The score floor whose reported boxes (score >= floor, pooled over frames) have the best
-    F1 against `n_truth` annotated boxes; None when no box is ever found."""
+    F1 against `n_truth` annotated boxes; None when no box is ever found. The floor sits
+    halfway to the next lower score, so float32 scoring on a device cannot flip the last
+    box kept."""
     order = np.argsort(-scores, kind="mergesort")
     s, tp = scores[order], np.cumsum(hits[order])
     if not len(s) or tp[-1] == 0:
         return None
     f1 = 2.0 * tp / (np.arange(1, len(s) + 1) + n_truth)  # 2PR / (P + R)
     last_of_tie = np.append(s[1:] != s[:-1], True)  # a floor keeps every box of its score
-    return float(s[int(np.argmax(np.where(last_of_tie, f1, -1.0)))])
+    i = int(np.argmax(np.where(last_of_tie, f1, -1.0)))
+    below = s[i + 1] if i + 1 < len(s) else 0.0
+    return float((s[i] + below) / 2.0)
 
 
 def choose_floor(
@@ -132,19 +136,22 @@ def choose_floor(
 ) -> float | None:
     """The floor below which a device does not report a region: each frame's regions are
     selected as a device selects them (agent.engine.proposals.select, the default
-    ClassifierConfig) by a scorer trained without it (folds by group), and the floor with
-    the best pooled F1 at IoU 0.5 wins. None with fewer than two groups or no match."""
+    ClassifierConfig) by a scorer trained without it (folds by group, trained on the boxed
+    frames as the shipped one is), and the floor with the best pooled F1 at IoU 0.5 wins.
+    Frames without boxes are clean photos: whatever they report is a false alarm. None with
+    fewer than two groups or no match."""
     groups = [f.group or f"#{i}" for i, f in enumerate(frames)]
     k = min(folds, len(set(groups)))
     if k < 2:
         return None
     fold = photo_folds(groups, k, seed)
-    found = [examples(f, long_side) for f in frames]
+    found = [examples(f, long_side) if f.boxes else None for f in frames]
     device = ClassifierConfig()
     scores: list[F64] = []
     hits: list[npt.NDArray[np.bool_]] = []
     for j in range(k):
-        booster = _fit([e for e, f in zip(found, fold, strict=True) if f != j], seed, threads)
+        training = [e for e, f in zip(found, fold, strict=True) if f != j and e is not None]
+        booster = _fit(training, seed, threads)
         for i in np.flatnonzero(fold == j).tolist():
             maps, truth = _maps(frames[i], long_side)
             boxes, s, _ = select(

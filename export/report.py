@@ -122,9 +122,10 @@ def write_report(result: Result, directory: Path) -> Path:
         lines += [f"- {k}: {result[k]:.4f}" for k in ("ap50", "ap", "ar100")]
         lines += [f"- {result['n_images']} images, {result['n_boxes']} boxes"]
         shown = result.get("reported")
-        if shown:
+        if shown and any(shown["floors"]):
+            floors = ", ".join(f"{f:.3f}" for f in shown["floors"])
             lines += [
-                f"- reported (at the box scorer's floor): {shown['per_image']:.1f} a photo, "
+                f"- reported (box scorer's floor {floors}): {shown['per_image']:.1f} a photo, "
                 f"precision {shown['precision']:.4f}, recall {shown['recall']:.4f}, "
                 f"F1 {shown['f1']:.4f} at IoU 0.5"
             ]
@@ -400,14 +401,16 @@ def _details(
             f"{box['ap']:.3f}, AR@100 {box['ar100']:.3f}.",
         ]
         shown = box.get("reported")
-        if learned and shown:
+        if learned and shown and any(shown["floors"]):
+            floors = ", ".join(f"{f:.3f}" for f in shown["floors"])
             lines += [
                 "",
                 "AP ranks every region. A device reports only those its box scorer rates at or "
                 "above the floor chosen with the scorer (the best F1 at IoU 0.5 by cross-"
-                "validation over the training photos' out-of-fold maps): "
-                f"{shown['per_image']:.1f} regions a photo, precision {shown['precision']:.3f}, "
-                f"recall {shown['recall']:.3f}, F1 {shown['f1']:.3f} at IoU 0.5.",
+                "validation over the boxed and clean training photos' out-of-fold maps; per "
+                f"outer fold {floors}): {shown['per_image']:.1f} regions a boxed photo, "
+                f"precision {shown['precision']:.3f}, recall {shown['recall']:.3f}, "
+                f"F1 {shown['f1']:.3f} at IoU 0.5.",
             ]
         if "recommended" in box and not learned:
             rec = box["recommended"]

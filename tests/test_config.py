@@ -29,6 +29,10 @@ def write(tmp_path: Path, text: str) -> Path:
         ("[mqtt.tls]\nenabled = 3\n", "mqtt.tls.enabled: Input should be a valid boolean"),
         ("[outbox]\nmax_messages = 1\n", "outbox.max_messages: Input should be greater than"),
         ('[mqtt]\ntopic_prefix = "a/#/"\n', "mqtt.topic_prefix: String should match pattern"),
+        (
+            "[classifier]\nmin_region_score = 1.5\n",
+            "classifier.min_region_score: Input should be less than or equal to 1",
+        ),
         ("colour = 1\n", "colour: Extra inputs are not permitted"),
         ("[mqtt\n", "not valid TOML"),
     ],

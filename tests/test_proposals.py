@@ -217,10 +217,12 @@ def test_scorer_limits_and_training_errors(scorer: tuple[Path, RegionScorerSpec]
 def test_the_best_f1_floor_by_hand() -> None:
     scores = np.array([0.6, 0.9, 0.7, 0.8])  # pooled, in any order
     hits = np.array([False, True, True, False])
-    # reporting the best k of 4 with 3 boxes to find: F1 = 2 TP / (k + 3) = .5, .4, .67, .57
-    assert best_f1_floor(scores, hits, 3) == 0.7
+    # reporting the best k of 4 with 3 boxes to find: F1 = 2 TP / (k + 3) = .5, .4, .67, .57;
+    # the floor keeps the best 3, halfway between the 3rd score and the 4th
+    assert best_f1_floor(scores, hits, 3) == pytest.approx(0.65)
     # a floor keeps every box of its score: [0.9 hit, 0.7 hit, 0.7 miss] cannot stop at two
-    assert best_f1_floor(np.array([0.9, 0.7, 0.7]), np.array([True, True, False]), 2) == 0.7
+    floor = best_f1_floor(np.array([0.9, 0.7, 0.7]), np.array([True, True, False]), 2)
+    assert floor == pytest.approx(0.35)  # nothing lower: halfway to 0
     assert best_f1_floor(np.array([0.9, 0.5]), np.array([False, False]), 2) is None
     assert best_f1_floor(np.empty(0), np.empty(0, bool), 2) is None
 
@@ -229,13 +231,15 @@ def test_a_device_reports_only_regions_at_or_above_the_cross_validated_floor(
     scorer: tuple[Path, RegionScorerSpec], logistic_model: Path, tmp_path: Path
 ) -> None:
     rng = np.random.default_rng(3)  # the frames the fixture's scorer was trained on
-    frames = [
-        Annotated(f.scores, f.boxes, group=str(i % 6))
-        for i, f in enumerate(scene(rng) for _ in range(12))
-    ]
+    drawn = [scene(rng) for _ in range(12)]
+    frames = [Annotated(f.scores, f.boxes, group=str(i % 6)) for i, f in enumerate(drawn)]
     floor = choose_floor(frames, 160, threads=2)
     assert floor is not None and 0.0 < floor < 1.0
     assert choose_floor(frames[:1], 160) is None  # one group: nothing to hold out
+    paint = [scene(rng) for _ in range(4)]  # clean photos: rust-like patches nobody boxed
+    clean = [Annotated(f.scores, (), group=f"clean{i}") for i, f in enumerate(paint)]
+    stricter = choose_floor([*frames, *clean], 160, threads=2)  # their regions are false
+    assert stricter is not None and stricter >= floor
     folder, spec = scorer
     floored = RegionScorer.load(folder, spec.model_copy(update={"min_score": floor}))
     plain = RegionScorer.load(folder, spec)
@@ -245,8 +249,14 @@ def test_a_device_reports_only_regions_at_or_above_the_cross_validated_floor(
     assert shown and all(s >= floor for _, s in shown)
     assert shown == [(r, s) for r, s in every if s >= floor] and len(shown) < len(every)
     assert regions_of(floored, frame, (W, H), min_score=0.0) == every  # the operator's override
+    assert regions_of(floored, frame, (W, H), max_regions=0) == []
+    assert floored.floor() == floor and floored.floor(0.9) == 0.9 and plain.floor() == 0.0
     manifest = with_scorer(copy_model(logistic_model, tmp_path / "m"), (folder, floored.spec))
     assert json.loads(manifest.read_text())["regions"]["min_score"] == floor
+    edit_manifest(manifest, regions__min_score=1.2)
+    with pytest.raises(ValueError, match=r"regions\.min_score"):
+        ModelManifest.read(manifest)
+    edit_manifest(manifest, regions__min_score=floor)
     model = load_model(manifest)
     image = np.full((240, 320, 3), (200, 200, 200), np.uint8)
     image[40:140, 60:200] = (40, 70, 160)  # BGR rust

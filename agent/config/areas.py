@@ -51,7 +51,10 @@ class ClassifierConfig(Area):
         default=0.05, ge=0.0, le=100.0, description="Smallest region reported, % of the frame"
     )
     max_regions: int = Field(
-        default=50, ge=0, le=10000, description="Most regions reported per frame, largest first"
+        default=50,
+        ge=0,
+        le=10000,
+        description="Most regions reported per frame (the best-scored ones)",
     )
     min_region_score: float | None = Field(
         default=None,
