@@ -81,14 +81,18 @@ class Maps:
     p: F32  # probability_map of the frame's scores
     coverage: F64  # share of each cell's pixels that are corroded (the 0/255 mask, averaged)
     frame_pct: float  # the frame's corrosion %, from the full-size mask
+    coverage_integral: F64  # integral image of `coverage`: box sums for area % and features
 
     @classmethod
     def of(cls, p: F32, mask: np.ndarray) -> Maps:
         """From a frame's probability_map and its full-size 0/255 corroded mask."""
         height, width = p.shape
-        coverage = cv2.resize(mask, (width, height), interpolation=cv2.INTER_AREA)
+        coverage = (
+            np.asarray(cv2.resize(mask, (width, height), interpolation=cv2.INTER_AREA), np.float64)
+            / 255.0
+        )
         frame_pct = 100.0 * cv2.countNonZero(mask) / mask.size
-        return cls(p, np.asarray(coverage, np.float64) / 255.0, frame_pct)
+        return cls(p, coverage, frame_pct, _integral(coverage))
 
 
 def candidates(p: F32) -> I64:
@@ -150,7 +154,7 @@ def box_features(maps: Maps, boxes: I64) -> F32:
     """FEATURES of each box, one row per box."""
     p, corroded = maps.p, maps.coverage
     height, width = p.shape
-    ip, ic = _integral(p), _integral(corroded)
+    ip, ic = _integral(p), maps.coverage_integral
     area = _area(boxes)
     sp, sc = box_sums(ip, boxes), box_sums(ic, boxes)
     size = (boxes[:, 2:] - boxes[:, :2]).astype(np.float64)
@@ -287,7 +291,7 @@ def select(
     boxes = candidates(maps.p)
     height, width = maps.p.shape
     area_pct = np.minimum(
-        100.0 * box_sums(_integral(maps.coverage), boxes) / (width * height), maps.frame_pct
+        100.0 * box_sums(maps.coverage_integral, boxes) / (width * height), maps.frame_pct
     )
     keep = area_pct >= min_region_pct
     boxes, area_pct = boxes[keep], area_pct[keep]
