@@ -39,6 +39,7 @@ from agent.contract.manifest import FeatureSpec
 from agent.engine.features import RGB_FEATURES, FeaturePipeline
 from agent.engine.model import POST_TRANSFORM, TREE_OP, PixelModel, read_tree, sha256_file
 from agent.engine.table import compile_table, save_table
+from export import legacy
 
 ONNX_FILE = "model.onnx"
 TABLE_FILE = "table.npy"
@@ -74,7 +75,8 @@ def objective_of(booster: xgb.Booster) -> Objective:
 
 
 def load_booster(path: Path) -> xgb.Booster:
-    """A JSON or UBJ model file, or SageMaker's model.tar.gz holding `xgboost-model`."""
+    """A JSON, UBJ, old binary or pickled model file (export.legacy), or SageMaker's
+    model.tar.gz holding `xgboost-model` as any of them."""
     if path.name.endswith((".tar.gz", ".tgz")):
         with tarfile.open(path) as tar, tempfile.TemporaryDirectory() as tmp:
             members = [m for m in tar.getmembers() if m.isfile()]
@@ -83,13 +85,16 @@ def load_booster(path: Path) -> xgb.Booster:
             member = next((m for m in members if m.name.endswith("xgboost-model")), members[0])
             tar.extract(member, tmp, filter="data")
             return load_booster(Path(tmp) / member.name)
-    booster = xgb.Booster()
+    data = path.read_bytes()
     try:
-        booster.load_model(str(path))
-    except xgb.core.XGBoostError as exc:
+        if legacy.is_legacy(data):  # old binary or pickle: xgboost >= 3.1 reads neither
+            return legacy.booster(data)
+        booster = xgb.Booster()
+        booster.load_model(bytearray(data))
+    except (legacy.LegacyFormatError, xgb.core.XGBoostError) as exc:
         raise ConvertError(
-            f"{path}: xgboost cannot read this model ({str(exc).splitlines()[0]}); "
-            "load it with the xgboost version that wrote it and save_model('model.json')"
+            f"{path}: cannot read this model ({str(exc).strip().splitlines()[0]}); if an older "
+            "xgboost wrote it, load it there and save_model('model.json') to migrate"
         ) from exc
     return booster
 

@@ -1,0 +1,271 @@
+"""Old XGBoost models: the pre-JSON binary format and Boosters pickled by old containers.
+
+xgboost >= 3.1 reads neither, yet SageMaker's built-in XGBoost containers before the JSON
+era wrote `xgboost-model` as one or the other, so older `model.tar.gz` archives (the AWS
+rust solution's among them) hold one. The binary format is a fixed little-endian C layout written through
+dmlc-core streams (xgboost's src/learner.cc, gbm/gbtree_model.h and tree/tree_model.cc):
+parsed here into xgboost's JSON model schema, which current xgboost reads, so no old library
+is needed. A pickle is opened by an unpickler that builds nothing but a Booster's state and
+byte arrays, so an untrusted file cannot run code. tests/test_legacy.py proves predictions
+equal to those of the xgboost versions that wrote its fixtures (0.90 and 1.7).
+"""
+
+from __future__ import annotations
+
+import codecs
+import io
+import json
+import math
+import pickle
+import struct
+import warnings
+from typing import Any
+
+import numpy as np
+import xgboost as xgb
+
+BINARY_HEADER = b"binf"  # optional, before the learner parameters (1.x writes it)
+SNAPSHOT_HEADER = b"CONFIG-offset:"  # 1.0-1.2 pickles: binary model, then a JSON config
+LEARNER_PARAM = struct.Struct("<fIiiiII27i")  # LearnerModelParamLegacy, 136 bytes
+GBTREE_PARAM = struct.Struct("<iiiiqii32i")  # GBTreeModelParam, 160 bytes
+TREE_PARAM = struct.Struct("<iiiiii31i")  # TreeParam, 148 bytes
+NODE = np.dtype([("parent", "<i4"), ("left", "<i4"), ("right", "<i4"),
+                 ("sindex", "<u4"), ("value", "<f4")])  # fmt: skip
+STAT = np.dtype([("loss_chg", "<f4"), ("sum_hess", "<f4"), ("base_weight", "<f4"),
+                 ("leaf_child_cnt", "<i4")])  # fmt: skip
+LOGISTIC = ("binary:logistic", "reg:logistic")  # before 1.0 their base score was a margin
+SOFTMAX = ("multi:softmax", "multi:softprob")
+SCHEMA = (1, 7, 0)  # the JSON model schema written: current xgboost reads 1.6 and later as is
+MAX_STRING = 1 << 20
+MAX_COUNT = 1 << 24
+
+
+class LegacyFormatError(ValueError):
+    """An old model that cannot be read; the message says what is wrong with it."""
+
+
+def is_legacy(data: bytes) -> bool:
+    """True unless the bytes are a JSON or UBJSON model, which xgboost reads itself."""
+    return not data.startswith(b"{")
+
+
+def booster(data: bytes) -> xgb.Booster:
+    """The Booster in an old binary model file, a memory snapshot or a pickled Booster."""
+    if data.startswith(b"\x80"):
+        return _from_snapshot(_unpickle(data))
+    return _from_snapshot(data)
+
+
+def _from_snapshot(raw: bytes) -> xgb.Booster:
+    if raw.startswith(b"{"):  # a 1.3+ JSON or UBJSON memory snapshot: xgboost's own
+        out = xgb.Booster()
+        try:
+            with warnings.catch_warnings():  # its advice (re-save with the old version) is ours
+                warnings.simplefilter("ignore")
+                out.__setstate__({"handle": bytearray(raw)})
+        except xgb.core.XGBoostError as exc:
+            raise LegacyFormatError(f"xgboost cannot read its snapshot ({_first(exc)})") from exc
+        return out
+    if raw.startswith(SNAPSHOT_HEADER):
+        start = len(SNAPSHOT_HEADER) + 8
+        if len(raw) < start:
+            raise LegacyFormatError("memory snapshot cut short")
+        (size,) = struct.unpack_from("<q", raw, len(SNAPSHOT_HEADER))
+        if not 0 < size <= len(raw) - start:
+            raise LegacyFormatError(f"memory snapshot gives a model of {size} bytes")
+        raw = raw[start : start + size]
+    out = xgb.Booster()
+    try:
+        out.load_model(bytearray(json.dumps(to_json(raw)).encode()))
+    except xgb.core.XGBoostError as exc:
+        raise LegacyFormatError(f"xgboost rejects the parsed model ({_first(exc)})") from exc
+    return out
+
+
+def _first(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+class _Reader:
+    """Bounds-checked reads of a dmlc stream."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.at = data, 0
+
+    def take(self, n: int, what: str) -> bytes:
+        if n < 0 or self.at + n > len(self.data):
+            raise LegacyFormatError(f"file ends inside {what} (byte {self.at} of {len(self.data)})")
+        out = self.data[self.at : self.at + n]
+        self.at += n
+        return out
+
+    def unpack(self, layout: struct.Struct, what: str) -> tuple[Any, ...]:
+        return layout.unpack(self.take(layout.size, what))
+
+    def count(self, what: str, limit: int = MAX_COUNT) -> int:
+        (n,) = struct.unpack("<Q", self.take(8, what))
+        if n > limit:
+            raise LegacyFormatError(f"{what} gives a length of {n}: not an XGBoost model")
+        return int(n)
+
+    def string(self, what: str) -> str:
+        raw = self.take(self.count(what, MAX_STRING), what)
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            raise LegacyFormatError(f"{what} is not text: not an XGBoost model") from None
+
+    def array(self, dtype: np.dtype[Any], n: int, what: str) -> np.ndarray:
+        return np.frombuffer(self.take(dtype.itemsize * n, what), dtype)
+
+
+def to_json(data: bytes) -> dict[str, Any]:
+    """The JSON model document (xgboost's 1.7 schema) of a binary model."""
+    r = _Reader(data)
+    if data.startswith(BINARY_HEADER):
+        r.take(len(BINARY_HEADER), "header")
+    base_score, num_feature, num_class, extra, _, major, *_ = r.unpack(
+        LEARNER_PARAM, "the learner parameters"
+    )
+    objective, gbm = r.string("the objective name"), r.string("the booster name")
+    if gbm != "gbtree":
+        raise LegacyFormatError(f"booster {gbm!r}: only gbtree models hold pixel classifiers")
+    ensemble = r.unpack(GBTREE_PARAM, "the tree ensemble parameters")
+    num_trees, leaf_vector = ensemble[0], ensemble[6]
+    if not 0 <= num_trees <= MAX_COUNT or leaf_vector:
+        raise LegacyFormatError(f"{num_trees} trees with leaf vectors {leaf_vector}: unreadable")
+    trees = [_tree(r, i) for i in range(num_trees)]
+    tree_info = r.array(np.dtype("<i4"), num_trees, "the tree groups").tolist()
+    attributes: dict[str, str] = {}
+    if extra:
+        for _ in range(r.count("the attributes")):
+            key = r.string("an attribute name")
+            attributes[key] = r.string(f"attribute {key!r}")
+    config = _objective(objective, num_class, attributes.pop("objective", None))
+    kept = {
+        k: v for k, v in attributes.items() if k != "metrics" and not k.startswith("SAVED_PARAM_")
+    }
+    if major < 1:  # before 1.0 the base score was saved as a margin
+        base_score = _from_margin(objective, base_score)
+    return {
+        "version": list(SCHEMA),
+        "learner": {
+            "attributes": kept,
+            "feature_names": [],
+            "feature_types": [],
+            "gradient_booster": {
+                "name": "gbtree",
+                "model": {
+                    "gbtree_model_param": {"num_trees": str(num_trees), "num_parallel_tree": "1"},
+                    "tree_info": tree_info,
+                    "trees": trees,
+                },
+            },
+            "learner_model_param": {
+                "base_score": repr(float(base_score)),
+                "num_class": str(num_class),
+                "num_feature": str(num_feature),
+                "num_target": "1",
+                "boost_from_average": "0",  # a trained model: its base score stays as saved
+            },
+            "objective": config,
+        },
+    }
+
+
+def _tree(r: _Reader, index: int) -> dict[str, Any]:
+    what = f"tree {index}"
+    _, num_nodes, num_deleted, _, num_feature, leaf_vector, *_ = r.unpack(TREE_PARAM, what)
+    if not 0 < num_nodes <= MAX_COUNT or leaf_vector:
+        raise LegacyFormatError(f"{what}: {num_nodes} nodes, leaf vectors {leaf_vector}")
+    nodes = r.array(NODE, num_nodes, f"{what}'s nodes")
+    stats = r.array(STAT, num_nodes, f"{what}'s node statistics")
+    children = np.concatenate((nodes["left"], nodes["right"]))
+    if np.any((children < -1) | (children >= num_nodes)):
+        raise LegacyFormatError(f"{what}: a child index outside its {num_nodes} nodes")
+    sindex = nodes["sindex"]
+    return {
+        "id": index,
+        "tree_param": {
+            "num_nodes": str(num_nodes),
+            "num_deleted": str(num_deleted),
+            "num_feature": str(num_feature),
+            "size_leaf_vector": "0",
+        },
+        "parents": (nodes["parent"].view("<u4") & 0x7FFFFFFF).tolist(),  # top bit: left child
+        "left_children": nodes["left"].tolist(),
+        "right_children": nodes["right"].tolist(),
+        "split_indices": (sindex & 0x7FFFFFFF).tolist(),
+        "default_left": (sindex >> 31).tolist(),
+        "split_conditions": nodes["value"].tolist(),  # a leaf keeps its value here
+        "split_type": [0] * num_nodes,
+        "loss_changes": stats["loss_chg"].tolist(),
+        "sum_hessian": stats["sum_hess"].tolist(),
+        "base_weights": stats["base_weight"].tolist(),
+        "categories": [],
+        "categories_nodes": [],
+        "categories_segments": [],
+        "categories_sizes": [],
+    }
+
+
+def _objective(name: str, num_class: int, saved: str | None) -> dict[str, Any]:
+    """The objective's JSON configuration: 1.x saved it as an attribute; before, its name."""
+    if saved is not None:
+        try:
+            config = json.loads(saved)
+        except json.JSONDecodeError:
+            raise LegacyFormatError("its `objective` attribute is not JSON") from None
+        if isinstance(config, dict) and config.get("name") == name:
+            return config
+        raise LegacyFormatError(f"its `objective` attribute does not describe {name!r}")
+    if name in LOGISTIC or name == "binary:logitraw":
+        return {"name": name, "reg_loss_param": {"scale_pos_weight": "1"}}
+    if name in SOFTMAX:
+        return {"name": name, "softmax_multiclass_param": {"num_class": str(num_class)}}
+    raise LegacyFormatError(
+        f"objective {name!r} from xgboost < 1.0 is not a classifier this reader knows"
+    )
+
+
+def _from_margin(objective: str, margin: float) -> float:
+    """The base score as 1.0+ saves it (what the user gave) from the margin 0.x saved."""
+    if objective in LOGISTIC:
+        return 1.0 / (1.0 + math.exp(-margin))
+    return margin
+
+
+class _State:
+    """What a pickled xgboost Booster unpickles to here: its attribute dict, nothing run."""
+
+    state: dict[str, Any]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+
+class _Unpickler(pickle.Unpickler):
+    """Admits only a Booster's class (built as _State) and the byte arrays its state holds."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("xgboost.core", "Booster"):
+            return _State
+        if (module, name) == ("builtins", "bytearray"):
+            return bytearray
+        if (module, name) == ("_codecs", "encode"):  # protocol 2 writes bytes through it
+            return codecs.encode
+        raise LegacyFormatError(f"the pickle asks for {module}.{name}, not an xgboost Booster")
+
+
+def _unpickle(data: bytes) -> bytes:
+    """The raw model bytes (`handle`) of a pickled Booster."""
+    try:
+        obj = _Unpickler(io.BytesIO(data)).load()
+    except LegacyFormatError:
+        raise
+    except Exception as exc:  # a corrupt pickle can fail in many ways; all mean the same
+        raise LegacyFormatError(f"unreadable pickle ({type(exc).__name__}: {exc})") from None
+    handle = obj.state.get("handle") if isinstance(obj, _State) else None
+    if not isinstance(handle, bytes | bytearray) or not handle:
+        raise LegacyFormatError("the pickle holds no xgboost Booster")
+    return bytes(handle)
