@@ -14,6 +14,7 @@ from export.convert import export_model
 pytest_plugins = ["tests.broker"]  # Mosquitto fixtures: broker, own_broker, pki
 pytest_plugins += ["tests.s3_server"]  # moto over HTTP: moto_server, s3_bucket, aws_endpoint
 pytest_plugins += ["tests.registry_helpers"]  # a signed model registry on moto: registry
+LEGACY_MODELS = Path(__file__).parent / "data" / "legacy"  # written by old xgboost versions
 
 
 def rust_pixels(n: int = 20000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

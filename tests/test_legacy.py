@@ -15,15 +15,15 @@ import xgboost as xgb
 from agent.contract import ModelManifest
 from export.cli import main as export_main
 from export.convert import ConvertError, load_booster
+from tests.conftest import LEGACY_MODELS
 
-FIXTURES = Path(__file__).parent / "data" / "legacy"
 VERSIONS = ("0.90", "1.0.2", "1.7.6")
 
 
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("form", ["bin", "pkl"])
 def test_old_models_predict_as_they_did(version: str, form: str) -> None:
-    folder = FIXTURES / f"xgboost-{version}"
+    folder = LEGACY_MODELS / f"xgboost-{version}"
     expected = np.load(folder / "expected.npz")
     probe = xgb.DMatrix(expected["colours"].astype(np.float32))
     softmax = load_booster(folder / f"softmax.{form}")
@@ -42,7 +42,7 @@ def json_objective(booster: xgb.Booster) -> str:
 def test_convert_reads_an_old_sagemaker_tarball(tmp_path: Path) -> None:
     """The AWS solution's case: model.tar.gz from a 0.90 container, a pickled AWS payload."""
     model = tmp_path / "xgboost-model"
-    model.write_bytes((FIXTURES / "xgboost-0.90" / "softmax.pkl").read_bytes())
+    model.write_bytes((LEGACY_MODELS / "xgboost-0.90" / "softmax.pkl").read_bytes())
     with tarfile.open(tmp_path / "model.tar.gz", "w:gz") as tar:
         tar.add(model, arcname="xgboost-model")
     code = export_main(
@@ -78,7 +78,7 @@ def test_a_pickle_without_a_booster_is_named(tmp_path: Path) -> None:
 
 
 def test_a_cut_binary_model_says_where_it_ends(tmp_path: Path) -> None:
-    whole = (FIXTURES / "xgboost-1.7.6" / "softmax.bin").read_bytes()
+    whole = (LEGACY_MODELS / "xgboost-1.7.6" / "softmax.bin").read_bytes()
     cut = tmp_path / "model.bin"
     cut.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(ConvertError, match=r"model\.bin: .*file ends inside tree \d+.*save_model"):

@@ -15,13 +15,12 @@ from typing import Any
 import boto3
 import numpy as np
 import pytest
-import xgboost as xgb
 
 from agent.contract import ModelManifest
 from export import sagemaker
 from export.cli import main
 from export.train import AWS_PAYLOAD
-from tests.conftest import rust_pixels
+from tests.conftest import LEGACY_MODELS, rust_pixels
 
 ROLE = "arn:aws:iam::123456789012:role/sagemaker"
 
@@ -70,17 +69,15 @@ def test_failed_job_is_reported() -> None:
 
 
 def model_tarball() -> bytes:
-    """What the built-in container writes: model.tar.gz holding `xgboost-model`."""
-    x, y = rust_pixels(2000)
-    booster = xgb.train(
-        {"objective": "multi:softmax", "num_class": 2, "max_depth": 3}, xgb.DMatrix(x, label=y), 5
-    )
-    raw = booster.save_raw("ubj")
+    """What the built-in container writes: model.tar.gz holding `xgboost-model`, the Booster
+    its algorithm mode pickles, here by xgboost 1.7 (the default container's version), which
+    today's xgboost cannot load (export.legacy reads it)."""
+    raw = (LEGACY_MODELS / "xgboost-1.7.6" / "softmax.pkl").read_bytes()
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         info = tarfile.TarInfo("xgboost-model")
         info.size = len(raw)
-        tar.addfile(info, io.BytesIO(bytes(raw)))
+        tar.addfile(info, io.BytesIO(raw))
     return buffer.getvalue()
 
 
