@@ -1,13 +1,13 @@
 """Old XGBoost models: the pre-JSON binary format and Boosters pickled by old containers.
 
 xgboost >= 3.1 reads neither, yet SageMaker's built-in XGBoost containers before the JSON
-era wrote `xgboost-model` as one or the other, so older `model.tar.gz` archives (the AWS
-rust solution's among them) hold one. The binary format is a fixed little-endian C layout written through
-dmlc-core streams (xgboost's src/learner.cc, gbm/gbtree_model.h and tree/tree_model.cc):
-parsed here into xgboost's JSON model schema, which current xgboost reads, so no old library
-is needed. A pickle is opened by an unpickler that builds nothing but a Booster's state and
-byte arrays, so an untrusted file cannot run code. tests/test_legacy.py proves predictions
-equal to those of the xgboost versions that wrote its fixtures (0.90 and 1.7).
+era wrote `xgboost-model` as one or the other, so older `model.tar.gz` archives hold one.
+The binary format is a fixed little-endian C layout written through dmlc-core streams
+(xgboost's src/learner.cc, gbm/gbtree_model.h and tree/tree_model.cc): parsed here into
+xgboost's JSON model schema, which current xgboost reads, so no old library is needed. A
+pickle is opened by an unpickler that builds nothing but a Booster's state and byte arrays,
+so an untrusted file cannot run code. tests/test_legacy.py proves predictions equal to those
+of the xgboost versions that wrote its fixtures (0.90, 1.0.2 and 1.7.6).
 """
 
 from __future__ import annotations
