@@ -87,16 +87,12 @@ def load_booster(path: Path) -> xgb.Booster:
             return load_booster(Path(tmp) / member.name)
     data = path.read_bytes()
     try:
-        if legacy.is_legacy(data):  # old binary or pickle: xgboost >= 3.1 reads neither
-            return legacy.booster(data)
-        booster = xgb.Booster()
-        booster.load_model(bytearray(data))
-    except (legacy.LegacyFormatError, xgb.core.XGBoostError) as exc:
+        return legacy.booster(data)  # JSON, UBJ, or what xgboost >= 3.1 no longer reads
+    except legacy.LegacyFormatError as exc:
         raise ConvertError(
             f"{path}: cannot read this model ({str(exc).strip().splitlines()[0]}); if an older "
             "xgboost wrote it, load it there and save_model('model.json') to migrate"
         ) from exc
-    return booster
 
 
 def to_onnx(booster: xgb.Booster, n_features: int = 3) -> bytes:

@@ -4,10 +4,12 @@ xgboost >= 3.1 reads neither, yet SageMaker's built-in XGBoost containers before
 era wrote `xgboost-model` as one or the other, so older `model.tar.gz` archives hold one.
 The binary format is a fixed little-endian C layout written through dmlc-core streams
 (xgboost's src/learner.cc, gbm/gbtree_model.h and tree/tree_model.cc): parsed here into
-xgboost's JSON model schema, which current xgboost reads, so no old library is needed. A
-pickle is opened by an unpickler that builds nothing but a Booster's state and byte arrays,
-so an untrusted file cannot run code. tests/test_legacy.py proves predictions equal to those
-of the xgboost versions that wrote its fixtures (0.90, 1.0.2 and 1.7.6).
+xgboost's JSON model schema, which current xgboost reads, so no old library is needed. Each
+tree's structure is checked first: xgboost trusts it, and a bad index crashes the process. A
+pickle is opened by an unpickler that builds nothing but a Booster's state from byte strings,
+so an untrusted file can neither run code nor allocate without bound. tests/test_legacy.py
+proves predictions equal to those of the xgboost versions that wrote its fixtures (0.90,
+1.0.2 and 1.7.6).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import math
 import pickle
 import struct
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -38,34 +41,64 @@ SOFTMAX = ("multi:softmax", "multi:softprob")
 SCHEMA = (1, 7, 0)  # the JSON model schema written: current xgboost reads 1.6 and later as is
 MAX_STRING = 1 << 20
 MAX_COUNT = 1 << 24
+MAX_CLASSES = 1 << 10  # prediction allocates rows x classes: a hostile count must not
+MAX_FEATURES = 1 << 20
 
 
 class LegacyFormatError(ValueError):
     """An old model that cannot be read; the message says what is wrong with it."""
 
 
-def is_legacy(data: bytes) -> bool:
-    """True unless the bytes are a JSON or UBJSON model, which xgboost reads itself."""
-    return not data.startswith(b"{")
+def is_pickle(data: bytes) -> bool:
+    """A pickled Booster: protocol 2-5 (PROTO opcode) or 0-1 (starts by naming the class)."""
+    return (data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or (
+        data.startswith(b"cxgboost.core\nBooster\n")
+    )
 
 
 def booster(data: bytes) -> xgb.Booster:
-    """The Booster in an old binary model file, a memory snapshot or a pickled Booster."""
-    if data.startswith(b"\x80"):
-        return _from_snapshot(_unpickle(data))
+    """The Booster in any model file xgboost ever wrote: JSON or UBJSON (xgboost reads them),
+    an old binary model, a memory snapshot or a pickled Booster."""
+    if is_pickle(data):
+        return _either("as a pickle", lambda: _from_snapshot(_unpickle(data)), data)
+    if data.startswith(b"{"):
+        return _either("as JSON/UBJSON", lambda: _xgboost(data, snapshot=False), data)
     return _from_snapshot(data)
 
 
-def _from_snapshot(raw: bytes) -> xgb.Booster:
-    if raw.startswith(b"{"):  # a 1.3+ JSON or UBJSON memory snapshot: xgboost's own
-        out = xgb.Booster()
+def _either(first: str, attempt: Callable[[], xgb.Booster], data: bytes) -> xgb.Booster:
+    """A pre-1.0 binary model starts with its base score, whose first byte can look like a
+    pickle or JSON: when reading it `first` way fails, it is read as binary, and an error
+    names both attempts."""
+    try:
+        return attempt()
+    except LegacyFormatError as exc:
         try:
+            return _binary(data)
+        except LegacyFormatError as binary:
+            raise LegacyFormatError(f"{first}: {exc}; as a binary model: {binary}") from None
+
+
+def _xgboost(data: bytes, *, snapshot: bool) -> xgb.Booster:
+    """xgboost's own reading of a JSON/UBJSON model, or of a pickle's memory snapshot."""
+    out = xgb.Booster()
+    try:
+        if snapshot:
             with warnings.catch_warnings():  # its advice (re-save with the old version) is ours
                 warnings.simplefilter("ignore")
-                out.__setstate__({"handle": bytearray(raw)})
-        except xgb.core.XGBoostError as exc:
-            raise LegacyFormatError(f"xgboost cannot read its snapshot ({_first(exc)})") from exc
-        return out
+                out.__setstate__({"handle": bytearray(data)})
+        else:
+            out.load_model(bytearray(data))
+    except xgb.core.XGBoostError as exc:
+        raise LegacyFormatError(_first(exc)) from exc
+    return out
+
+
+def _from_snapshot(raw: bytes) -> xgb.Booster:
+    """A pickle's `handle` (or a file): a 1.3+ JSON/UBJSON memory snapshot, a 1.0-1.2 one
+    (binary model, then JSON config), or a binary model."""
+    if raw.startswith(b"{"):
+        return _either("as a snapshot", lambda: _xgboost(raw, snapshot=True), raw)
     if raw.startswith(SNAPSHOT_HEADER):
         start = len(SNAPSHOT_HEADER) + 8
         if len(raw) < start:
@@ -74,6 +107,10 @@ def _from_snapshot(raw: bytes) -> xgb.Booster:
         if not 0 < size <= len(raw) - start:
             raise LegacyFormatError(f"memory snapshot gives a model of {size} bytes")
         raw = raw[start : start + size]
+    return _binary(raw)
+
+
+def _binary(raw: bytes) -> xgb.Booster:
     out = xgb.Booster()
     try:
         out.load_model(bytearray(json.dumps(to_json(raw)).encode()))
@@ -127,6 +164,8 @@ def to_json(data: bytes) -> dict[str, Any]:
     base_score, num_feature, num_class, extra, _, major, *_ = r.unpack(
         LEARNER_PARAM, "the learner parameters"
     )
+    if not 0 <= num_class <= MAX_CLASSES or not 0 < num_feature <= MAX_FEATURES:
+        raise LegacyFormatError(f"{num_class} classes of {num_feature} features: unreadable")
     objective, gbm = r.string("the objective name"), r.string("the booster name")
     if gbm != "gbtree":
         raise LegacyFormatError(f"booster {gbm!r}: only gbtree models hold pixel classifiers")
@@ -134,8 +173,11 @@ def to_json(data: bytes) -> dict[str, Any]:
     num_trees, leaf_vector = ensemble[0], ensemble[6]
     if not 0 <= num_trees <= MAX_COUNT or leaf_vector:
         raise LegacyFormatError(f"{num_trees} trees with leaf vectors {leaf_vector}: unreadable")
-    trees = [_tree(r, i) for i in range(num_trees)]
-    tree_info = r.array(np.dtype("<i4"), num_trees, "the tree groups").tolist()
+    trees = [_tree(r, i, num_feature) for i in range(num_trees)]
+    groups = r.array(np.dtype("<i4"), num_trees, "the tree groups")
+    if np.any((groups < 0) | (groups >= max(num_class, 1))):
+        raise LegacyFormatError(f"a tree's class group lies outside 0..{max(num_class, 1) - 1}")
+    tree_info = groups.tolist()
     attributes: dict[str, str] = {}
     if extra:
         for _ in range(r.count("the attributes")):
@@ -173,17 +215,18 @@ def to_json(data: bytes) -> dict[str, Any]:
     }
 
 
-def _tree(r: _Reader, index: int) -> dict[str, Any]:
+def _tree(r: _Reader, index: int, features: int) -> dict[str, Any]:
     what = f"tree {index}"
     _, num_nodes, num_deleted, _, num_feature, leaf_vector, *_ = r.unpack(TREE_PARAM, what)
     if not 0 < num_nodes <= MAX_COUNT or leaf_vector:
         raise LegacyFormatError(f"{what}: {num_nodes} nodes, leaf vectors {leaf_vector}")
     nodes = r.array(NODE, num_nodes, f"{what}'s nodes")
     stats = r.array(STAT, num_nodes, f"{what}'s node statistics")
-    children = np.concatenate((nodes["left"], nodes["right"]))
-    if np.any((children < -1) | (children >= num_nodes)):
-        raise LegacyFormatError(f"{what}: a child index outside its {num_nodes} nodes")
     sindex = nodes["sindex"]
+    parents = nodes["parent"].view("<u4") & 0x7FFFFFFF  # the top bit marks a left child
+    problem = _shape_problem(nodes["left"], nodes["right"], parents, sindex & 0x7FFFFFFF, features)
+    if problem:  # xgboost trusts the layout: a bad index would crash it, not raise
+        raise LegacyFormatError(f"{what}: {problem}")
     return {
         "id": index,
         "tree_param": {
@@ -192,7 +235,7 @@ def _tree(r: _Reader, index: int) -> dict[str, Any]:
             "num_feature": str(num_feature),
             "size_leaf_vector": "0",
         },
-        "parents": (nodes["parent"].view("<u4") & 0x7FFFFFFF).tolist(),  # top bit: left child
+        "parents": parents.tolist(),
         "left_children": nodes["left"].tolist(),
         "right_children": nodes["right"].tolist(),
         "split_indices": (sindex & 0x7FFFFFFF).tolist(),
@@ -209,6 +252,29 @@ def _tree(r: _Reader, index: int) -> dict[str, Any]:
     }
 
 
+def _shape_problem(
+    left: np.ndarray, right: np.ndarray, parents: np.ndarray, split: np.ndarray, features: int
+) -> str | None:
+    """What makes these nodes no tree: walked from the root, each node reached once, each child
+    naming its parent, splits on known features; None when they are one."""
+    if parents[0] != 0x7FFFFFFF:
+        return "its root has a parent"
+    seen, todo = {0}, [0]
+    while todo:
+        node = todo.pop()
+        kids = (int(left[node]), int(right[node]))
+        if kids == (-1, -1):
+            continue
+        if split[node] >= features:
+            return f"node {node} splits on feature {split[node]} of {features}"
+        for kid in kids:
+            if not 0 < kid < len(left) or kid in seen or parents[kid] != node:
+                return f"node {node} has child {kid}, not a node of its own below it"
+            seen.add(kid)
+            todo.append(kid)
+    return None
+
+
 def _objective(name: str, num_class: int, saved: str | None) -> dict[str, Any]:
     """The objective's JSON configuration: 1.x saved it as an attribute; before, its name."""
     if saved is not None:
@@ -219,7 +285,7 @@ def _objective(name: str, num_class: int, saved: str | None) -> dict[str, Any]:
         if isinstance(config, dict) and config.get("name") == name:
             return config
         raise LegacyFormatError(f"its `objective` attribute does not describe {name!r}")
-    if name in LOGISTIC or name == "binary:logitraw":
+    if name in LOGISTIC:
         return {"name": name, "reg_loss_param": {"scale_pos_weight": "1"}}
     if name in SOFTMAX:
         return {"name": name, "softmax_multiclass_param": {"num_class": str(num_class)}}
@@ -230,8 +296,10 @@ def _objective(name: str, num_class: int, saved: str | None) -> dict[str, Any]:
 
 def _from_margin(objective: str, margin: float) -> float:
     """The base score as 1.0+ saves it (what the user gave) from the margin 0.x saved."""
+    if not math.isfinite(margin):
+        raise LegacyFormatError(f"base score {margin}")
     if objective in LOGISTIC:
-        return 1.0 / (1.0 + math.exp(-margin))
+        return 0.5 * (1.0 + math.tanh(0.5 * margin))  # the sigmoid, without overflow
     return margin
 
 
@@ -244,28 +312,47 @@ class _State:
         self.state = state
 
 
+def _bytearray(data: bytes | str = b"", encoding: str = "latin-1") -> bytearray:
+    """bytearray as a Booster's pickle uses it (bytes, or Python 2's latin-1 text), never a
+    size: bytearray(2**31) in a pickle would allocate it."""
+    if isinstance(data, bytes):
+        return bytearray(data)
+    if isinstance(data, str) and codecs.lookup(encoding).name == "iso8859-1":
+        return bytearray(data.encode("latin-1"))
+    raise LegacyFormatError("the pickle builds a byte array from something other than bytes")
+
+
+def _latin1(text: str, encoding: str = "latin-1") -> bytes:
+    """_codecs.encode as protocol 2 uses it for bytes; no other codec (hex would double)."""
+    if isinstance(text, str) and codecs.lookup(encoding).name == "iso8859-1":
+        return text.encode("latin-1")
+    raise LegacyFormatError("the pickle encodes something other than latin-1 text")
+
+
 class _Unpickler(pickle.Unpickler):
-    """Admits only a Booster's class (built as _State) and the byte arrays its state holds."""
+    """Admits only a Booster's class (built as _State) and the byte strings its state holds."""
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == ("xgboost.core", "Booster"):
-            return _State
-        if (module, name) == ("builtins", "bytearray"):
-            return bytearray
-        if (module, name) == ("_codecs", "encode"):  # protocol 2 writes bytes through it
-            return codecs.encode
+        allowed = {
+            ("xgboost.core", "Booster"): _State,
+            ("builtins", "bytearray"): _bytearray,
+            ("_codecs", "encode"): _latin1,  # protocol 2 writes bytes through it
+        }
+        if (module, name) in allowed:
+            return allowed[(module, name)]
         raise LegacyFormatError(f"the pickle asks for {module}.{name}, not an xgboost Booster")
 
 
 def _unpickle(data: bytes) -> bytes:
     """The raw model bytes (`handle`) of a pickled Booster."""
     try:
-        obj = _Unpickler(io.BytesIO(data)).load()
+        obj = _Unpickler(io.BytesIO(data), encoding="latin-1").load()  # Python 2's str too
     except LegacyFormatError:
         raise
     except Exception as exc:  # a corrupt pickle can fail in many ways; all mean the same
         raise LegacyFormatError(f"unreadable pickle ({type(exc).__name__}: {exc})") from None
-    handle = obj.state.get("handle") if isinstance(obj, _State) else None
+    state = getattr(obj, "state", None) if isinstance(obj, _State) else None
+    handle = state.get("handle") if isinstance(state, dict) else None
     if not isinstance(handle, bytes | bytearray) or not handle:
         raise LegacyFormatError("the pickle holds no xgboost Booster")
     return bytes(handle)

@@ -83,3 +83,78 @@ def test_a_cut_binary_model_says_where_it_ends(tmp_path: Path) -> None:
     cut.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(ConvertError, match=r"model\.bin: .*file ends inside tree \d+.*save_model"):
         load_booster(cut)
+
+
+def first_tree_node(model: bytes, node: int) -> int:
+    """Byte offset of a node of the first tree in a 1.x binary softmax model."""
+    header = 4 + 136 + 8 + len("multi:softmax") + 8 + len("gbtree") + 160
+    assert model[header - 160 - 14 : header - 160] == b"\x06" + b"\x00" * 7 + b"gbtree"
+    return header + 148 + 20 * node
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        (4, 0, "node 0 has child 0"),  # the root's left child is the root: a cycle
+        (20 + 0, 10**8, r"node 0 has child 1"),  # node 1 names another parent
+        (12, 10**8, "node 0 splits on feature 100000000 of 3"),
+    ],
+)
+def test_a_tree_that_would_crash_xgboost_is_refused(
+    tmp_path: Path, field: int, value: int, message: str
+) -> None:
+    model = bytearray((LEGACY_MODELS / "xgboost-1.7.6" / "softmax.bin").read_bytes())
+    at = first_tree_node(bytes(model), 0) + field
+    model[at : at + 4] = value.to_bytes(4, "little")
+    bad = tmp_path / "model.bin"
+    bad.write_bytes(bytes(model))
+    with pytest.raises(ConvertError, match=rf"model\.bin: .*tree 0: {message}"):
+        load_booster(bad)
+
+
+def test_a_huge_class_count_is_refused_before_any_allocation(tmp_path: Path) -> None:
+    model = bytearray((LEGACY_MODELS / "xgboost-1.7.6" / "softmax.bin").read_bytes())
+    model[4 + 8 : 4 + 12] = (10**9).to_bytes(4, "little")  # num_class
+    bad = tmp_path / "model.bin"
+    bad.write_bytes(bytes(model))
+    with pytest.raises(ConvertError, match="1000000000 classes of 3 features"):
+        load_booster(bad)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"cbuiltins\nbytearray\nJ\xff\xff\xff\x7f\x85R.",  # bytearray(2**31 - 1)
+        b"c_codecs\nencode\nX\x01\x00\x00\x00aX\x03\x00\x00\x00hex\x86R.",  # doubles per level
+    ],
+)
+def test_a_pickle_cannot_make_memory(tmp_path: Path, body: bytes) -> None:
+    bad = tmp_path / "xgboost-model"
+    bad.write_bytes(b"\x80\x04" + body)
+    with pytest.raises(ConvertError, match=r"xgboost-model: .*the pickle (builds|encodes)"):
+        load_booster(bad)
+
+
+def test_a_booster_pickle_with_a_strange_state_is_named(tmp_path: Path) -> None:
+    bad = tmp_path / "xgboost-model"
+    bad.write_bytes(b"\x80\x04cxgboost.core\nBooster\n)\x81]b.")  # Booster(), state [ ]
+    with pytest.raises(ConvertError, match="holds no xgboost Booster"):
+        load_booster(bad)
+
+
+@pytest.mark.parametrize("bits", [0x3F000280, 0x3F00007B])  # starts like a pickle; like JSON
+def test_an_old_binary_that_looks_like_a_pickle_or_json_still_reads(
+    tmp_path: Path, bits: int
+) -> None:
+    """0.90 writes no header: the file starts with the base score (a margin for softmax)."""
+    folder = LEGACY_MODELS / "xgboost-0.90"
+    model = bytearray((folder / "softmax.bin").read_bytes())
+    model[:4] = bits.to_bytes(4, "little")
+    path = tmp_path / "xgboost-model"
+    path.write_bytes(bytes(model))
+    base = float(np.frombuffer(bits.to_bytes(4, "little"), "<f4")[0])
+    expected = np.load(folder / "expected.npz")
+    got = load_booster(path).predict(
+        xgb.DMatrix(expected["colours"].astype(np.float32)), output_margin=True
+    )
+    np.testing.assert_allclose(got, expected["softmax_margin"] + (base - 0.5), atol=1e-5)
