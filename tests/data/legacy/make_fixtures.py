@@ -8,6 +8,7 @@ the running xgboost version. Run it under each old version in a venv of its own,
 pickle holding a CONFIG-offset snapshot; 1.7.6: binary save_model and a UBJSON snapshot).
 """
 
+import ast
 import pickle
 from pathlib import Path
 
@@ -20,18 +21,17 @@ rng = np.random.RandomState(0)
 x = rng.randint(0, 256, (3000, 3)).astype(np.float32)
 y = ((x[:, 0] > 1.3 * x[:, 1]) & (x[:, 0] > 90)).astype(int)
 train = xgb.DMatrix(x, label=y)
-aws_payload = {
-    "objective": "multi:softmax",
-    "num_class": 2,
-    "max_depth": 3,
-    "eta": 0.2,
-    "gamma": 0.8,
-    "min_child_weight": 10,
-    "subsample": 0.8,
-    "colsample_bytree": 0.9,
+aws_payload = {  # export.train.AWS_PAYLOAD, read as text: the project is not installed here
+    **next(
+        ast.literal_eval(node.value)
+        for node in ast.parse(
+            Path(__file__).parents[3].joinpath("export", "train.py").read_text()
+        ).body
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "AWS_PAYLOAD"
+    ),
     "seed": 0,
 }
-softmax = xgb.train(aws_payload, train, 6)
+softmax = xgb.train({k: v for k, v in aws_payload.items() if k != "num_round"}, train, 6)
 logistic = xgb.train(
     {"objective": "binary:logistic", "max_depth": 4, "eta": 0.3, "seed": 0, "base_score": 0.3},
     train,
