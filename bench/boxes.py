@@ -19,7 +19,7 @@ import cv2
 
 from agent.config import ClassifierConfig
 from agent.engine.detector import Detector
-from agent.engine.regions import find_regions
+from agent.engine.regions import scored_regions
 from agent.imageio import read
 from export.boxes import colour_trainer, load_annotations, main_oof, region_kwargs
 from export.synthetic import generate
@@ -33,8 +33,9 @@ def warn(message: str) -> None:
 
 
 def grouping_ms(voc: Path, work: Path) -> list[float]:
-    """ms of find_regions on real 1080p masks: every photo stretched to 1920x1080 and
-    classified by a colour model trained on all of them (speed only, not accuracy)."""
+    """ms of scored_regions (the ring-contrast grouping) on real 1080p masks: every photo
+    stretched to 1920x1080 and classified by a colour model trained on all of them (speed
+    only, not accuracy)."""
     anns, _ = load_annotations(voc)
     manifest = colour_trainer()(anns, work / "model")
     config = ClassifierConfig()
@@ -49,7 +50,7 @@ def grouping_ms(voc: Path, work: Path) -> list[float]:
         for _ in range(REPEATS):
             for mask in masks:
                 start = time.perf_counter()
-                find_regions(mask, FRAME, **kwargs)
+                scored_regions(mask, FRAME, **kwargs)
                 times.append(1000.0 * (time.perf_counter() - start))
     finally:
         cv2.setNumThreads(threads)

@@ -192,11 +192,11 @@ def summary(images: Sequence[ImageBoxes]) -> dict[str, Any]:
 
 LABELS = ("rust", "Corroded")  # VOC names that are ground truth; other boxes are ignored
 Trainer = Callable[[Sequence[Annotation], Path], Path]  # training photos, out dir -> manifest
-Grouping = Mapping[str, Any]  # find_regions keyword arguments beyond the ClassifierConfig's
+Grouping = Mapping[str, Any]  # scored_regions keyword arguments beyond the ClassifierConfig's
 
 
 def region_kwargs(config: ClassifierConfig, grouping: Grouping | None = None) -> dict[str, Any]:
-    """The find_regions arguments the detector passes for `config`, plus `grouping`."""
+    """The scored_regions arguments the detector passes for `config`, plus `grouping`."""
     return {**grouping_of(config), **(grouping or {})}
 
 
@@ -298,7 +298,7 @@ def evaluate_boxes(
     labels: Collection[str] = LABELS,
 ) -> dict[str, Any]:
     """AP@0.5, AP@[.5:.95], AR@100, the PR curve and per-photo counts of one exported model
-    on the VOC photos of `voc_dir`; `grouping` overrides find_regions settings."""
+    on the VOC photos of `voc_dir`; `grouping` overrides scored_regions settings."""
     config, override = ranking(config)
     anns, problems = load_annotations(voc_dir)
     detector = Detector.load(manifest, config)

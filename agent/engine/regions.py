@@ -126,10 +126,18 @@ def scored_regions(
     densities: Sequence[float] = DENSITIES,
     overlap: float = OVERLAP,
 ) -> list[tuple[Region, float]]:
-    """`find_regions` with each region's score: contrast with its ring times sqrt(area share).
+    """Regions of a uint8 0/255 corroded mask, largest `area_pct` first, each with its score:
+    contrast with its ring times sqrt(area share).
 
-    The score is what ranks regions across frames (box AP); the detector reports it beside
-    the regions (`Analysis.region_scores`) for models without a box scorer.
+    Grouping runs on the mask scaled to `long_side`: boxes are coarse by nature, kernel
+    sizes then mean the same at every camera resolution, and a 1080p frame's label image
+    shrinks from 8 MB to 1 MB. Opening drops isolated specks (single rust-coloured pixels
+    on paint); closing joins the fragments of one patch; `grid` lists the coarse density
+    grids (empty: components only) and `densities` the corroded share that makes a grid
+    cell part of a surface. `area_pct` counts the corroded pixels of the uncleaned mask
+    inside the box; nested regions (a surface and a patch on it) share pixels. The score is
+    what ranks regions across frames (box AP); the detector reports it beside the regions
+    (`Analysis.region_scores`) for models without a box scorer.
     """
     if max_regions == 0:
         return []
@@ -178,41 +186,3 @@ def to_region(
     x1 = min(frame_size[0], max(x0 + 1, round(x_end * sx)))
     y1 = min(frame_size[1], max(y0 + 1, round(y_end * sy)))
     return Region(x=x0, y=y0, w=x1 - x0, h=y1 - y0, area_pct=float(area_pct))
-
-
-def find_regions(
-    mask: np.ndarray,
-    frame_size: tuple[int, int],
-    *,
-    long_side: int | None = 640,
-    open_px: int = 3,
-    close_px: int = 5,
-    min_region_pct: float = 0.05,
-    max_regions: int = 50,
-    grid: Sequence[int] = GRID,
-    densities: Sequence[float] = DENSITIES,
-    overlap: float = OVERLAP,
-) -> tuple[Region, ...]:
-    """Regions of a uint8 0/255 corroded mask, largest `area_pct` first.
-
-    Grouping runs on the mask scaled to `long_side`: boxes are coarse by nature, kernel
-    sizes then mean the same at every camera resolution, and a 1080p frame's label image
-    shrinks from 8 MB to 1 MB. Opening drops isolated specks (single rust-coloured pixels
-    on paint); closing joins the fragments of one patch; `grid` lists the coarse density
-    grids (empty: components only) and `densities` the corroded share that makes a grid
-    cell part of a surface. `area_pct` counts the corroded pixels of the uncleaned mask
-    inside the box; nested regions (a surface and a patch on it) share pixels.
-    """
-    found = scored_regions(
-        mask,
-        frame_size,
-        long_side=long_side,
-        open_px=open_px,
-        close_px=close_px,
-        min_region_pct=min_region_pct,
-        max_regions=max_regions,
-        grid=grid,
-        densities=densities,
-        overlap=overlap,
-    )
-    return tuple(region for region, _ in found)
