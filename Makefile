@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO := demo
 DATA ?= ../shared/data
 
-PHONY_EXTRA := run-batch config bench-daemon bench-updates
+PHONY_EXTRA := run-batch config bench-daemon bench-updates docker-test
 .PHONY: $(PHONY_EXTRA) run test lint bench bench-classify bench-resolution demo schemas system-deps clean
 .PHONY: model evaluate bench-features
 
@@ -48,6 +48,12 @@ system-deps:
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q
+
+## The image built from the Dockerfile and run as docs/DEPLOY.md runs it (hardened flags,
+## a named volume, a real broker): needs a Docker engine, so `make test` leaves it out.
+docker-test: $(STAMP) system-deps
+	@docker info >/dev/null 2>&1 || { echo "docker-test: no Docker engine answers 'docker info'" >&2; exit 1; }
+	$(PY) -m pytest -q -m docker tests/test_docker.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check agent export tests bench
