@@ -9,7 +9,13 @@ runs on out-of-fold maps of objdet/train (three fold splits, mean AP@0.5): soft 
 labels ranked as well as squared-error regression (0.187 vs 0.193, within split noise); a
 ridge regression on the same features reached 0.12; more candidates (unions of neighbouring
 components, grown boxes, a dense lattice) made more boxes reachable at IoU 0.5 (56 % -> up
-to 93 %) but lowered AP: the scorer cannot tell the near misses apart. The shipped figure is
+to 93 %) but lowered AP: the scorer cannot tell the near misses apart. Later runs (two sets of
+out-of-fold maps, three fold splits each, mean AP@0.5 0.180 as shipped): 17 image features per
+candidate (Lab, saturation and gradient inside against the ring, edge alignment) lowered it to
+0.165; shallower or slower trees, more regularisation or per-frame rank bonuses gave 0.175 to
+0.186, within split noise. Scored by their true IoU the candidates would reach 0.495 (75 of 151
+boxes reachable at IoU 0.5), yet the scorer refitted on all photos reaches only 0.36 on them:
+the maps do not hold what tells an annotator's box from its neighbours. The shipped figure is
 `make evaluate`'s nested CV (bench/ACCURACY.md).
 """
 
