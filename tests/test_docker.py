@@ -15,6 +15,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,16 @@ def test_outbox_survives_containers_and_sigterm_stops_cleanly(
     detections = sub.payloads("/detections")
     assert sorted(Path(d["source"]).name for d in detections) == names
     assert len({d["message_id"] for d in detections}) == len(detections)
+
+
+def test_image_carries_no_training_stack(image: str) -> None:
+    """A device image holds the agent's runtime only: the `export` extra stays out."""
+    for module in ("xgboost", "onnxmltools", "matplotlib"):
+        probe = subprocess.run(
+            ["docker", "run", "--rm", "--network", "none", "--entrypoint", "python", image,
+             "-c", f"import {module}"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert probe.returncode != 0 and "ModuleNotFoundError" in probe.stderr, module
+    version = docker("run", "--rm", "--network", "none", image, "--version")
+    assert metadata.version("corrosion-edge") in version
