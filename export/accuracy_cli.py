@@ -79,13 +79,20 @@ def cmd_recipe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _result(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise DatasetError(f"{path}: not an evaluation result ({exc})") from None
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from export import report  # matplotlib: only when a report or summary is drawn
 
     what = args.evaluate_command
     if what == "summary":
         files = sorted(args.results.glob("*.json"), key=lambda p: p.stat().st_mtime)  # run order
-        results = {p.stem: json.loads(p.read_text()) for p in files}
+        results = {p.stem: _result(p) for p in files}
         if not results:
             raise DatasetError(f"{args.results}: no evaluation results (*.json)")
         args.out.write_text(report.accuracy_markdown(results, args.report))

@@ -7,12 +7,15 @@ import getpass
 import json
 import socket
 import sys
+import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from agent import __version__
-from agent.contract import Decision, Provenance, RegistryUrl, manifest_key
+from agent.contract import Decision, Provenance, RegistryUrl, key_part, manifest_key
 from agent.engine.model import ModelError
 from agent.signing import key_id, keyring, load_public_key
 from export import accuracy_cli, demo, reanalyze, registry, retrain, sagemaker
@@ -94,25 +97,49 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
-    booster = load_booster(args.model)
-    provenance = Provenance(trainer=f"corrosion-export {__version__}")
-    metrics_file = args.model.with_name("metrics.json")
-    if metrics_file.is_file():
-        record = json.loads(metrics_file.read_text())
-        provenance = Provenance(
+def provenance(model: Path) -> Provenance:
+    """What `train` or `sagemaker train` recorded of this model in the metrics.json beside
+    it. A record written for another model in the same folder (its `model` field names a
+    different file) is not this one's: it is left out, with a warning."""
+    trainer = f"corrosion-export {__version__}"
+    record_file = model.with_name("metrics.json")
+    if not record_file.is_file():
+        return Provenance(trainer=trainer)
+    try:
+        record = json.loads(record_file.read_text())
+        described = record.get("model")
+    except (ValueError, AttributeError) as exc:
+        raise ConvertError(f"{record_file}: not a training record ({exc})") from None
+    if described != model.name:
+        print(
+            f"warning: {record_file} describes {described!r}, not {model.name}: the manifest "
+            "gets no training record",
+            file=sys.stderr,
+        )
+        return Provenance(trainer=trainer)
+    try:
+        return Provenance(
             training_data_sha256=record.get("training_data_sha256"),
             hyperparameters=record.get("hyperparameters", {}),
             metrics=record.get("metrics", {}),
-            trainer=provenance.trainer,
+            trainer=trainer,
         )
+    except ValidationError as exc:
+        where = ".".join(map(str, exc.errors()[0]["loc"]))
+        raise ConvertError(f"{record_file}: {where}: {exc.errors()[0]['msg']}") from None
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    key_part("model name", args.name)  # before a minute of parity work, not after it
+    key_part("version", args.version)
+    booster = load_booster(args.model)
     manifest = export_model(
         booster,
         args.out,
         name=args.name,
         version=args.version,
         decision=Decision(pixel_threshold=args.pixel_threshold, flag_pct=args.flag_pct),
-        provenance=provenance,
+        provenance=provenance(args.model),
         parity=not args.skip_parity,
         with_table=not args.no_table,
     )
@@ -209,7 +236,7 @@ def cmd_sagemaker_train(args: argparse.Namespace) -> int:
         )
         return 130
     model = sagemaker.fetch_model(aws.s3, described, args.out)
-    sagemaker.write_record(described, params, args.train, args.out)
+    sagemaker.write_record(described, params, args.train, model)
     print(model)
     print(
         f"next: corrosion-export convert {model} --out DIR --name NAME --version X.Y.Z",
@@ -391,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # results cite their command
     try:
         return int(args.func(args))
-    except (ConvertError, DatasetError, ModelError, ValueError) as exc:
+    except (ConvertError, DatasetError, ModelError, ValueError, OSError, tarfile.TarError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

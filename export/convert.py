@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import tarfile
 import tempfile
+import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -78,14 +79,23 @@ def load_booster(path: Path) -> xgb.Booster:
     """A JSON, UBJ, old binary or pickled model file (export.legacy), or SageMaker's
     model.tar.gz holding `xgboost-model` as any of them."""
     if path.name.endswith((".tar.gz", ".tgz")):
-        with tarfile.open(path) as tar, tempfile.TemporaryDirectory() as tmp:
-            members = [m for m in tar.getmembers() if m.isfile()]
-            if not members:
-                raise ConvertError(f"{path}: archive holds no model file")
-            member = next((m for m in members if m.name.endswith("xgboost-model")), members[0])
-            tar.extract(member, tmp, filter="data")
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                with tarfile.open(path, "r:gz") as tar:
+                    members = [m for m in tar.getmembers() if m.isfile()]
+                    if not members:
+                        raise ConvertError(f"{path}: archive holds no model file")
+                    member = next(
+                        (m for m in members if m.name.endswith("xgboost-model")), members[0]
+                    )
+                    tar.extract(member, tmp, filter="data")
+            except (tarfile.TarError, EOFError, zlib.error) as exc:
+                raise ConvertError(f"{path}: not a readable .tar.gz archive ({exc})") from None
             return load_booster(Path(tmp) / member.name)
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConvertError(f"{path}: cannot read the model: {exc.strerror or exc}") from None
     try:
         return legacy.booster(data)  # JSON, UBJ, or what xgboost >= 3.1 no longer reads
     except legacy.LegacyFormatError as exc:

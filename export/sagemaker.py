@@ -196,17 +196,18 @@ def fetch_model(s3: Any, described: Mapping[str, Any], out: Path) -> Path:
 
 
 def write_record(
-    described: Mapping[str, Any], params: Mapping[str, Any], train: str, out: Path
+    described: Mapping[str, Any], params: Mapping[str, Any], train: str, model: Path
 ) -> None:
     """metrics.json beside the model, the record `convert` copies into the manifest."""
     metrics = {m["MetricName"]: m["Value"] for m in described.get("FinalMetricDataList", [])}
     record = {
+        "model": model.name,
         "metrics": metrics,
         "hyperparameters": dict(params),
         "training_data_sha256": None if train.startswith("s3://") else sha256_file(Path(train)),
         "training_job": described.get("TrainingJobArn"),
     }
-    (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    model.with_name("metrics.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 @dataclass(frozen=True)

@@ -151,3 +151,67 @@ def test_sagemaker_tarball_is_read(tmp_path: Path) -> None:
         tar.add(tmp_path / "xgboost-model", arcname="xgboost-model")
     loaded = load_booster(tmp_path / "model.tar.gz")
     assert loaded.num_boosted_rounds() == 3
+
+
+def _train(csv_path: Path, out: Path, rounds: int, seed: int) -> None:
+    x, y = rust_pixels(1500, seed)
+    np.savetxt(csv_path, np.column_stack((y, x)).astype(int), fmt="%d", delimiter=",")
+    args = ["train", str(csv_path), "--out", str(out), "--num-round", str(rounds)]
+    assert export_main([*args, "--objective", "binary:logistic"]) == 0
+
+
+def test_convert_takes_only_its_own_training_record(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two models trained into one folder share its metrics.json, which describes the
+    second: the first one's manifest must not claim that run's data and settings."""
+    _train(tmp_path / "a.csv", tmp_path / "two" / "a.json", 3, 1)
+    _train(tmp_path / "b.csv", tmp_path / "two" / "b.json", 4, 2)
+    for model, out in (("a.json", "ma"), ("b.json", "mb")):
+        code = export_main(
+            ["convert", str(tmp_path / "two" / model), "--out", str(tmp_path / out),
+             "--name", "m", "--version", "1.0.0", "--skip-parity"]
+        )  # fmt: skip
+        assert code == 0
+    assert "describes 'b.json', not a.json" in capsys.readouterr().err
+    first = ModelManifest.read(tmp_path / "ma" / "manifest.json").provenance
+    second = ModelManifest.read(tmp_path / "mb" / "manifest.json").provenance
+    assert first.training_data_sha256 is None and first.hyperparameters == {}
+    assert second.hyperparameters["num_round"] == 4
+    (tmp_path / "two" / "metrics.json").write_text("{not json")
+    args = ["convert", str(tmp_path / "two" / "b.json"), "--out", str(tmp_path / "mc")]
+    assert export_main([*args, "--name", "m", "--version", "1.0.0"]) == 2
+    assert "metrics.json: not a training record" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("absent.json", None, "absent.json: cannot read the model: No such file"),
+        ("model.tar.gz", b"junk", "model.tar.gz: not a readable .tar.gz archive"),
+    ],
+)
+def test_convert_names_an_unreadable_file(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    content: bytes | None,
+    expected: str,
+) -> None:
+    if content is not None:
+        (tmp_path / name).write_bytes(content)
+    args = ["convert", str(tmp_path / name), "--out", str(tmp_path / "m")]
+    assert export_main([*args, "--name", "m", "--version", "1.0.0"]) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_convert_checks_name_and_version_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad version fails at once, before loading or the minute-long parity proof."""
+    args = ["convert", str(tmp_path / "absent.json"), "--out", str(tmp_path / "m")]
+    assert export_main([*args, "--name", "m", "--version", "1.0"]) == 2
+    assert "version '1.0'" in capsys.readouterr().err
+    assert export_main([*args, "--name", "Bad Name", "--version", "1.0.0"]) == 2
+    assert "model name 'Bad Name'" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

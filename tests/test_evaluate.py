@@ -173,6 +173,10 @@ def test_cli_json_report_and_summary(
     text = out.read_text()
     assert "pixel accuracy on AWS validation.csv" in text and result["command"] in text
     assert "Texture recipe" in text  # the recipe, from export/recipe.py's docstring
+    (results / "cut.json").write_text('{"kind": "pix')  # a run killed mid-write
+    assert export_main(["evaluate", "summary", "--results", str(results), "--out", str(out)]) == 2
+    assert "cut.json: not an evaluation result" in capsys.readouterr().err
+    assert out.read_text() == text  # the last good summary stays
 
 
 def _summary(tmp_path: Path, result: dict[str, Any]) -> str:

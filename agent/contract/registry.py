@@ -47,8 +47,9 @@ _PARTS: dict[str, TypeAdapter[str]] = {
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
-def _part(kind: str, value: str) -> str:
-    """A key segment, validated so no caller can build a key outside the layout."""
+def key_part(kind: str, value: str) -> str:
+    """A key segment (`kind`: model name, version, channel or file name), validated so no
+    caller can build a key outside the layout; ValueError names the kind and the value."""
     try:
         return _PARTS[kind].validate_python(value)
     except ValidationError as exc:
@@ -61,12 +62,12 @@ def _key(prefix: str, *parts: str) -> str:
 
 def models_prefix(prefix: str, name: str | None = None) -> str:
     """Where to list versions: of every model, or of one model (ends with '/')."""
-    return _key(prefix, "models", _part("model name", name) if name else "") + "/"
+    return _key(prefix, "models", key_part("model name", name) if name else "") + "/"
 
 
 def version_prefix(prefix: str, name: str, version: str) -> str:
     """Folder of one version (ends with '/')."""
-    return _key(prefix, "models", _part("model name", name), _part("version", version)) + "/"
+    return _key(prefix, "models", key_part("model name", name), key_part("version", version)) + "/"
 
 
 def manifest_key(prefix: str, name: str, version: str) -> str:
@@ -75,16 +76,16 @@ def manifest_key(prefix: str, name: str, version: str) -> str:
 
 def file_key(prefix: str, name: str, version: str, file: str) -> str:
     """Key of a file the manifest names (model.file, table.file): beside the manifest."""
-    return version_prefix(prefix, name, version) + _part("file name", file)
+    return version_prefix(prefix, name, version) + key_part("file name", file)
 
 
 def channels_prefix(prefix: str, name: str | None = None) -> str:
     """Where to list channel pointers: of every model, or of one model (ends with '/')."""
-    return _key(prefix, "channels", _part("model name", name) if name else "") + "/"
+    return _key(prefix, "channels", key_part("model name", name) if name else "") + "/"
 
 
 def channel_key(prefix: str, name: str, channel: str) -> str:
-    return channels_prefix(prefix, name) + _part("channel", channel) + ".json"
+    return channels_prefix(prefix, name) + key_part("channel", channel) + ".json"
 
 
 @dataclass(frozen=True)
