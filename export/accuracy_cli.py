@@ -104,7 +104,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     elif what == "images":
         result = evaluate.evaluate_images(args.model, args.rust, args.norust)
     elif what == "boxes":
-        result = evaluate.evaluate_boxes(args.model, args.voc)
+        result = evaluate.evaluate_boxes(args.model, args.voc, args.label)
     elif what == "cv-images":
         result = evaluate.cv_images(
             _sources(args), _recipe(args), outer=args.outer, repeats=args.repeats
@@ -205,6 +205,12 @@ def add_evaluate_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     p.add_argument("--norust", type=Path, required=True, metavar="DIR")
     p = es.add_parser("boxes", parents=[model], help="AP@0.5, AP@[.5:.95], AR@100 (COCO)")
     p.add_argument("--voc", type=Path, required=True, metavar="DIR")
+    p.add_argument(
+        "--label",
+        action="append",
+        metavar="NAME",
+        help="VOC object name that is rust truth (repeatable; default: rust and Corroded)",
+    )
     for name, text in (
         ("cv-images", "nested CV of the texture recipe: image accuracy and rust recall"),
         ("cv-boxes", "out-of-fold box AP of the texture recipe"),

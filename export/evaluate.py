@@ -9,7 +9,7 @@ chose its decision (nested CV for the image decision).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -149,12 +149,17 @@ def evaluate_images(model_path: Path, rust_dir: Path, norust_dir: Path) -> dict[
     }
 
 
-def evaluate_boxes(model_path: Path, voc: Path) -> dict[str, Any]:
-    """COCO-style box AP of the engine's regions (export.boxes does the matching)."""
+def evaluate_boxes(
+    model_path: Path, voc: Path, labels: Collection[str] | None = None
+) -> dict[str, Any]:
+    """COCO-style box AP of the engine's regions (export.boxes does the matching); `labels`:
+    the VOC names that are truth (default export.boxes.LABELS)."""
+    from export.boxes import LABELS
     from export.boxes import evaluate_boxes as boxes
 
-    result: dict[str, Any] = boxes(resolve_manifest(model_path), voc)
-    return {"kind": "boxes", "voc": str(voc), **result}
+    chosen = tuple(labels or LABELS)
+    result: dict[str, Any] = boxes(resolve_manifest(model_path), voc, labels=chosen)
+    return {"kind": "boxes", "voc": str(voc), "labels": list(chosen), **result}
 
 
 def cv_images(

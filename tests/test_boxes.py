@@ -4,6 +4,7 @@ on a tiny synthetic VOC set. (The AP functions also agree with pycocotools to 1e
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from collections.abc import Sequence
@@ -164,3 +165,26 @@ def test_colour_trainer_learns_rust_from_the_boxes(voc: Path, tmp_path: Path) ->
     manifest = fit(anns, tmp_path / "model")
     assert problems == [] and manifest.is_file()
     assert evaluate_boxes(manifest, voc)["ap50"] > 0.3  # in-sample: a sanity check only
+
+
+def test_evaluate_boxes_refuses_a_run_with_no_truth(
+    voc: Path, logistic_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A wrong --voc or another label name gave AP NaN and exit 0; now each names the cause,
+    and --label takes the other name."""
+    from export.cli import main
+
+    relabelled = tmp_path / "voc"
+    shutil.copytree(voc, relabelled)
+    for xml in relabelled.glob("*.xml"):
+        xml.write_text(xml.read_text().replace("<name>rust</name>", "<name>corrosion</name>"))
+    args = ["evaluate", "boxes", "--model", str(logistic_model), "--json"]
+    assert main([*args, "--voc", str(tmp_path / "absent")]) == 2
+    assert "absent: not a directory of VOC annotations" in capsys.readouterr().err
+    assert main([*args, "--voc", str(relabelled)]) == 2
+    err = capsys.readouterr().err
+    assert "no box labelled Corroded or rust in 8 annotation file(s)" in err
+    assert "labels found: corrosion (pass --label NAME)" in err
+    assert main([*args, "--voc", str(relabelled), "--label", "corrosion"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["labels"] == ["corrosion"] and result["ap50"] > 0.4
