@@ -8,31 +8,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from export import evaluate
+from export.argtypes import int_at_least
 from export.datasets import DatasetError
 from export.recipe import Recipe, Sources, build_texture
 from export.rgb_recipe import build_aws_rgb
 from export.train import hyperparameters
 
 DEFAULT_DATA = Path("../shared/data")
-
-
-def _int_at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: a usage error at parse time beats a failure minutes into a run."""
-
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-
-    parse.__name__ = "int"  # argparse names the type in its "invalid int value" message
-    return parse
 
 
 def _sources(args: argparse.Namespace) -> Sources:
@@ -217,11 +204,11 @@ def add_evaluate_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     ):
         p = es.add_parser(name, parents=[out], help=text)
         _source_flags(p)
-        p.add_argument("--outer", type=_int_at_least(2), default=5, help="outer folds")
+        p.add_argument("--outer", type=int_at_least(2), default=5, help="outer folds")
         if name == "cv-images":
             p.add_argument(
                 "--repeats",
-                type=_int_at_least(1),
+                type=int_at_least(1),
                 default=1,
                 metavar="N",
                 help="pool N different outer fold splits (one split's accuracy swings by a "

@@ -19,6 +19,7 @@ from agent.contract import Decision, Provenance, RegistryUrl, key_part, manifest
 from agent.engine.model import ModelError
 from agent.signing import key_id, keyring, load_public_key
 from export import accuracy_cli, demo, reanalyze, registry, retrain, sagemaker
+from export.argtypes import int_at_least
 from export.convert import ConvertError, export_model, load_booster
 from export.datasets import DEFAULT_LABELS, Config, DatasetError, build
 from export.synthetic import generate
@@ -309,7 +310,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--validation", type=Path, default=None, metavar="CSV")
     p.add_argument("--out", type=Path, required=True, help="model .json/.ubj, or a directory")
     p.add_argument("--objective", choices=["multi:softmax", "multi:softprob", "binary:logistic"])
-    p.add_argument("--num-round", type=int, default=None)
+    p.add_argument("--num-round", type=int_at_least(1), default=None)
     p.add_argument(
         "--set",
         action="append",
@@ -405,7 +406,7 @@ def _add_sagemaker_commands(sub: argparse._SubParsersAction[argparse.ArgumentPar
     p.add_argument("--max-runtime", type=int, default=7200, metavar="SECONDS")
     p.add_argument("--job-name", help="default: corrosion-xgb-YYYYMMDD-HHMMSS")
     p.add_argument("--objective", choices=["multi:softmax", "multi:softprob", "binary:logistic"])
-    p.add_argument("--num-round", type=int, default=None)
+    p.add_argument("--num-round", type=int_at_least(1), default=None)
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any hyperparameter"
     )

@@ -36,6 +36,7 @@ from agent import __version__
 from agent.contract import Decision, Provenance, RegistryUrl, manifest_key
 from agent.imageio import ImageError, read
 from export import registry
+from export.argtypes import int_at_least
 from export.convert import export_model, load_booster
 from export.datasets import DEFAULT_LABELS, MASK_SUFFIX, Config, DatasetError, build
 from export.registry import TRANSFER, aws_errors, head_object
@@ -309,7 +310,7 @@ def add_command(
     p.add_argument("--max-pixels-per-image", type=int, default=None, metavar="N")
     p.add_argument("--balance", action="store_true")
     p.add_argument("--objective", choices=["multi:softmax", "multi:softprob", "binary:logistic"])
-    p.add_argument("--num-round", type=int, default=None)
+    p.add_argument("--num-round", type=int_at_least(1), default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--threads", type=int, default=0, help="0 = all cores")
     p.add_argument("--pixel-threshold", type=float, default=0.5)

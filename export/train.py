@@ -131,7 +131,7 @@ def hyperparameters(
     params = dict(AWS_PAYLOAD)
     if objective:
         params["objective"] = objective
-    if num_round:
+    if num_round is not None:
         params["num_round"] = num_round
     explicit = {}
     for pair in overrides:
@@ -142,6 +142,9 @@ def hyperparameters(
     params.update(explicit)
     if not str(params["objective"]).startswith("multi:") and "num_class" not in explicit:
         params.pop("num_class", None)
+    rounds = params["num_round"]
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"num_round must be a whole number of at least 1, not {rounds!r}")
     return params
 
 

@@ -142,6 +142,32 @@ def test_set_overrides_any_hyperparameter(
         hyperparameters(overrides=["max_depth"])
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--num-round", "0"], "argument --num-round: must be at least 1, got 0"),
+        (["--num-round", "-5"], "argument --num-round: must be at least 1, got -5"),
+        (["--set", "num_round=-1"], "num_round must be a whole number of at least 1, not -1"),
+        (["--set", "num_round=2.5"], "num_round must be a whole number of at least 1, not 2.5"),
+    ],
+)
+def test_rounds_below_one_are_refused(
+    tmp_path: Path,
+    csvs: tuple[Path, Path],
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    message: str,
+) -> None:
+    """--num-round 0 used to train the default 100 and -5 a model with no trees."""
+    try:
+        code = export_main(["train", str(csvs[0]), "--out", str(tmp_path / "m"), *args])
+    except SystemExit as exc:  # argparse's usage error
+        code = int(str(exc.code))
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
 @pytest.mark.parametrize("name", ["model.pkl", "model.bin", "metrics.json"])
 def test_other_model_suffixes_are_refused(
     tmp_path: Path, csvs: tuple[Path, Path], capsys: pytest.CaptureFixture[str], name: str
