@@ -48,13 +48,23 @@ BOXES = "groundtruth/object-detection"
 BACKGROUND = "BACKGROUND"  # Ground Truth's own name for unlabelled pixels
 
 
+def object_ref(ref: str) -> tuple[str, str]:
+    """(bucket, key) of an s3:// object URI. Any key S3 allows is taken as it is ('#', '?',
+    spaces: Ground Truth writes what the images were called); only the bucket is checked."""
+    bucket, _, key = ref.removeprefix("s3://").partition("/")
+    if not key:
+        raise DatasetError(f"{ref}: expected s3://BUCKET/KEY of one object")
+    RegistryUrl.parse(f"s3://{bucket}")  # a ValueError naming a bad bucket
+    return bucket, key
+
+
 def fetch(s3: Any, ref: str, dest: Path) -> Path:
     """Copy an s3:// object or a local file to `dest`."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     if ref.startswith("s3://"):
-        url = RegistryUrl.parse(ref)
+        bucket, key = object_ref(ref)
         with aws_errors(ref):
-            s3.download_file(url.bucket, url.prefix, str(dest), Config=TRANSFER)
+            s3.download_file(bucket, key, str(dest), Config=TRANSFER)
         return dest
     try:
         shutil.copyfile(ref, dest)
@@ -64,7 +74,8 @@ def fetch(s3: Any, ref: str, dest: Path) -> Path:
 
 
 def fetch_folder(s3: Any, ref: str, dest: Path) -> Path:
-    """A local folder as it is; an s3:// prefix downloaded below `dest`."""
+    """A local folder as it is; an s3:// prefix downloaded below `dest`. A key whose path
+    below the prefix would land outside `dest` ('..', or an empty segment) is refused."""
     if not ref.startswith("s3://"):
         return Path(ref)
     url = RegistryUrl.parse(ref)
@@ -72,7 +83,13 @@ def fetch_folder(s3: Any, ref: str, dest: Path) -> Path:
     with aws_errors(ref):
         pages = s3.get_paginator("list_objects_v2").paginate(Bucket=url.bucket, Prefix=prefix)
         keys = [o["Key"] for p in pages for o in p.get("Contents", []) if o["Key"][-1] != "/"]
-    _download(s3, [(url.uri(k), dest / k.removeprefix(prefix)) for k in keys])
+    jobs = []
+    for key in keys:
+        parts = key.removeprefix(prefix).split("/")
+        if any(part in ("", ".", "..") for part in parts):
+            raise DatasetError(f"{url.uri(key)}: a key that would be written outside {dest}")
+        jobs.append((url.uri(key), dest.joinpath(*parts)))
+    _download(s3, jobs)
     return dest
 
 

@@ -16,6 +16,7 @@ from agent.contract import ChannelPointer, RegistryUrl
 from agent.signing import keyring, load_public_key, verify_manifest
 from export import registry, retrain
 from export.cli import main
+from export.datasets import DatasetError
 from export.synthetic import generate
 from export.voc import parse
 
@@ -200,3 +201,24 @@ def test_refuses_an_existing_version_before_training(
     assert "error: no labels: give --ground-truth" in capsys.readouterr().err
     assert main([*argv, "--name", "test-rgb", "--masks", str(tmp_path / "nowhere")]) == 2
     assert "nowhere: not a directory" in capsys.readouterr().err
+
+
+def test_fetch_takes_every_legal_key_and_nothing_outside_dest(
+    s3: Any, s3_bucket: str, tmp_path: Path
+) -> None:
+    """Keys with '#', '?' or spaces are legal in S3 (Ground Truth keeps the image names);
+    they stopped the whole run. A key that would climb out of the download folder is not."""
+    names = ["rust #2.png", "what?.png", "sub/a b.png"]
+    for i, name in enumerate(names):
+        s3.put_object(Bucket=s3_bucket, Key=f"masks/{name}", Body=bytes([i]))
+    got = retrain.fetch_folder(s3, f"s3://{s3_bucket}/masks", tmp_path / "masks")
+    assert sorted(p.relative_to(got).as_posix() for p in got.rglob("*.png")) == sorted(names)
+    assert (got / "what?.png").read_bytes() == b"\x01"
+    one = retrain.fetch(s3, f"s3://{s3_bucket}/masks/rust #2.png", tmp_path / "one.png")
+    assert one.read_bytes() == b"\x00"
+    s3.put_object(Bucket=s3_bucket, Key="masks/../escape.png", Body=b"x")
+    with pytest.raises(DatasetError, match=r"masks/\.\./escape\.png: a key that would be written"):
+        retrain.fetch_folder(s3, f"s3://{s3_bucket}/masks", tmp_path / "again")
+    assert not (tmp_path / "escape.png").exists()
+    with pytest.raises(DatasetError, match="expected s3://BUCKET/KEY"):
+        retrain.fetch(s3, f"s3://{s3_bucket}", tmp_path / "none")
