@@ -148,3 +148,27 @@ def test_generate(tmp_path: Path) -> None:
 def test_rejects_tiny_scenes() -> None:
     with pytest.raises(ValueError, match="16x16"):
         make_scene(np.random.default_rng(0), 8, 8)
+
+
+def test_demo_replaces_an_earlier_demo_and_nothing_else(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`demo --out DIR` clears DIR/model and DIR/frames: only when they hold a demo."""
+    from export import demo
+    from export.cli import main
+
+    model, frames = tmp_path / "model", tmp_path / "frames"
+    model.mkdir()
+    (model / "my-model.onnx").write_bytes(b"mine")
+    assert main(["demo", "--out", str(tmp_path)]) == 2
+    assert "model: not an earlier demo model" in capsys.readouterr().err
+    (model / "my-model.onnx").unlink()
+    frames.mkdir()
+    (frames / "scene-0000.jpg").write_bytes(b"demo")
+    (frames / "site-photo.jpg").write_bytes(b"mine")
+    assert main(["demo", "--out", str(tmp_path)]) == 2
+    assert "frames: holds files the demo did not write (site-photo.jpg)" in capsys.readouterr().err
+    assert (frames / "site-photo.jpg").read_bytes() == b"mine"
+    (frames / "site-photo.jpg").unlink()
+    (model / "manifest.json").write_text('{"name": "demo-rgb", "schema_version": "0.9"}')
+    demo._replaceable(model, frames)  # an earlier demo, even of an older contract: replaced
