@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -46,13 +48,30 @@ log = logging.getLogger(__name__)
 MANIFEST_EVERY_S = 30.0
 
 
-def transform_manifest(lines: list[str]) -> list[Any]:
-    """The same captures as a Batch Transform ManifestFile: [{"prefix": ...}, key, ...].
+def _entries(path: Path) -> list[ManifestLine]:
+    """The lines of a local hourly manifest. A line a power cut tore mid-write is dropped
+    and the file rewritten without it, so it neither blocks the upload nor hides the
+    capture's line when the capture is uploaded again."""
+    entries, torn = [], 0
+    for text in path.read_text(errors="replace").splitlines():
+        try:
+            entries.append(ManifestLine.model_validate_json(text))
+        except ValueError:
+            torn += bool(text.strip())
+    if torn:
+        log.warning("%s: %d unreadable line(s) dropped", path, torn)
+        lines = (e.model_dump_json(by_alias=True) + "\n" for e in entries)
+        path.write_text("".join(lines))
+    return entries
+
+
+def transform_manifest(refs: list[str]) -> list[Any]:
+    """The same captures (their source refs) as a Batch Transform ManifestFile:
+    [{"prefix": ...}, key, ...].
 
     Transform jobs refuse augmented (JSON Lines) manifests, Ground Truth wants them: one
     list, two files. Keys are relative to the bucket root, which is the prefix.
     """
-    refs = [ManifestLine.model_validate_json(line).source_ref for line in lines if line.strip()]
     if not refs:
         return []
     bucket = refs[0].split("/", 3)[2]
@@ -125,8 +144,11 @@ class Uploader:
                 if capture is not None:
                     log.error("capture %s unusable: %s", capture.frame_id, exc)
                     self.spool.lost(capture.frame_id, capture.category)
+                    continue
+                log.exception("capture manifests: %s", exc)  # then wait, as for S3 errors
+                attempt = self._back_off(attempt)
                 continue
-            except (BotoCoreError, ClientError, OSError) as exc:
+            except (BotoCoreError, ClientError, S3UploadFailedError, OSError) as exc:
                 delay = full_jitter(attempt, 1.0, self.config.retry_max_s)
                 if self.reachable or attempt == 0:
                     log.warning(
@@ -137,9 +159,11 @@ class Uploader:
                         delay,
                     )
                 self.reachable = False
-                attempt += 1
-                self._wake.clear()
-                self._stop.wait(delay)
+                attempt = self._back_off(attempt, delay)
+                continue
+            except Exception:  # a bug or an outbox error must not end uploads for good
+                log.exception("upload failed; retrying")
+                attempt = self._back_off(attempt)
                 continue
             if not self.reachable:
                 log.info("S3 %s reachable again", self.config.bucket)
@@ -147,6 +171,14 @@ class Uploader:
             if capture is None:
                 self._wake.wait(1.0)
                 self._wake.clear()
+
+    def _back_off(self, attempt: int, delay: float | None = None) -> int:
+        """Wait before the next try (a stop cuts it short); the next attempt number."""
+        if delay is None:
+            delay = full_jitter(attempt, 1.0, self.config.retry_max_s)
+        self._wake.clear()
+        self._stop.wait(delay)
+        return attempt + 1
 
     def _abort_stale_multipart(self) -> None:
         """Best effort: without s3:ListBucketMultipartUploads, uploads must still go on."""
@@ -242,10 +274,12 @@ class Uploader:
                     raise
                 body = b""
             path.write_bytes(body)
-        if f'"frame-id":"{sidecar.frame_id}"' in path.read_text():
+        if any(entry.frame_id == sidecar.frame_id for entry in _entries(path)):
             return  # a repeat after a crash between the upload and the spool's bookkeeping
         with path.open("a") as fh:
             fh.write(line.model_dump_json(by_alias=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())  # the spool forgets the capture next: the line must be there
         self._dirty.add(path)
 
     def _flush_manifests(self) -> None:
@@ -256,15 +290,17 @@ class Uploader:
             hour = datetime.strptime(path.stem, "%Y%m%d%H").replace(tzinfo=UTC)
             key = capture_manifest_key(self.config.prefix, self.device_id, hour)
             meta = {"device": self.device_id}
+            entries = _entries(path)  # first: it drops a line a power cut tore
             self._put(path, key, "application/x-ndjson", meta)
             transform = path.with_suffix(TRANSFORM_SUFFIX)
-            transform.write_text(json.dumps(transform_manifest(path.read_text().splitlines())))
+            transform.write_text(json.dumps(transform_manifest([e.source_ref for e in entries])))
             self._put(
                 transform, key.removesuffix(".jsonl") + TRANSFORM_SUFFIX, "application/json", meta
             )
             transform.unlink()
             self._dirty.discard(path)
-            if path.stem < current:
+        for path in self.manifests.glob("*.jsonl"):  # finished hours, all uploaded
+            if path.stem < current and path not in self._dirty:
                 path.unlink(missing_ok=True)
 
     def flush(self) -> None:

@@ -12,6 +12,7 @@ import sqlite3
 import time
 import zlib
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -252,3 +253,66 @@ def test_sigkill_during_multipart_upload(
     assert body == original
     assert s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
     assert "aborted an unfinished upload" in again.text()
+
+
+def test_an_s3_error_response_is_retried_not_fatal(
+    tmp_path: Path, logistic_model: Path, broker: Broker, target: S3
+) -> None:
+    """boto3 wraps an error answer to an upload (here NoSuchBucket) in S3UploadFailedError,
+    which once ended the upload thread for good: captures then waited for a restart."""
+    s3, bucket = target.client, f"{target.bucket}-late"
+    write_frames(tmp_path / "frames", 10)
+    endpoint = f"http://127.0.0.1:{target.port}"
+    settings = agent_settings(
+        tmp_path, logistic_model, broker.port, tmp_path / "frames", device="late-dev",
+        upload=upload_settings(bucket, endpoint),
+    )  # fmt: skip
+    agent = AgentProcess(write_config(tmp_path / "a.toml", settings))
+    try:
+        assert wait(lambda: spool_rows(tmp_path / "state") == 10), agent.text()
+        assert wait(lambda: "NoSuchBucket" in agent.text()), agent.text()
+        s3.create_bucket(Bucket=bucket)  # someone fixes the bucket: uploads resume
+        assert wait(lambda: len(keys(s3, bucket, ".json")) == 10, 60), agent.text()
+        agent.signal(signal.SIGTERM)
+        assert agent.wait(15) == 0
+    finally:
+        agent.stop()
+    assert "Traceback" not in agent.text()
+    assert spool_rows(tmp_path / "state") == 0
+
+
+def test_a_torn_manifest_line_is_dropped_and_the_rest_goes_up(
+    tmp_path: Path, logistic_model: Path, broker: Broker, target: S3
+) -> None:
+    """A power cut mid-append leaves half a line in the hour's manifest; it once made the
+    uploader spin, re-uploading the file in a loop."""
+    s3, bucket = target.client, target.bucket
+    write_frames(tmp_path / "frames", 5)
+    hour = time.strftime("%Y%m%d%H", time.gmtime())
+    manifests = tmp_path / "state" / "spool" / "manifests"
+    manifests.mkdir(parents=True)
+    good = ManifestLine(
+        source_ref=f"s3://{bucket}/fleet/captures/torn-dev/earlier.jpg",
+        frame_id="e" * 32,
+        device_id="torn-dev",
+        category="flagged",
+        corrosion_pct=3.0,
+        model_version="test-rgb@1.0.0",
+        captured_at=datetime.now(UTC).replace(minute=0, second=0, microsecond=0),
+        sidecar_ref=f"s3://{bucket}/fleet/captures/torn-dev/earlier.json",
+    ).model_dump_json(by_alias=True)
+    (manifests / f"{hour}.jsonl").write_text(good + "\n" + good[:40])
+    settings = agent_settings(
+        tmp_path, logistic_model, broker.port, tmp_path / "frames", device="torn-dev",
+        upload=upload_settings(bucket, f"http://127.0.0.1:{target.port}"),
+    )  # fmt: skip
+    agent = AgentProcess(write_config(tmp_path / "a.toml", settings), "--exit-when-done")
+    assert agent.wait(60) == 0, agent.text()
+    assert "1 unreadable line(s) dropped" in agent.text()
+    (key,) = keys(s3, bucket, ".jsonl")
+    lines = s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode().splitlines()
+    frames = [ManifestLine.model_validate_json(line).frame_id for line in lines]
+    assert frames[0] == "e" * 32 and len(frames) == 6  # the good line and the 5 new ones
+    (transform,) = keys(s3, bucket, ".manifest")
+    body = json.loads(s3.get_object(Bucket=bucket, Key=transform)["Body"].read())
+    assert len(body) == 1 + 6
