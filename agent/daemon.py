@@ -323,9 +323,11 @@ class Agent:
         try:
             self.loop.run(self.stop_event)
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            self.shutdown()
+            try:
+                self.shutdown()  # our handlers stay: a signal cuts a finished run's drain short
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
         return 0
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -340,6 +342,10 @@ class Agent:
         finished = not self.stop_event.is_set()
         deadline = time.monotonic() + STOP_BUDGET_S
 
+        def draining() -> bool:
+            """A finished run that no signal has cut short since."""
+            return finished and not self.stop_event.is_set()
+
         def left(limit: float) -> float:
             return max(0.1, min(limit, deadline - time.monotonic()))
 
@@ -352,7 +358,7 @@ class Agent:
             if finished:  # let S3 have the captures
                 self._wait(lambda: spool.depth > 0 and uploader.reachable, UPLOAD_DRAIN_S)
                 deadline = time.monotonic() + STOP_BUDGET_S
-            if uploader.stop(left(2.0)) and finished:
+            if uploader.stop(left(2.0)) and draining():
                 uploader.flush()  # on a signal the manifests wait for the next start
             if self.spool.depth:
                 log.warning(
@@ -364,8 +370,10 @@ class Agent:
         link = self.link
         if link is not None:
             patience = DRAIN_S if link.ever_connected else 1.0
-            if finished and link.wait_connected(patience):
-                self._drain(link)  # a finished file run: give the broker its messages
+            if draining():  # a finished file run: give the broker its messages
+                self._wait(lambda: not link.connected, patience)
+                if link.connected:
+                    self._drain(link)
             link.stop("stopped", timeout=left(3.0))
         if self.outbox.depth:
             where = f"broker {link.where} unreachable" if link and not link.connected else "unsent"

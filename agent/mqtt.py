@@ -136,9 +136,6 @@ class MqttLink:
         if model is not None:
             self._client.publish(self.topics.model, model, qos=1, retain=True)
 
-    def wait_connected(self, timeout: float) -> bool:
-        return self._connected.wait(timeout)
-
     # ------------------------------------------------------------------ network thread
 
     def _network(self) -> None:

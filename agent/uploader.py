@@ -98,8 +98,10 @@ class Uploader:
         self.topics = topics
         self.s3 = s3_client(config.endpoint_url, config.region, config.max_attempts)
         mib = config.multipart_mb * 1024 * 1024
+        # Parts go up one after another in this (daemon) thread: s3transfer's worker threads
+        # are not daemons, and one stuck on a slow uplink held the process past SIGTERM's 10 s.
         self.transfer = TransferConfig(
-            multipart_threshold=mib, multipart_chunksize=mib, max_concurrency=2
+            multipart_threshold=mib, multipart_chunksize=mib, use_threads=False
         )
         self.manifests = spool.dir / "manifests"
         self.manifests.mkdir(exist_ok=True)

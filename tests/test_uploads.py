@@ -316,3 +316,31 @@ def test_a_torn_manifest_line_is_dropped_and_the_rest_goes_up(
     (transform,) = keys(s3, bucket, ".manifest")
     body = json.loads(s3.get_object(Bucket=bucket, Key=transform)["Body"].read())
     assert len(body) == 1 + 6
+
+
+def test_sigterm_cuts_a_finished_runs_upload_drain_short(
+    tmp_path: Path, logistic_model: Path, broker: Broker, target: S3
+) -> None:
+    """A finished --exit-when-done run waits up to a minute for S3 to take its captures; a
+    SIGTERM then (systemctl stop, docker stop) once killed the process on the spot, since
+    the default handler was back: no `stopped` status, no log line."""
+    write_frames(tmp_path / "frames", 3)
+    crawl = Proxy(target.port, rate=200)  # reachable, but an upload takes minutes
+    settings = agent_settings(
+        tmp_path, logistic_model, broker.port, tmp_path / "frames", device="drain-dev",
+        upload=upload_settings(target.bucket, crawl.url),
+    )  # fmt: skip
+    sub = Subscriber(broker.port, ["corrosion/drain-dev/status"], client_id="drain-sub")
+    agent = AgentProcess(write_config(tmp_path / "a.toml", settings), "--exit-when-done")
+    try:
+        assert wait(lambda: spool_rows(tmp_path / "state") == 3), agent.text()
+        time.sleep(2.0)  # the frames are done: the run is draining its uploads
+        assert agent.proc.poll() is None, agent.text()
+        agent.signal(signal.SIGTERM)
+        assert agent.wait(10) == 0, agent.text()
+        assert sub.wait_for(lambda: "stopped" in [p["state"] for p in sub.payloads("status")])
+    finally:
+        agent.stop()
+        crawl.close()
+        sub.close()
+    assert "SIGTERM: stopping" in agent.text() and "stopped: 3 frames" in agent.text()
