@@ -236,11 +236,14 @@ class HealthTicker:
                 self.notify.send("WATCHDOG=1")
                 last_ping = now
             if now - last_metrics >= self.config.metrics_interval_s:
-                source = self._source_status()
-                message = self.metrics(now - last_metrics, source.dropped if source else 0)
-                last_metrics = now
-                self._publish(message)
-                self.notify.send(self._status_line(message))
+                interval, last_metrics = now - last_metrics, now
+                try:
+                    source = self._source_status()
+                    message = self.metrics(interval, source.dropped if source else 0)
+                    self._publish(message)
+                    self.notify.send(self._status_line(message))
+                except Exception:  # a full disk or a locked outbox: pings and heartbeat go on
+                    log.exception("metrics not published; next try in %.0f s", interval)
 
     def _ready_when_idle(self) -> None:
         """An empty watched folder is a working agent: tell systemd, or it kills us at start."""

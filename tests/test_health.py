@@ -6,16 +6,17 @@ import contextlib
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from agent.config import HealthConfig
-from agent.contract.messages import OutboxStats, SourceStatus
+from agent.contract.messages import MetricsMessage, OutboxStats, SourceStatus
 from agent.health import FrameStats, HealthTicker, Heartbeat, SdNotify, latency_of
 from tests.agentproc import AgentProcess, agent_settings, write_config, write_frames
 
@@ -78,9 +79,16 @@ class _Recorder(SdNotify):
         self.sent.extend(lines)
 
 
-def _ticker(heartbeat: Heartbeat, notify: SdNotify, hung_after_s: float) -> HealthTicker:
+def _ticker(
+    heartbeat: Heartbeat,
+    notify: SdNotify,
+    hung_after_s: float,
+    *,
+    metrics_interval_s: float = 3600,
+    publish: Callable[[MetricsMessage], None] = lambda _m: None,
+) -> HealthTicker:
     return HealthTicker(
-        HealthConfig(metrics_interval_s=3600, hung_after_s=hung_after_s),
+        HealthConfig(metrics_interval_s=metrics_interval_s, hung_after_s=hung_after_s),
         device_id="d",
         heartbeat=heartbeat,
         stats=FrameStats(),
@@ -91,7 +99,7 @@ def _ticker(heartbeat: Heartbeat, notify: SdNotify, hung_after_s: float) -> Heal
         ),
         connected=lambda: False,
         upload_stats=lambda: None,
-        publish=lambda _m: None,
+        publish=publish,
     )
 
 
@@ -109,6 +117,31 @@ def test_hung_frame_loop_stops_the_watchdog(caplog: pytest.LogCaptureFixture) ->
     ticker.stop()
     assert notify.sent.count("WATCHDOG=1") == before, "pings went on while the loop hung"
     assert "frame loop busy on one frame" in caplog.text
+
+
+def test_a_failed_metrics_write_does_not_end_the_health_thread(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A locked or full outbox once ended the thread: no metrics, heartbeat or watchdog
+    pings after it, even once the outbox worked again."""
+    published: list[MetricsMessage] = []
+    failures = [sqlite3.OperationalError("database is locked")] * 2
+
+    def publish(message: MetricsMessage) -> None:
+        if failures:
+            raise failures.pop()
+        published.append(message)
+
+    notify = _Recorder()
+    ticker = _ticker(Heartbeat(), notify, 5.0, metrics_interval_s=1.0, publish=publish)
+    ticker.start()
+    deadline = time.monotonic() + 10
+    while not published and time.monotonic() < deadline:
+        time.sleep(0.1)
+    ticker.stop()
+    assert published, "metrics never resumed"
+    assert caplog.text.count("metrics not published") == 2
+    assert any(line.startswith("STATUS=") for line in notify.sent)
 
 
 def test_health_command_reads_the_heartbeat(tmp_path: Path) -> None:
