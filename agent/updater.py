@@ -205,6 +205,14 @@ class Updater:
             return Outcome()
         if pointer.manifest_sha256 in self._refused or pointer.version == self.store.skipped():
             return Outcome()
+        try:
+            return self._update(pointer)
+        except BaseException:
+            self._etag = None  # read but not served (a network blip, a full disk): poll again
+            raise
+
+    def _update(self, pointer: ChannelPointer) -> Outcome:
+        """Fetch, check and serve the version `pointer` names, or refuse it."""
         folder = self.store.incoming()
         try:
             model = self.load(self._fetch(pointer, folder))

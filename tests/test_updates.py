@@ -7,6 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+from botocore.exceptions import EndpointConnectionError
+
 from agent.config import ModelConfig
 from agent.engine.classifier import ColourModel, ServingModel
 from agent.engine.detector import Detector
@@ -90,3 +93,27 @@ def test_ten_bad_models_refused_old_one_serves(
     assert len(set(reasons.values())) == 10
     assert not list((tmp_path / "models").glob(".incoming-*"))  # nothing left half-fetched
     assert not (tmp_path / "models" / NAME).exists()  # nothing refused was installed
+
+
+def test_a_download_that_fails_once_is_fetched_at_the_next_poll(
+    tmp_path: Path, registry: Registry, logistic_model: Path
+) -> None:
+    """The pointer's ETag was kept although its version never arrived: every later poll got
+    304 and the device stayed on the old model until someone promoted again."""
+    detector = Detector(ColourModel.load(logistic_model))
+    up = updater(registry, tmp_path, detector)
+    registry.publish(train(tmp_path / "v2", "2.0.0", 40).parent)
+    registry.point("2.0.0")
+    down = [True]  # the link drops after the pointer is read, through boto3's retries
+
+    def blip(request: Any, **_: Any) -> None:
+        if down[0] and "/models/" in request.url:
+            raise EndpointConnectionError(endpoint_url=request.url)
+
+    up.s3.meta.events.register("before-send.s3.GetObject", blip)
+    with pytest.raises(EndpointConnectionError):
+        up.check()
+    down[0] = False
+    assert detector.model.ref.version == "1.0.0"
+    outcome = up.check()
+    assert outcome.served is not None and outcome.served.version == "2.0.0"
