@@ -115,7 +115,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from agent.mqtt import tls_files
+
     config = _load_config(args)
+    if config.mqtt.enabled and config.mqtt.tls.enabled:
+        tls_files(config.mqtt.tls)  # a missing certificate fails here, not at the first connect
     print(config.effective())
     print(f"{args.config}: OK", file=sys.stderr)
     return 0
@@ -236,8 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune_malloc()
     try:
         return int(args.func(args))
-    except ValueError as exc:  # ModelError, ConfigError, SourceError: one line naming the fault
-        print(f"error: {exc}", file=sys.stderr)
+    except (ValueError, OSError) as exc:  # ModelError, ConfigError, SourceError; a state dir
+        print(f"error: {exc}", file=sys.stderr)  # that cannot be made: one line naming it
         return 2
 
 

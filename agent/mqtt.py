@@ -27,7 +27,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.backoff import full_jitter
 from agent.commands import Commands
-from agent.config import MqttConfig
+from agent.config import ConfigError, MqttConfig, TlsConfig
 from agent.contract.messages import AgentState, Topics
 from agent.outbox import Outbox
 
@@ -48,15 +48,33 @@ def make_client(config: MqttConfig, client_id: str) -> paho.Client:
         client.username_pw_set(config.username, secret)
     tls = config.tls
     if tls.enabled:
-        client.tls_set(
-            ca_certs=str(tls.ca_file) if tls.ca_file else None,
-            certfile=str(tls.cert_file) if tls.cert_file else None,
-            keyfile=str(tls.key_file) if tls.key_file else None,
-            cert_reqs=ssl.CERT_REQUIRED,
-            tls_version=ssl.PROTOCOL_TLS_CLIENT,
-        )
+        files = tls_files(tls)
+        try:
+            client.tls_set(
+                ca_certs=str(tls.ca_file) if tls.ca_file else None,
+                certfile=str(tls.cert_file) if tls.cert_file else None,
+                keyfile=str(tls.key_file) if tls.key_file else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        except (ssl.SSLError, OSError) as exc:  # a file that is not what it claims to be
+            raise ConfigError(f"mqtt.tls ({files}): {exc}") from None
         client.tls_insecure_set(not tls.check_hostname)
     return client
+
+
+def tls_files(tls: TlsConfig) -> str:
+    """The TLS files the config names, each checked readable; ConfigError names the field
+    (ssl's own errors name neither the file nor the setting)."""
+    named = [(f, p) for f, p in (("ca_file", tls.ca_file), ("cert_file", tls.cert_file),
+             ("key_file", tls.key_file)) if p is not None]  # fmt: skip
+    for field, path in named:
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"mqtt.tls.{field} ({path}): {exc.strerror or exc}") from None
+    return ", ".join(f"{field} {path}" for field, path in named) or "system CA store"
 
 
 @dataclass(frozen=True)

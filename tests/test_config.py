@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import AgentConfig, ConfigError, commented_defaults
+from tests.broker import Pki
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,3 +109,40 @@ def test_agent_toml_is_the_generated_defaults() -> None:
     # and the commented defaults are exactly the defaults
     defaults = AgentConfig.load(ROOT / "config" / "agent.toml", device_id="x")
     assert defaults == AgentConfig(device_id="x")
+
+
+def test_tls_and_state_dir_faults_name_the_setting(
+    tmp_path: Path, logistic_model: Path, pki: Pki
+) -> None:
+    """ssl's own errors name neither the file nor the setting (FileNotFoundError without a
+    path, `[SSL] PEM lib`); check-config passed a CA that does not exist."""
+    bogus = tmp_path / "bogus.pem"
+    bogus.write_text("not a certificate\n")
+    (tmp_path / "frames").mkdir()
+    model = (
+        f'[model]\npath = "{logistic_model.parent}"\n'
+        f'[source]\nkind = "folder"\nuri = "{tmp_path}/frames"\n'
+    )
+    cases = [
+        ("check-config", f'[mqtt.tls]\nenabled = true\nca_file = "{tmp_path}/none.pem"\n',
+         f"mqtt.tls.ca_file ({tmp_path}/none.pem): No such file or directory"),
+        ("run", f'{model}[mqtt.tls]\nenabled = true\nca_file = "{tmp_path}/none.pem"\n',
+         f"mqtt.tls.ca_file ({tmp_path}/none.pem): No such file or directory"),
+        ("run", f'{model}[mqtt.tls]\nenabled = true\ncert_file = "{bogus}"\n'
+         f'key_file = "{pki.client_key}"\n',
+         f"mqtt.tls (cert_file {bogus}, key_file {pki.client_key}): [SSL]"),
+        ("run", f'state_dir = "{bogus}/state"\n{model}',
+         f"Not a directory: '{bogus}/state'"),
+    ]  # fmt: skip
+    for command, text, error in cases:
+        res = subprocess.run(
+            [sys.executable, "-m", "agent.cli", command, "--config", str(write(tmp_path, text))]
+            if command == "run"
+            else [sys.executable, "-m", "agent.cli", command, str(write(tmp_path, text))],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        assert res.returncode == 2 and error in res.stderr, (text, res.stderr)
+        assert "Traceback" not in res.stderr
