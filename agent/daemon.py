@@ -290,7 +290,7 @@ class Agent:
 
     def _cmd_set_threshold(self, request: SetThresholdCommand) -> dict[str, Any]:
         old = self.detector.threshold
-        self.detector.config.flag_pct = request.flag_pct
+        self.detector.command_threshold(request.flag_pct)
         new = self.detector.threshold
         log.info("flag threshold %.3f%% -> %.3f%% (command)", old, new)
         if self.link is not None:

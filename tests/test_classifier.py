@@ -109,3 +109,17 @@ def test_analysis_becomes_a_valid_detection_message(logistic_model: Path) -> Non
         msg.frame_size.width,
         msg.frame_size.height,
     )
+
+
+def test_a_commanded_threshold_lasts_until_the_next_model(logistic_model: Path) -> None:
+    """set-threshold holds "until restart (or the next model, which brings its own)"; it
+    once outlived model updates, and with it the new model's image rule stayed off."""
+    detector = Detector(ColourModel.load(logistic_model))
+    own = detector.threshold  # the manifest's flag %
+    detector.command_threshold(own + 1.5)
+    assert detector.threshold == own + 1.5
+    detector.swap(ColourModel.load(logistic_model))
+    assert detector.threshold == own
+    configured = Detector(ColourModel.load(logistic_model), ClassifierConfig(flag_pct=9.0))
+    configured.swap(ColourModel.load(logistic_model))
+    assert configured.threshold == 9.0  # the config's % holds for every model

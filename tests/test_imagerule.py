@@ -151,7 +151,7 @@ def test_the_rule_decides_unless_an_operator_sets_a_pct(ruled: Ruled) -> None:
     assert analysis.flagged == (analysis.rust_probability >= rule.threshold)
     message = analysis.message(device_id="d", source="s", frame_index=0, captured_at=utc_now())
     assert message.rust_probability == round(analysis.rust_probability, 4)
-    detector.config.flag_pct = 0.0  # e.g. the set-threshold command: the % decides
+    detector.command_threshold(0.0)  # the set-threshold command: the % decides
     overridden = detector.analyse(image)
     assert overridden.rust_probability is None and overridden.flagged
     detector.close()

@@ -258,7 +258,7 @@ class SetThresholdCommand(CommandRequest):
     """Change the flag threshold until restart (or the next model, which brings its own)."""
 
     flag_pct: Percent | None = Field(
-        description="New flag threshold %; null goes back to the model manifest's"
+        description="New flag threshold %; null goes back to the configured one, else the model's"
     )
 
 

@@ -98,6 +98,7 @@ class Detector:
         self._model = model
         self._lock = threading.Lock()
         self._retired: list[ServingModel] = []  # swapped out, closed by the next analyse
+        self._commanded: float | None = None  # set-threshold's %, until the next model
 
     @classmethod
     def load(cls, manifest_path: Path, config: ClassifierConfig | None = None) -> Detector:
@@ -110,12 +111,21 @@ class Detector:
 
     @property
     def threshold(self) -> float:
-        """Flag % in force: the config's (or a command's) override, else the model's.
+        """Flag % in force: a command's override, else the config's, else the model's.
 
         An override also sets the model's image rule aside: an operator who names a % means
         the % to decide.
         """
         return self._threshold_of(self._model)
+
+    def command_threshold(self, flag_pct: float | None) -> None:
+        """The set-threshold command: this % decides until the next model, which brings its
+        own decision (the config's `flag_pct`, by contrast, holds for every model); None
+        hands the decision back."""
+        self._commanded = flag_pct
+
+    def _override(self) -> float | None:
+        return self._commanded if self._commanded is not None else self.config.flag_pct
 
     @property
     def rule_threshold(self) -> float | None:
@@ -124,10 +134,10 @@ class Detector:
 
     def _rule_threshold_of(self, model: ServingModel) -> float | None:
         rule = model.manifest.decision.image_rule
-        return None if rule is None or self.config.flag_pct is not None else rule.threshold
+        return None if rule is None or self._override() is not None else rule.threshold
 
     def _threshold_of(self, model: ServingModel) -> float:
-        override = self.config.flag_pct
+        override = self._override()
         return override if override is not None else model.manifest.decision.flag_pct
 
     def swap(self, model: ServingModel) -> ServingModel:
@@ -139,6 +149,7 @@ class Detector:
         with self._lock:
             old, self._model = self._model, model
             self._retired.append(old)
+            self._commanded = None
         return old
 
     def _close_retired(self) -> None:
