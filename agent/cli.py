@@ -10,8 +10,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
 from agent import __version__
-from agent.config import AgentConfig, ClassifierConfig, TlsConfig
+from agent.config import AgentConfig, ClassifierConfig, ConfigError, TlsConfig
 from agent.health import heartbeat_age
 from agent.memory import tune_malloc
 
@@ -26,9 +28,16 @@ def _detector(args: argparse.Namespace) -> Detector:
     from agent.engine.detector import Detector
     from agent.engine.model import resolve_manifest
 
-    config = ClassifierConfig(
-        analysis_long_side=args.analysis_long_side, threads=args.threads, flag_pct=args.flag_pct
-    )
+    options = {
+        "analysis_long_side": args.analysis_long_side,
+        "threads": args.threads,
+        "flag_pct": args.flag_pct,
+    }
+    try:
+        config = ClassifierConfig(**options)
+    except ValidationError as exc:  # named as the user typed it: --threads, not `threads`
+        err = exc.errors(include_url=False)[0]
+        raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
     return Detector.load(resolve_manifest(args.model), config)
 
 

@@ -215,3 +215,18 @@ def test_convert_checks_name_and_version_before_any_work(
     assert export_main([*args, "--name", "Bad Name", "--version", "1.0.0"]) == 2
     assert "model name 'Bad Name'" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--threads", "0"], "--threads: Input should be greater than or equal to 1"),
+        (["--flag-pct", "200"], "--flag-pct: Input should be less than or equal to 100"),
+    ],
+)
+def test_bad_detector_options_are_named_as_typed(
+    logistic_model: Path, capsys: pytest.CaptureFixture[str], option: list[str], message: str
+) -> None:
+    assert agent_main(["detect", "x.jpg", "--model", str(logistic_model), *option]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "validation error" not in err
