@@ -249,8 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune_malloc()
     try:
         return int(args.func(args))
-    except (ValueError, OSError) as exc:  # ModelError, ConfigError, SourceError; a state dir
-        print(f"error: {exc}", file=sys.stderr)  # that cannot be made: one line naming it
+    except ValueError as exc:  # ModelError, ConfigError, SourceError: one line naming the fault
+        print(f"error: {exc}", file=sys.stderr)
         return 2
 
 

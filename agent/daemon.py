@@ -22,7 +22,7 @@ from typing import Any
 from agent import __version__
 from agent.capture import Capturer
 from agent.commands import CommandError, Commands
-from agent.config import AgentConfig
+from agent.config import AgentConfig, ConfigError
 from agent.contract import ModelManifest
 from agent.contract.messages import (
     AgentState,
@@ -70,7 +70,13 @@ class Agent:
         self._t0 = time.monotonic()
         self.stop_event = threading.Event()
         self.topics = Topics(config.topic_prefix())
-        config.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            config.state_dir.mkdir(parents=True, exist_ok=True)
+            probe = config.state_dir / ".writable"
+            probe.touch()  # an un-chowned bind mount fails here, not deep in SQLite
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(f"state_dir ({config.state_dir}): {exc.strerror or exc}") from None
         self.keys = keyring(load_public_key(p) for p in config.model.public_keys)
         self.store = ModelStore(config.state_dir / "models")
         self.detector = Detector(self._boot_model(), config.classifier)

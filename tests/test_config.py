@@ -132,7 +132,7 @@ def test_tls_and_state_dir_faults_name_the_setting(
          f'key_file = "{pki.client_key}"\n',
          f"mqtt.tls (cert_file {bogus}, key_file {pki.client_key}): [SSL]"),
         ("run", f'state_dir = "{bogus}/state"\n{model}',
-         f"Not a directory: '{bogus}/state'"),
+         f"state_dir ({bogus}/state): Not a directory"),
     ]  # fmt: skip
     for command, text, error in cases:
         res = subprocess.run(
@@ -143,6 +143,7 @@ def test_tls_and_state_dir_faults_name_the_setting(
             text=True,
             check=False,
             timeout=60,
+            cwd=tmp_path,  # the default state_dir is relative: keep it out of the checkout
         )
         assert res.returncode == 2 and error in res.stderr, (text, res.stderr)
         assert "Traceback" not in res.stderr
