@@ -361,7 +361,12 @@ class Agent:
             self.updater.stop(left(1.0))
         if self.uploader is not None and self.spool is not None:
             spool, uploader = self.spool, self.uploader
-            if finished:  # let S3 have the captures
+            if finished and spool.depth and uploader.reachable:  # let S3 have the captures
+                log.info(
+                    "source done: up to %.0f s for S3 to take %d capture(s); SIGTERM cuts it short",
+                    UPLOAD_DRAIN_S,
+                    spool.depth,
+                )
                 self._wait(lambda: spool.depth > 0 and uploader.reachable, UPLOAD_DRAIN_S)
                 deadline = time.monotonic() + STOP_BUDGET_S
             if uploader.stop(left(2.0)) and draining():
@@ -406,7 +411,7 @@ class Agent:
         self._wait(lambda: self.outbox.depth > 0 and link.connected, DRAIN_S)
 
     def _wait(self, busy: Callable[[], bool], limit_s: float) -> None:
-        """Wait while `busy()`, at most `limit_s`; a second SIGTERM cuts it short."""
+        """Wait while `busy()`, at most `limit_s`; a SIGTERM (the stop event) cuts it short."""
         deadline = time.monotonic() + limit_s
         while busy() and time.monotonic() < deadline and not self.stop_event.wait(0.05):
             pass

@@ -48,21 +48,51 @@ log = logging.getLogger(__name__)
 MANIFEST_EVERY_S = 30.0
 
 
-def _entries(path: Path) -> list[ManifestLine]:
-    """The lines of a local hourly manifest. A line a power cut tore mid-write is dropped
-    and the file rewritten without it, so it neither blocks the upload nor hides the
-    capture's line when the capture is uploaded again."""
-    entries, torn = [], 0
+def _records(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a local hourly manifest. A line a power cut tore (not a JSON
+    object) is dropped and the file replaced without it, so it neither blocks the upload nor
+    spoils the next line; a line this version cannot validate (a newer agent's) stays."""
+    kept: list[str] = []
+    records: list[dict[str, Any]] = []
+    torn = 0
     for text in path.read_text(errors="replace").splitlines():
         try:
-            entries.append(ManifestLine.model_validate_json(text))
+            record = json.loads(text)
         except ValueError:
+            record = None
+        if isinstance(record, dict):
+            kept.append(text)
+            records.append(record)
+        else:
             torn += bool(text.strip())
     if torn:
         log.warning("%s: %d unreadable line(s) dropped", path, torn)
-        lines = (e.model_dump_json(by_alias=True) + "\n" for e in entries)
-        path.write_text("".join(lines))
-    return entries
+        _replace(path, "".join(line + "\n" for line in kept))
+    return records
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write `text` as `path` all at once: a power cut leaves the old file or the new."""
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _append(path: Path, line: str) -> None:
+    """One line at the end of `path`, durable before the spool forgets its capture; a last
+    line cut before its newline gets one first, so the two never run together."""
+    with path.open("ab+") as fh:
+        fh.seek(0, os.SEEK_END)
+        if fh.tell() > 0:
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                fh.write(b"\n")
+        fh.write(line.encode() + b"\n")
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def transform_manifest(refs: list[str]) -> list[Any]:
@@ -106,6 +136,7 @@ class Uploader:
         self.manifests = spool.dir / "manifests"
         self.manifests.mkdir(exist_ok=True)
         self._dirty: set[Path] = set(self.manifests.glob("*.jsonl"))
+        self._frame_ids: dict[Path, set[str]] = {}  # of each hour's file, once read
         self._manifest_at = 0.0
         self.reachable = True
         self._stop = threading.Event()
@@ -276,12 +307,13 @@ class Uploader:
                     raise
                 body = b""
             path.write_bytes(body)
-        if any(entry.frame_id == sidecar.frame_id for entry in _entries(path)):
+        ids = self._frame_ids.get(path)
+        if ids is None:  # read once per hour's file, not once per capture
+            ids = self._frame_ids[path] = {str(r.get("frame-id")) for r in _records(path)}
+        if sidecar.frame_id in ids:
             return  # a repeat after a crash between the upload and the spool's bookkeeping
-        with path.open("a") as fh:
-            fh.write(line.model_dump_json(by_alias=True) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())  # the spool forgets the capture next: the line must be there
+        _append(path, line.model_dump_json(by_alias=True))
+        ids.add(sidecar.frame_id)
         self._dirty.add(path)
 
     def _flush_manifests(self) -> None:
@@ -292,10 +324,11 @@ class Uploader:
             hour = datetime.strptime(path.stem, "%Y%m%d%H").replace(tzinfo=UTC)
             key = capture_manifest_key(self.config.prefix, self.device_id, hour)
             meta = {"device": self.device_id}
-            entries = _entries(path)  # first: it drops a line a power cut tore
+            records = _records(path)  # first: it drops a line a power cut tore
             self._put(path, key, "application/x-ndjson", meta)
+            refs = [r["source-ref"] for r in records if isinstance(r.get("source-ref"), str)]
             transform = path.with_suffix(TRANSFORM_SUFFIX)
-            transform.write_text(json.dumps(transform_manifest([e.source_ref for e in entries])))
+            transform.write_text(json.dumps(transform_manifest(refs)))
             self._put(
                 transform, key.removesuffix(".jsonl") + TRANSFORM_SUFFIX, "application/json", meta
             )
@@ -304,11 +337,12 @@ class Uploader:
         for path in self.manifests.glob("*.jsonl"):  # finished hours, all uploaded
             if path.stem < current and path not in self._dirty:
                 path.unlink(missing_ok=True)
+                self._frame_ids.pop(path, None)
 
     def flush(self) -> None:
         """At shutdown: the manifests of what was uploaded, if S3 is there."""
         if self._dirty and self.reachable:
             try:
                 self._flush_manifests()
-            except (BotoCoreError, ClientError, OSError) as exc:
+            except (BotoCoreError, ClientError, S3UploadFailedError, OSError) as exc:
                 log.warning("could not upload capture manifests: %s", describe_error(exc))

@@ -101,7 +101,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def provenance(model: Path) -> Provenance:
     """What `train` or `sagemaker train` recorded of this model in the metrics.json beside
     it. A record written for another model in the same folder (its `model` field names a
-    different file) is not this one's: it is left out, with a warning."""
+    different file) is not this one's: it is left out, with a warning. A record without the
+    field (`sagemaker train` wrote none before) is taken."""
     trainer = f"corrosion-export {__version__}"
     record_file = model.with_name("metrics.json")
     if not record_file.is_file():
@@ -111,7 +112,7 @@ def provenance(model: Path) -> Provenance:
         described = record.get("model")
     except (ValueError, AttributeError) as exc:
         raise ConvertError(f"{record_file}: not a training record ({exc})") from None
-    if described != model.name:
+    if described is not None and described != model.name:
         print(
             f"warning: {record_file} describes {described!r}, not {model.name}: the manifest "
             "gets no training record",

@@ -95,8 +95,13 @@ def start(image: str, volume: str, shared: Path, port: int, *args: str) -> str:
 
 
 def finish(name: str, timeout: float = 60) -> tuple[int, str]:
-    """Wait for the container to exit; its exit code and log, then remove it."""
-    code = int(docker("wait", name, timeout=timeout).strip())
+    """Wait for the container to exit (stopped after `timeout`, so a failed assertion does
+    not turn into a hang); its exit code and log, then remove it."""
+    try:
+        code = int(docker("wait", name, timeout=timeout).strip())
+    except subprocess.TimeoutExpired:
+        docker("stop", "--time", "15", name, timeout=30, check=False)
+        code = int(docker("wait", name, timeout=30).strip())
     logs = subprocess.run(["docker", "logs", name], capture_output=True, text=True, check=False)
     docker("rm", "-f", name, check=False)
     return code, logs.stdout + logs.stderr
@@ -134,7 +139,7 @@ def test_outbox_survives_containers_and_sigterm_stops_cleanly(
             docker("stop", second, timeout=30)
             stopped_in = time.monotonic() - began
         finally:
-            code, log = finish(second)
+            code, log = finish(second, timeout=5)  # stopped above, unless an assert failed
         assert code == 0, log
         assert stopped_in < 15, log
         assert "to replay" in log and "stopped: 1 frames" in log, log
