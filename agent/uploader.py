@@ -173,14 +173,6 @@ class Uploader:
             except FileNotFoundError as exc:  # evicted or cleaned away under us: not S3's fault
                 log.warning("capture file gone during upload: %s", exc.filename)
                 continue
-            except ValueError as exc:  # a sidecar this version cannot read: never retried
-                if capture is not None:
-                    log.error("capture %s unusable: %s", capture.frame_id, exc)
-                    self.spool.lost(capture.frame_id, capture.category)
-                    continue
-                log.exception("capture manifests: %s", exc)  # then wait, as for S3 errors
-                attempt = self._back_off(attempt)
-                continue
             except (BotoCoreError, ClientError, S3UploadFailedError, OSError) as exc:
                 delay = full_jitter(attempt, 1.0, self.config.retry_max_s)
                 if self.reachable or attempt == 0:
@@ -237,7 +229,12 @@ class Uploader:
         if not all(path.is_file() for path in needed):
             self.spool.lost(capture.frame_id, capture.category)
             return
-        sidecar = CaptureSidecar.model_validate_json(sidecar_path.read_bytes())
+        try:
+            sidecar = CaptureSidecar.model_validate_json(sidecar_path.read_bytes())
+        except ValueError as exc:  # a sidecar this version cannot read: never retried
+            log.error("capture %s unusable: %s", capture.frame_id, exc)
+            self.spool.lost(capture.frame_id, capture.category)
+            return
         stem = capture_stem(
             self.config.prefix, self.device_id, capture.captured_at, capture.frame_id
         )

@@ -357,3 +357,33 @@ def test_manifest_lines_survive_a_missing_newline_and_a_newer_schema(tmp_path: P
     refs = [r["source-ref"] for r in _records(path)]
     assert refs == ["s3://b/k0.jpg", "s3://b/k1.jpg", "s3://b/k2.jpg"]
     assert path.read_text().startswith(newer + "\n")  # kept byte for byte
+
+
+def test_an_unreadable_sidecar_drops_its_capture_and_uploads_go_on(
+    tmp_path: Path, logistic_model: Path, broker: Broker, target: S3
+) -> None:
+    """A sidecar this version cannot read is counted lost, never retried, and the rest of
+    the spool goes up."""
+    write_frames(tmp_path / "frames", 4)
+    proxy = Proxy(target.port)
+    proxy.cut()
+    settings = agent_settings(
+        tmp_path, logistic_model, broker.port, tmp_path / "frames", device="side-dev",
+        upload=upload_settings(target.bucket, proxy.url),
+    )  # fmt: skip
+    cfg = write_config(tmp_path / "a.toml", settings)
+    try:
+        first = AgentProcess(cfg, "--exit-when-done")
+        assert first.wait(60) == 0, first.text()
+        spool = tmp_path / "state" / "spool"
+        sidecars = sorted(p for p in spool.glob("*.json") if p.stem != "spool")
+        assert len(sidecars) == 4
+        sidecars[0].write_text('{"schema_version": "9.0"')  # cut, and of no known version
+        proxy.restore()
+        again = AgentProcess(cfg, "--exit-when-done")
+        assert again.wait(60) == 0, again.text()
+    finally:
+        proxy.close()
+    assert f"capture {sidecars[0].stem} unusable" in again.text()
+    assert len(keys(target.client, target.bucket, ".json")) == 3
+    assert spool_rows(tmp_path / "state") == 0
