@@ -308,4 +308,6 @@ def iter_inputs(path: Path, limits: Limits = _DEFAULT_LIMITS) -> Iterator[Entry 
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, ValueError, EOFError) as exc:
         raise ValueError(f"{path}: not a zip file or folder ({exc})") from exc
+    except OSError as exc:  # absent, unreadable
+        raise ValueError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     return _iter_zip(zf, limits)

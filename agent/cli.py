@@ -125,10 +125,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from agent.mqtt import tls_files
+    from agent.signing import load_public_key
 
     config = _load_config(args)
+    # The files the config names fail here, not at the first connect or model update.
     if config.mqtt.enabled and config.mqtt.tls.enabled:
-        tls_files(config.mqtt.tls)  # a missing certificate fails here, not at the first connect
+        tls_files(config.mqtt.tls)
+    for key in config.model.public_keys:
+        load_public_key(key)
     print(config.effective())
     print(f"{args.config}: OK", file=sys.stderr)
     return 0

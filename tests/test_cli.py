@@ -105,6 +105,14 @@ def test_bad_model_path_is_a_clear_error(
     assert "no model manifest" in capsys.readouterr().err
 
 
+def test_batch_of_a_path_that_is_not_there_is_a_usage_error(
+    tmp_path: Path, logistic_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["batch", str(tmp_path / "absent"), "--model", str(logistic_model)]
+    assert agent_main([*args, "--out", str(tmp_path / "out")]) == 2
+    assert "absent: cannot read (No such file or directory)" in capsys.readouterr().err
+
+
 def test_train_then_convert_softmax_with_full_parity(tmp_path: Path) -> None:
     """The AWS payload's objective: parity over all 2^24 colours proves the class fold."""
     x, y = rust_pixels(5000)

@@ -131,6 +131,8 @@ def test_tls_and_state_dir_faults_name_the_setting(
         ("run", f'{model}[mqtt.tls]\nenabled = true\ncert_file = "{bogus}"\n'
          f'key_file = "{pki.client_key}"\n',
          f"mqtt.tls (cert_file {bogus}, key_file {pki.client_key}): [SSL]"),
+        ("check-config", f'[model]\npublic_keys = ["{tmp_path}/none.pub.pem"]\n',
+         f"{tmp_path}/none.pub.pem: cannot read public key"),
         ("run", f'state_dir = "{bogus}/state"\n{model}',
          f"state_dir ({bogus}/state): Not a directory"),
     ]  # fmt: skip
