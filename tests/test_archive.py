@@ -239,7 +239,7 @@ def test_not_a_zip_raises_value_error_naming_the_file(tmp_path: Path, content: b
 
 
 def test_missing_path(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match=r"nowhere\.zip: cannot read \(No such file"):
         iter_inputs(tmp_path / "nowhere.zip")
 
 
