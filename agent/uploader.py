@@ -46,6 +46,9 @@ from agent.spool import Spool, Spooled
 log = logging.getLogger(__name__)
 
 MANIFEST_EVERY_S = 30.0
+# What S3 or the link can answer an upload with: boto3 wraps an error reply to upload_file
+# in S3UploadFailedError, which is neither a ClientError nor a BotoCoreError.
+S3_ERRORS = (BotoCoreError, ClientError, S3UploadFailedError, OSError)
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
@@ -173,7 +176,7 @@ class Uploader:
             except FileNotFoundError as exc:  # evicted or cleaned away under us: not S3's fault
                 log.warning("capture file gone during upload: %s", exc.filename)
                 continue
-            except (BotoCoreError, ClientError, S3UploadFailedError, OSError) as exc:
+            except S3_ERRORS as exc:
                 delay = full_jitter(attempt, 1.0, self.config.retry_max_s)
                 if self.reachable or attempt == 0:
                     log.warning(
@@ -341,5 +344,5 @@ class Uploader:
         if self._dirty and self.reachable:
             try:
                 self._flush_manifests()
-            except (BotoCoreError, ClientError, S3UploadFailedError, OSError) as exc:
+            except S3_ERRORS as exc:
                 log.warning("could not upload capture manifests: %s", describe_error(exc))

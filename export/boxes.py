@@ -246,17 +246,15 @@ def load_annotations(voc_dir: Path) -> tuple[list[Annotation], list[str]]:
     return found, problems
 
 
-def truth_boxes(anns: Sequence[Annotation], labels: Collection[str], voc_dir: Path) -> int:
-    """How many boxes under `voc_dir` carry one of `labels`; none is an error (AP would be
-    undefined), naming the labels the files do use."""
-    n = sum(o.name in labels for a in anns for o in a.objects)
-    if not n:
+def require_truth(anns: Sequence[Annotation], labels: Collection[str], voc_dir: Path) -> None:
+    """Refuse annotations without one box labelled as `labels` (AP would be undefined),
+    naming the labels the files do use."""
+    if not any(o.name in labels for a in anns for o in a.objects):
         seen = sorted({o.name for a in anns for o in a.objects})
         raise DatasetError(
             f"{voc_dir}: no box labelled {' or '.join(sorted(labels))} in {len(anns)} "
             f"annotation file(s); labels found: {', '.join(seen) or 'none'} (pass --label NAME)"
         )
-    return n
 
 
 def _detect(
@@ -316,7 +314,7 @@ def evaluate_boxes(
     on the VOC photos of `voc_dir`; `grouping` overrides scored_regions settings."""
     config, override = ranking(config)
     anns, problems = load_annotations(voc_dir)
-    truth_boxes(anns, labels, voc_dir)
+    require_truth(anns, labels, voc_dir)
     detector = Detector.load(manifest, config)
     try:
         found = _detect(detector, anns, [grouping], labels, problems, override=override)
@@ -412,7 +410,7 @@ def out_of_fold(
     trainer = trainer or colour_trainer(labels=labels)
     config, override = ranking(config)
     anns, problems = load_annotations(voc_dir)
-    truth_boxes(anns, labels, voc_dir)
+    require_truth(anns, labels, voc_dir)
     shas = [hashlib.sha256(a.image.read_bytes()).hexdigest() for a in anns]
     if len(set(shas)) < folds:
         raise ValueError(f"{voc_dir}: {len(set(shas))} distinct photos, fewer than {folds} folds")

@@ -7,7 +7,6 @@ import getpass
 import json
 import socket
 import sys
-import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from agent import __version__
-from agent.contract import Decision, Provenance, RegistryUrl, key_part, manifest_key
+from agent.contract import Decision, Provenance, RegistryUrl, describe, key_part, manifest_key
 from agent.engine.model import ModelError
 from agent.signing import key_id, keyring, load_public_key
 from export import accuracy_cli, demo, reanalyze, registry, retrain, sagemaker
@@ -127,8 +126,7 @@ def provenance(model: Path) -> Provenance:
             trainer=trainer,
         )
     except ValidationError as exc:
-        where = ".".join(map(str, exc.errors()[0]["loc"]))
-        raise ConvertError(f"{record_file}: {where}: {exc.errors()[0]['msg']}") from None
+        raise ConvertError(f"{record_file}: {describe(exc)}") from None
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -420,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # results cite their command
     try:
         return int(args.func(args))
-    except (ConvertError, DatasetError, ModelError, ValueError, OSError, tarfile.TarError) as exc:
+    except (ConvertError, DatasetError, ModelError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
