@@ -22,6 +22,7 @@ from agent.contract.messages import CommandRequest, CommandResult
 log = logging.getLogger(__name__)
 
 R = TypeVar("R", bound=CommandRequest)
+MAX_NAME = 64  # longer command names are cut in results and in their result topic
 
 
 class CommandError(Exception):
@@ -34,7 +35,8 @@ class _Entry(Generic[R]):
     handler: Callable[[R], dict[str, Any]]
 
     def run(self, data: dict[str, Any]) -> dict[str, Any]:
-        return self.handler(self.request.model_validate(data))
+        # strict: `true` or "3.5" for a number is the caller's mistake, not 1.0 or 3.5
+        return self.handler(self.request.model_validate(data, strict=True))
 
 
 class Commands:
@@ -52,14 +54,22 @@ class Commands:
     def names(self) -> list[str]:
         return sorted(self._entries)
 
-    def handle(self, name: str, payload: bytes) -> CommandResult:
-        command = name[:128]
+    def handle(self, name: str, payload: bytes, *, retained: bool = False) -> CommandResult:
+        """The answer to one request. A `retained` one is refused: the broker hands it over
+        again at every connect, and a command must run once."""
+        command = name[:MAX_NAME]
         data: Any = None
         try:
+            data = self._parse(payload)  # first, so that every error echoes its request_id
             entry = self._entries.get(name)
             if entry is None:
                 raise CommandError(f"unknown command {command!r}; known: {', '.join(self.names)}")
-            data = self._parse(payload)
+            if retained:
+                raise CommandError(
+                    "retained commands are not run (they would run again at every connect); "
+                    "publish without retain, and clear this one with a zero-byte retained "
+                    "message (never taken as a command)"
+                )
             result = entry.run(data)
         except CommandError as exc:
             return self._result(command, data, error=str(exc))
@@ -81,7 +91,7 @@ class Commands:
             raise CommandError(f"payload is not UTF-8 text (byte {exc.start})") from None
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:  # JSONDecodeError, or an integer of thousands of digits
             raise CommandError(f"payload is not JSON: {exc}") from None
         except RecursionError:
             raise CommandError("payload is not JSON: nested too deeply") from None

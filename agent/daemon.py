@@ -175,7 +175,7 @@ class Agent:
         for rel in reversed(self.store.history()):
             try:
                 return self._load_from_store(self.store.root / rel)
-            except (ModelError, ValueError) as exc:
+            except (ModelError, ValueError, OSError, RuntimeError) as exc:  # onnxruntime: Runtime
                 log.error("stored model %s unusable, trying an earlier one: %s", rel, exc)
                 self.store.drop_current()
         return self._load(resolve_manifest(self.config.model.path))
@@ -277,7 +277,10 @@ class Agent:
     def _cmd_snapshot(self, request: SnapshotCommand) -> dict[str, Any]:
         if self.policy is None:
             raise CommandError("uploads are not enabled (upload.enabled = false)")
-        return {"pending": self.policy.request_snapshot(request.note)}
+        try:
+            return {"pending": self.policy.request_snapshot(request.note)}
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
 
     def _updater(self) -> Updater:
         if self.updater is None:

@@ -33,6 +33,11 @@ from agent.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
+# An MQTT 5 caller's response topic and correlation data are stored with the answer: capped,
+# so that a sender cannot fill the outbox with them (beyond: the default topic, no data).
+MAX_RESPONSE_TOPIC = 256
+MAX_CORRELATION = 256
+
 
 def make_client(config: MqttConfig, client_id: str) -> paho.Client:
     """A paho client with protocol, credentials and TLS from the config (shared with `watch`)."""
@@ -114,8 +119,11 @@ class MqttLink:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._connected = threading.Event()
+        self._stopping = False  # the final status is out: nothing may say online
+        self._state_lock = threading.Lock()  # orders `_stopping` and the status publishes
         self._acks: queue.SimpleQueue[tuple[int, ReasonCode]] = queue.SimpleQueue()
         self._handed: dict[int, int] = {}  # paho mid -> outbox row id; publisher thread only
+        self._owed: tuple[list[int], list[int]] = ([], [])  # acked, refused: not yet committed
         self._last_id = 0
         self._ever_connected = False
         self._connected_ok = False  # set by on_connect: the backoff starts over
@@ -147,12 +155,14 @@ class MqttLink:
     def publish_state(self) -> None:
         """Republish the retained status and model now (they changed); a no-op offline,
         since every connect publishes them afresh."""
-        if not self._connected.is_set():
-            return
-        self._client.publish(self.topics.status, self.retained.status("online"), qos=1, retain=True)
-        model = self.retained.model()
-        if model is not None:
-            self._client.publish(self.topics.model, model, qos=1, retain=True)
+        with self._state_lock:
+            if not self._connected.is_set() or self._stopping:
+                return
+            status = self.retained.status("online")
+            self._client.publish(self.topics.status, status, qos=1, retain=True)
+            model = self.retained.model()
+            if model is not None:
+                self._client.publish(self.topics.model, model, qos=1, retain=True)
 
     # ------------------------------------------------------------------ network thread
 
@@ -173,9 +183,7 @@ class MqttLink:
                 self._log_failure(attempt, f"cannot connect: {exc}")
             else:
                 self._ever_connected = True
-                rc = MQTTErrorCode.MQTT_ERR_SUCCESS
-                while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and not self._stop.is_set():
-                    rc = self._client.loop(timeout=0.2)
+                self._loop()
                 if self._stop.is_set():
                     return
                 self._connected.clear()
@@ -186,6 +194,17 @@ class MqttLink:
             cfg = self.config
             self._stop.wait(full_jitter(attempt, cfg.reconnect_min_s, cfg.reconnect_max_s))
             attempt += 1
+
+    def _loop(self) -> None:
+        """Serve the connection until it drops or we stop. An exception out of paho (its
+        callbacks are ours and guarded; this is the last line) drops the connection rather
+        than the thread: reconnecting is the way back."""
+        rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+        try:
+            while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and not self._stop.is_set():
+                rc = self._client.loop(timeout=0.2)
+        except Exception:
+            log.exception("broker %s: network loop failed; reconnecting", self.where)
 
     def _log_failure(self, attempt: int, what: str) -> None:
         # The first failure is news; the hundredth is noise.
@@ -241,17 +260,30 @@ class MqttLink:
         self._wake.set()
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        # Runs in the network thread: an error here (a locked or full outbox) must not end it.
+        try:
+            self._answer(message)
+        except Exception:
+            log.exception("command on %s not answered", message.topic[:200])
+
+    def _answer(self, message: paho.MQTTMessage) -> None:
         name = self.topics.command_name(message.topic)
-        if name is None:
+        if name is None or not message.payload:  # zero bytes: a retained command cleared
             return
-        result = self.commands.handle(name, bytes(message.payload))
-        topic, correlation = self.topics.command_result(name), None
+        result = self.commands.handle(name, bytes(message.payload), retained=message.retain)
+        topic, correlation = self.topics.command_result(result.command), None
         props = message.properties if self._v5 else None
-        if props is not None:
+        if props is not None:  # the caller's; a sender may make them huge, so they are capped
             response = getattr(props, "ResponseTopic", None)
-            if isinstance(response, str) and response and not set(response) & {"+", "#"}:
+            if (
+                isinstance(response, str)
+                and 0 < len(response) <= MAX_RESPONSE_TOPIC
+                and not set(response) & {"+", "#"}
+            ):
                 topic = response
-            correlation = getattr(props, "CorrelationData", None)
+            data = getattr(props, "CorrelationData", None)
+            if isinstance(data, bytes) and len(data) <= MAX_CORRELATION:
+                correlation = data
         self.outbox.put(topic, result.model_dump_json().encode(), correlation=correlation)
 
     # ------------------------------------------------------------------ publisher thread
@@ -279,13 +311,18 @@ class MqttLink:
             if self._v5 and message.correlation is not None:
                 props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
                 props.CorrelationData = message.correlation
-            info = self._client.publish(
-                message.topic,
-                message.payload,
-                qos=message.qos,
-                retain=message.retain,
-                properties=props,
-            )
+            try:
+                info = self._client.publish(
+                    message.topic,
+                    message.payload,
+                    qos=message.qos,
+                    retain=message.retain,
+                    properties=props,
+                )
+            except ValueError as exc:  # a row paho can never send: it must not block the rest
+                log.error("cannot publish to %s: %s; dropped (counted)", message.topic[:200], exc)
+                self.outbox.refuse([message.id])
+                continue
             if message.qos == 0 and info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
                 return  # paho keeps no QoS 0 message offline: hand it again after reconnect
             if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
@@ -299,8 +336,9 @@ class MqttLink:
                 self._wake.set()
 
     def _settle_acks(self) -> None:
-        done: list[int] = []
-        refused: list[int] = []
+        """Commit the broker's answers; rows stay owed (`_owed`) until the outbox took them,
+        so a failed commit is retried rather than leaving them to be sent twice."""
+        done, refused = self._owed
         while True:
             try:
                 mid, reason = self._acks.get_nowait()
@@ -315,9 +353,12 @@ class MqttLink:
             else:
                 done.append(row)
         self.outbox.ack(done)
+        settled = list(done)
+        done.clear()
         self.outbox.refuse(refused)
+        refused.clear()
         if self.on_ack is not None:
-            for row in done:
+            for row in settled:
                 self.on_ack(row)
 
     # ------------------------------------------------------------------ shutdown
@@ -327,10 +368,14 @@ class MqttLink:
 
         Messages still unacknowledged stay in the outbox for the next start.
         """
-        if self._connected.is_set() and final_status is not None:
-            info = self._client.publish(
-                self.topics.status, self.retained.status(final_status), qos=1, retain=True
-            )
+        info = None
+        with self._state_lock:
+            self._stopping = True
+            if self._connected.is_set() and final_status is not None:
+                info = self._client.publish(
+                    self.topics.status, self.retained.status(final_status), qos=1, retain=True
+                )
+        if info is not None:
             try:
                 info.wait_for_publish(timeout)
             except (RuntimeError, ValueError) as exc:

@@ -57,6 +57,10 @@ class Pending:
     correlation: bytes | None
 
 
+ROW_BYTES = "(LENGTH(payload) + LENGTH(CAST(topic AS BLOB)) + COALESCE(LENGTH(correlation), 0))"
+"""What a row costs against `max_bytes`: the caller of a command sets its topic and data."""
+
+
 class Outbox:
     """SQLite-backed FIFO of outgoing messages; safe to use from several threads."""
 
@@ -68,7 +72,7 @@ class Outbox:
         self._listeners: list[Callable[[], None]] = []
         self._db = self._open()
         depth, size = self._db.execute(
-            "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM messages"
+            f"SELECT COUNT(*), COALESCE(SUM({ROW_BYTES}), 0) FROM messages"
         ).fetchone()
         self._depth, self._bytes = int(depth), int(size)
         self.dropped_total = self._counter("dropped")
@@ -109,7 +113,7 @@ class Outbox:
 
     @property
     def size(self) -> int:
-        """Payload bytes waiting."""
+        """Bytes waiting: payloads, topics and correlation data, as `max_bytes` counts them."""
         return self._bytes
 
     def put(
@@ -122,7 +126,7 @@ class Outbox:
         correlation: bytes | None = None,
     ) -> int | None:
         """Commit one message; its row id, or None if the drop_newest policy refused it."""
-        size = len(payload)
+        size = len(payload) + len(topic.encode()) + len(correlation or b"")  # as SQL counts
         cfg = self.config
         with self._lock:
             over = self._depth + 1 > cfg.max_messages or self._bytes + size > cfg.max_bytes
@@ -175,7 +179,7 @@ class Outbox:
             or self._bytes - freed + incoming > cfg.max_bytes
         ):
             row = self._db.execute(
-                "SELECT id, LENGTH(payload) FROM messages ORDER BY id LIMIT 1"
+                f"SELECT id, {ROW_BYTES} FROM messages ORDER BY id LIMIT 1"
             ).fetchone()
             if row is None:
                 break
@@ -220,7 +224,7 @@ class Outbox:
             return
         with self._lock:
             freed = self._db.execute(
-                f"SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM messages "
+                f"SELECT COUNT(*), COALESCE(SUM({ROW_BYTES}), 0) FROM messages "
                 f"WHERE id IN ({','.join('?' * len(keys))})",
                 [k[0] for k in keys],
             ).fetchone()

@@ -11,6 +11,7 @@ thumbnail barely differs from the last capture is skipped (snapshots excepted).
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from agent.engine.detector import Analysis
 
 THUMB = (32, 18)
 WINDOWS = (("per_minute", 60.0), ("per_hour", 3600.0), ("per_day", 86400.0))
+MAX_SNAPSHOTS = 100  # marks pending at once: a flood of commands must not grow memory
 
 
 class RollingLimit:
@@ -46,6 +48,12 @@ class RollingLimit:
             if inside >= cap:
                 return False
         return True
+
+    def room(self, now: float) -> int | None:
+        """How many more fit every window now (None: no cap); does not forget old events."""
+        rooms = [cap - (len(self._times) - _first_within(self._times, now - span))
+                 for cap, span in self.caps]  # fmt: skip
+        return min(rooms) if rooms else None
 
     def take(self, now: float) -> None:
         if self.caps:
@@ -86,21 +94,37 @@ class Policy:
         self.config = config
         self._rng = rng or random.Random()
         self._limits = {c: RollingLimit(getattr(config.limits, c)) for c in CATEGORY_PRIORITY}
-        self._snapshots: deque[str | None] = deque(maxlen=100)
+        self._snapshots: deque[str | None] = deque()
+        self._lock = threading.Lock()  # the snapshot marks and limits: two threads use them
         self._last_thumb: np.ndarray | None = None
         self.stats = PolicyStats()
 
     def request_snapshot(self, note: str | None) -> int:
-        """Mark the next classified frame; returns how many marks are pending."""
-        self._snapshots.append(note)
-        return len(self._snapshots)
+        """Mark the next classified frame; returns how many marks are pending. ValueError,
+        saying why, when the mark could not become a capture: more pending than
+        `upload.limits.snapshot` lets through now, or than MAX_SNAPSHOTS."""
+        with self._lock:
+            pending = len(self._snapshots)
+            room = self._limits["snapshot"].room(time.monotonic())
+            if room is not None and pending >= room:
+                raise ValueError(
+                    f"upload.limits.snapshot lets {max(room, 0)} more through now and "
+                    f"{pending} are pending; try later"
+                )
+            if pending >= MAX_SNAPSHOTS:
+                raise ValueError(f"{pending} snapshots already pending; try later")
+            self._snapshots.append(note)
+            return pending + 1
 
     def reasons(self, analysis: Analysis) -> tuple[list[Category], str | None]:
         cfg = self.config
         reasons: list[Category] = []
         note = None
-        if self._snapshots:
-            note = self._snapshots.popleft()
+        with self._lock:
+            marked = bool(self._snapshots)
+            if marked:
+                note = self._snapshots.popleft()
+        if marked:
             reasons.append("snapshot")
         if analysis.flagged:
             reasons.append("flagged")
@@ -127,8 +151,11 @@ class Policy:
         now = time.monotonic()
         ordered = sorted(reasons, key=lambda c: -CATEGORY_PRIORITY[c])
         for category in ordered:
-            if self._limits[category].allow(now):
-                self._limits[category].take(now)
+            with self._lock:
+                allowed = self._limits[category].allow(now)
+                if allowed:
+                    self._limits[category].take(now)
+            if allowed:
                 self._last_thumb = thumb
                 self.stats.captured[category] = self.stats.captured.get(category, 0) + 1
                 return CaptureDecision(category, tuple(ordered), note)

@@ -1,7 +1,8 @@
 """Ed25519 verification of model manifests: a device serves only models its keys signed.
 
 The registry signs `ModelManifest.signing_payload()`. The manifest pins every file by size and
-SHA-256, so one signature covers the model, its table and its decision rules.
+SHA-256, so one signature covers the model, its table and its decision rules. Since contract
+1.6 `promote` signs the channel pointer too, so a device can tell a promotion from a replay.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from agent.contract import ModelManifest
+from agent.contract.manifest import Signature
+from agent.contract.registry import ChannelPointer
 from agent.engine.model import ModelError
 
 ALGORITHM = "ed25519"
@@ -73,23 +76,41 @@ def verify_manifest(
     """
     what = f"manifest {manifest.name} {manifest.version}"
     signature = manifest.signature
-    if signature is None:
-        if required:
-            raise ModelError(f"{what} is unsigned, and signed models are required")
+    if _verify(what, signature, manifest.signing_payload(), public_keys) or not required:
         return
+    if signature is None:
+        raise ModelError(f"{what} is unsigned, and signed models are required")
+    trusted = ", ".join(sorted(public_keys)) or "none"
+    raise ModelError(f"{what}: signed by unknown key {signature.key_id} (trusted: {trusted})")
+
+
+def verify_pointer(pointer: ChannelPointer, public_keys: Mapping[str, Ed25519PublicKey]) -> bool:
+    """Whether a trusted key signed the channel pointer (contract 1.6); refuse one whose
+    signature a trusted key rejects. An unsigned pointer is no error: what it may do is the
+    updater's call."""
+    what = f"channel pointer {pointer.name} {pointer.channel}"
+    return _verify(what, pointer.signature, pointer.signing_payload(), public_keys)
+
+
+def _verify(
+    what: str,
+    signature: Signature | None,
+    payload: bytes,
+    public_keys: Mapping[str, Ed25519PublicKey],
+) -> bool:
+    """True when a trusted key verifies `signature`; False when unsigned or signed by a key we
+    do not know; ModelError when it is wrong (altered after signing, or a foreign scheme)."""
+    if signature is None:
+        return False
     if signature.algorithm != ALGORITHM:
         raise ModelError(f"{what}: signature algorithm {signature.algorithm!r}, not {ALGORITHM}")
     key = public_keys.get(signature.key_id)
     if key is None:
-        if required:
-            trusted = ", ".join(sorted(public_keys)) or "none"
-            raise ModelError(
-                f"{what}: signed by unknown key {signature.key_id} (trusted: {trusted})"
-            )
-        return
+        return False
     try:
-        key.verify(base64.b64decode(signature.value, validate=True), manifest.signing_payload())
+        key.verify(base64.b64decode(signature.value, validate=True), payload)
     except (binascii.Error, InvalidSignature) as exc:
         raise ModelError(
             f"{what}: bad signature for key {signature.key_id}: altered after signing"
         ) from exc
+    return True

@@ -21,6 +21,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,10 +30,11 @@ from pydantic import ValidationError
 
 from agent.config import ModelConfig
 from agent.contract import MANIFEST_FILE, ModelManifest, ModelRef, describe
+from agent.contract.common import semver_order
 from agent.contract.registry import ChannelPointer, RegistryUrl, channel_key, file_key
 from agent.engine.model import ModelError
 from agent.s3 import describe_error, error_code, s3_client
-from agent.signing import keyring, load_public_key, verify_manifest
+from agent.signing import keyring, load_public_key, verify_manifest, verify_pointer
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,13 @@ class Serving(Protocol):
 
 class Swappable(Protocol):
     def swap(self, model: Any) -> Any: ...
+
+
+MISSING = ("NoSuchKey", "404", "AccessDenied", "403")
+
+
+class MissingFileError(Exception):
+    """A file a published version names cannot be read from the registry."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +86,9 @@ class ModelStore:
         except (OSError, ValueError):
             return {}
 
-    def _write(self, data: dict[str, Any]) -> None:
+    def _write(self, **changes: Any) -> None:
+        """Change some keys of the state, keeping the rest, atomically."""
+        data = {**self._read(), **changes}
         tmp = self._state.with_suffix(".tmp")
         with tmp.open("w") as fh:
             json.dump(data, fh, indent=1)
@@ -98,17 +109,56 @@ class ModelStore:
         value = self._read().get("skip")
         return str(value) if value else None
 
-    def serve(self, manifest: Path, *, skip: str | None = None) -> None:
+    def _promotions(self) -> dict[str, str]:
+        promoted = self._read().get("promoted")
+        return promoted if isinstance(promoted, dict) else {}
+
+    def promoted_at(self, channel: str) -> datetime | None:
+        """When the last trusted signed pointer of `channel` (NAME/CHANNEL) this device saw was
+        promoted: an older one is a replay. None: the channel's pointers were never signed."""
+        try:
+            return datetime.fromisoformat(str(self._promotions()[channel]))
+        except (KeyError, ValueError):
+            return None
+
+    def _promoted(self, promotion: tuple[str, datetime] | None) -> dict[str, Any]:
+        """The state change that remembers `promotion` (channel, time), never going back."""
+        if promotion is None:
+            return {}
+        channel, at = promotion
+        last = self.promoted_at(channel)
+        if last is not None and at <= last:
+            return {}
+        return {"promoted": {**self._promotions(), channel: at.isoformat()}}
+
+    def note_promotion(self, channel: str, at: datetime) -> None:
+        """Remember a trusted signed pointer of `channel` promoted at `at`."""
+        if change := self._promoted((channel, at)):
+            self._write(**change)
+
+    def serve(
+        self,
+        manifest: Path,
+        *,
+        skip: str | None = None,
+        drop: str | None = None,
+        promotion: tuple[str, datetime] | None = None,
+    ) -> None:
+        """Record `manifest` as serving (from a pointer of a trusted `promotion`), in one
+        write with `drop` (a version rolled back from) forgotten, whose folder then goes: a
+        crash leaves either state, never half."""
         rel = str(manifest.relative_to(self.root))
-        history = [h for h in self.history() if h != rel] + [rel]
-        self._write({"history": history, "skip": skip})
+        history = [h for h in self.history() if h not in (rel, drop)] + [rel]
+        self._write(history=history, skip=skip, **self._promoted(promotion))
+        if drop is not None:
+            shutil.rmtree((self.root / drop).parent, ignore_errors=True)
 
     def drop_current(self) -> None:
-        """Forget the serving version (rolled back, or unusable at boot) and free its folder."""
+        """Forget the serving version (unusable at boot) and free its folder."""
         history = self.history()
         if not history:
             return
-        self._write({"history": history[:-1], "skip": self.skipped()})
+        self._write(history=history[:-1])
         if history[-1] not in history[:-1]:
             shutil.rmtree((self.root / history[-1]).parent, ignore_errors=True)
 
@@ -119,7 +169,7 @@ class ModelStore:
             folder = (self.root / gone).parent
             if folder not in keep_dirs:
                 shutil.rmtree(folder, ignore_errors=True)
-        self._write({"history": history[-keep:], "skip": self.skipped()})
+        self._write(history=history[-keep:])
 
     def incoming(self) -> Path:
         return Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.root))
@@ -176,19 +226,18 @@ class Updater:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            if self._rollback.is_set():
+            rollback = self._rollback.is_set()
+            if rollback:  # cleared only once seen: a request landing now is not lost
                 self._rollback.clear()
-                self.report(self._roll_back())
+            try:
+                outcome = self._roll_back() if rollback else self.check()
+            except (BotoCoreError, ClientError) as exc:
+                log.warning("registry %s unreachable: %s", self.url, describe_error(exc))
+            except Exception:  # a bug or a full disk must not end updates for good
+                log.exception("model update failed; the current model keeps serving")
             else:
-                try:
-                    outcome = self.check()
-                except (BotoCoreError, ClientError) as exc:
-                    log.warning("registry %s unreachable: %s", self.url, describe_error(exc))
-                except Exception:  # a bug or a full disk must not end updates for good
-                    log.exception("model check failed; the current model keeps serving")
-                else:
-                    if outcome.served or outcome.refused:
-                        self.report(outcome)
+                if outcome.served or outcome.refused:
+                    self.report(outcome)
             self._wake.wait(self.config.poll_s)
             self._wake.clear()
 
@@ -201,21 +250,87 @@ class Updater:
         if not isinstance(pointer, ChannelPointer):
             return pointer
         serving = self.serving()
+        this = hashlib.sha256(pointer.to_json()).hexdigest()  # a refusal of the pointer itself
+        skipped = pointer.version == self.store.skipped()
+        if skipped or {this, pointer.manifest_sha256} & self._refused:
+            return Outcome()
+        refusal, signed = self._trust(pointer, serving)
         if (pointer.name, pointer.version) == (serving.name, serving.version):
+            if signed and refusal is None:  # so that replaying an older one is seen for one
+                self.store.note_promotion(_channel(pointer), pointer.promoted_at)
             return Outcome()
-        if pointer.manifest_sha256 in self._refused or pointer.version == self.store.skipped():
-            return Outcome()
+        if refusal:
+            return self._refuse(this, refusal)
         try:
-            return self._update(pointer)
+            return self._update(pointer, signed=signed)
         except BaseException:
             self._etag = None  # read but not served (a network blip, a full disk): poll again
             raise
 
-    def _update(self, pointer: ChannelPointer) -> Outcome:
-        """Fetch, check and serve the version `pointer` names, or refuse it."""
+    def _trust(self, pointer: ChannelPointer, serving: ModelRef) -> tuple[str | None, bool]:
+        """Why the pointer must not move this device (None: it may), and whether a trusted key
+        signed it. It must name the model and channel the device follows (one written
+        elsewhere would switch it to following another model). A signed one must not be older
+        than the last trusted one of its channel (a replay). Where signed models are required,
+        an unsigned one (or one signed by a key we do not trust) is refused on a channel whose
+        pointers have been signed, and elsewhere may not go back to an older version: anyone
+        who can write `channels/` could otherwise send a fleet back to any version ever
+        signed, or strip the signature of an old pointer to undo a signed rollback."""
+        followed = (self._name(), self.config.channel)
+        if (pointer.name, pointer.channel) != followed:
+            where = self.url.uri(channel_key(self.url.prefix, *followed))
+            return (
+                f"{where}: names {pointer.name} channel {pointer.channel}, not "
+                f"{followed[0]} channel {followed[1]}"
+            ), False
+        where = f"channel pointer {pointer.name} {pointer.channel}"
+        try:
+            signed = verify_pointer(pointer, self.keys)
+        except ModelError as exc:
+            return str(exc), False
+        last = self.store.promoted_at(_channel(pointer))
+        if not signed:
+            return self._unsigned(pointer, serving, last), False
+        if last is not None and pointer.promoted_at < last:
+            return (
+                f"{where}: promoted {pointer.promoted_at.isoformat()}, before the "
+                f"{last.isoformat()} of a pointer this device already trusted: a replay"
+            ), True
+        return None, True
+
+    def _unsigned(
+        self, pointer: ChannelPointer, serving: ModelRef, last: datetime | None
+    ) -> str | None:
+        """Why a pointer no trusted key signed must not move this device, if it must not."""
+        if not self.config.require_signature:
+            return None
+        where = f"channel pointer {pointer.name} {pointer.channel}"
+        how = (
+            "unsigned"
+            if pointer.signature is None
+            else f"signed by key {pointer.signature.key_id}, which is not trusted"
+        )
+        if last is not None:
+            return f"{where}: {how}, and this channel's pointers have been signed"
+        older = semver_order(pointer.version) < semver_order(serving.version)
+        if pointer.name == serving.name and older:
+            return (
+                f"{where}: {how}, and may not take {serving.version} back to "
+                f"{pointer.version}; promote with --key to roll a fleet back"
+            )
+        return None
+
+    def _update(self, pointer: ChannelPointer, *, signed: bool) -> Outcome:
+        """Fetch, check and serve the version `pointer` names (`signed` by a trusted key), or
+        refuse it."""
         folder = self.store.incoming()
         try:
             model = self.load(self._fetch(pointer, folder))
+        except MissingFileError as exc:  # a broken registry: reported, and tried at each poll
+            shutil.rmtree(folder, ignore_errors=True)
+            self._etag = None
+            log.error("model not fetched, the current one keeps serving: %s", exc)
+            return Outcome(refused=f"{pointer.name} {pointer.version}: {exc}")
         except (ModelError, ValueError) as exc:
             shutil.rmtree(folder, ignore_errors=True)
             return self._refuse(pointer.manifest_sha256, f"{pointer.name} {pointer.version}: {exc}")
@@ -230,7 +345,9 @@ class Updater:
         shutil.rmtree(final, ignore_errors=True)  # a copy left by an earlier, rolled-back serve
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(folder, final)  # only a version that passed every check enters the store
-        return self._serve(model)
+        return self._serve(
+            model, promotion=(_channel(pointer), pointer.promoted_at) if signed else None
+        )
 
     def _poll(self) -> ChannelPointer | Outcome:
         """GET the pointer with If-None-Match its last ETag: unchanged costs one round trip."""
@@ -247,8 +364,8 @@ class Updater:
                 log.debug("no channel pointer at %s yet", self.url.uri(key))
                 return Outcome()
             raise
-        self._etag = response.get("ETag")
         body = response["Body"].read(MAX_MANIFEST_BYTES + 1)
+        self._etag = response.get("ETag")  # only once the body is in: a cut read polls again
         try:
             return ChannelPointer.parse(body, where=self.url.uri(key))
         except ValueError as exc:
@@ -259,10 +376,27 @@ class Updater:
         log.error("model refused, the current one keeps serving: %s", reason)
         return Outcome(refused=reason)
 
-    def _serve(self, model: Serving, *, skip: str | None = None) -> Outcome:
+    def _serve(
+        self,
+        model: Serving,
+        *,
+        skip: str | None = None,
+        drop: str | None = None,
+        promotion: tuple[str, datetime] | None = None,
+    ) -> Outcome:
+        """Record, then swap: a state that cannot be written leaves the old model serving
+        and the disk saying so."""
+        try:
+            manifest = self._manifest_of(model.ref)
+            self.store.serve(manifest, skip=skip, drop=drop, promotion=promotion)
+        except BaseException:
+            model.close()
+            raise
         self.detector.swap(model)  # the detector closes the old one between frames
-        self.store.serve(self._manifest_of(model.ref), skip=skip)
-        self.store.prune(self.config.keep_versions)
+        try:
+            self.store.prune(self.config.keep_versions)
+        except OSError as exc:  # serving is recorded; old versions go at the next update
+            log.warning("old model versions not pruned: %s", exc)
         log.info("now serving %s %s", model.ref.name, model.ref.version)
         return Outcome(served=model.ref)
 
@@ -270,7 +404,12 @@ class Updater:
         return self.store.root / ref.name / ref.version / MANIFEST_FILE
 
     def _get(self, key: str, limit: int) -> bytes:
-        response = self.s3.get_object(Bucket=self.url.bucket, Key=key)
+        try:
+            response = self.s3.get_object(Bucket=self.url.bucket, Key=key)
+        except ClientError as exc:
+            if error_code(exc) in MISSING:
+                raise MissingFileError(f"{self.url.uri(key)}: {describe_error(exc)}") from exc
+            raise
         size = int(response.get("ContentLength", 0))
         if size > limit:
             raise ModelError(f"{self.url.uri(key)}: {size} bytes, more than the {limit} allowed")
@@ -313,7 +452,14 @@ class Updater:
         current = self.serving()
         try:
             model = self.load(self.store.root / history[-2])
-        except (ModelError, ValueError) as exc:
+        except (ModelError, ValueError, RuntimeError) as exc:
             return Outcome(refused=f"rollback: the earlier version fails its checks: {exc}")
-        self.store.drop_current()
-        return self._serve(model, skip=current.version)
+        try:
+            return self._serve(model, skip=current.version, drop=history[-1])
+        except OSError as exc:
+            return Outcome(refused=f"rollback: {exc}; the current model keeps serving")
+
+
+def _channel(pointer: ChannelPointer) -> str:
+    """The key of a pointer's channel in the store's promotions."""
+    return f"{pointer.name}/{pointer.channel}"

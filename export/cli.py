@@ -186,6 +186,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
         args.channel,
         public_keys=keys,
         promoted_by=args.by or _operator(),
+        key=registry.load_private_key(args.key) if args.key else None,
     )
     was = "nothing"
     if previous is not None:
@@ -194,6 +195,12 @@ def cmd_promote(args: argparse.Namespace) -> int:
     print(f"{pointer.name} {pointer.channel}: now {pointer.version}, was {was}")
     if keys is None:
         print("warning: no --public-key, the signature was not checked", file=sys.stderr)
+    if args.key is None:
+        print(
+            "warning: no --key, the pointer is unsigned: devices that require signatures "
+            "refuse it on a channel once signed, and elsewhere take it only to a newer version",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -374,6 +381,14 @@ def _add_registry_commands(sub: argparse._SubParsersAction[argparse.ArgumentPars
         default=[],
         metavar="PUBLIC.pem",
         help="refuse unless the manifest verifies with this key (repeatable; recommended)",
+    )
+    p.add_argument(
+        "--key",
+        type=Path,
+        metavar="PRIVATE.pem",
+        help="sign the pointer (contract 1.6; recommended): devices refuse it replayed later, "
+        "and an unsigned pointer cannot take them back to an older version nor follow a signed "
+        "one on the channel",
     )
     p.add_argument("--by", help="who promotes, recorded in the pointer (default: user@host)")
     p.set_defaults(func=cmd_promote)

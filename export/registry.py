@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -155,9 +155,17 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
 
 def sign_manifest(manifest: ModelManifest, key: Ed25519PrivateKey) -> ModelManifest:
     """The manifest with `signature` over its signing payload (any old signature replaced)."""
-    value = base64.b64encode(key.sign(manifest.signing_payload())).decode()
-    signature = Signature(key_id=key_id(key.public_key()), value=value)
-    return manifest.model_copy(update={"signature": signature})
+    return manifest.model_copy(update={"signature": _signature(manifest, key)})
+
+
+def sign_pointer(pointer: ChannelPointer, key: Ed25519PrivateKey) -> ChannelPointer:
+    """The channel pointer with `signature` over its signing payload."""
+    return pointer.model_copy(update={"signature": _signature(pointer, key)})
+
+
+def _signature(signed: ModelManifest | ChannelPointer, key: Ed25519PrivateKey) -> Signature:
+    value = base64.b64encode(key.sign(signed.signing_payload())).decode()
+    return Signature(key_id=key_id(key.public_key()), value=value)
 
 
 def publish(s3: Any, url: RegistryUrl, directory: Path, key: Ed25519PrivateKey) -> ModelManifest:
@@ -244,11 +252,14 @@ def promote(
     *,
     public_keys: Mapping[str, Ed25519PublicKey] | None,
     promoted_by: str,
+    key: Ed25519PrivateKey | None = None,
 ) -> tuple[ChannelPointer, ChannelPointer | None]:
     """Point a channel at a published version; returns the new pointer and the one replaced.
 
-    With `public_keys` the signature must verify. The pointer is written only if the channel
-    still holds what we read (If-Match), so the replaced pointer reported is the true one.
+    With `public_keys` the manifest's signature must verify; with `key` the pointer is signed
+    (devices then refuse it replayed later, and take it back to an older version only so).
+    The pointer is written only if the channel still holds what we read (If-Match), so the
+    replaced pointer reported is the true one.
     """
     manifest, data = read_manifest(s3, url, name, version)
     mkey = manifest_key(url.prefix, name, version)
@@ -265,15 +276,20 @@ def promote(
     ckey = channel_key(url.prefix, name, channel)
     found = get_object(s3, url, ckey)
     previous = None if found is None else _pointer(found[0], url.uri(ckey))
+    at = datetime.now(UTC)
+    if previous is not None:  # never before the pointer replaced: a promoter whose clock is
+        at = max(at, previous.promoted_at + timedelta(microseconds=1))  # behind reads as a replay
     pointer = ChannelPointer(
         name=name,
         version=version,
         channel=channel,
         manifest_key=mkey,
         manifest_sha256=hashlib.sha256(data).hexdigest(),
-        promoted_at=datetime.now(UTC),
+        promoted_at=at,
         promoted_by=promoted_by,
     )
+    if key is not None:
+        pointer = sign_pointer(pointer, key)
     condition = {"IfNoneMatch": "*"} if found is None else {"IfMatch": found[1]}
     with aws_errors(url.uri(ckey)):
         try:

@@ -295,7 +295,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     print("not promoted; when satisfied, run:", file=sys.stderr)
     print(
         f"corrosion-export promote --registry {url}{endpoint} {signed.name} {signed.version} "
-        f"--channel stable --public-key {public if public.is_file() else 'PUBLIC.pem'}"
+        f"--channel stable --public-key {public if public.is_file() else 'PUBLIC.pem'} "
+        f"--key {args.key}"
     )
     return 0
 

@@ -20,13 +20,15 @@ from onnxmltools.convert.common.data_types import FloatTensorType
 from agent.contract import Decision, ModelManifest
 from agent.contract.registry import ChannelPointer, RegistryUrl, channel_key, file_key, manifest_key
 from export.convert import export_model
-from export.registry import keygen, load_private_key, publish, sign_manifest
+from export.registry import keygen, load_private_key, publish, sign_manifest, sign_pointer
 from tests.conftest import rust_pixels
 
 NAME = "test-rgb"
 
 
-def train(out: Path, version: str, margin: int, objective: str = "binary:logistic") -> Path:
+def train(
+    out: Path, version: str, margin: int, objective: str = "binary:logistic", name: str = NAME
+) -> Path:
     """A model whose idea of rust differs with `margin`, so versions classify differently."""
     x, _ = rust_pixels(8000, seed=margin)
     r, g, b = x.T
@@ -36,7 +38,7 @@ def train(out: Path, version: str, margin: int, objective: str = "binary:logisti
         params["num_class"] = 2
     booster = xgb.train(params, xgb.DMatrix(x, label=y), 10)
     return export_model(
-        booster, out, name=NAME, version=version, decision=Decision(flag_pct=2.0), parity=False
+        booster, out, name=name, version=version, decision=Decision(flag_pct=2.0), parity=False
     )
 
 
@@ -59,19 +61,38 @@ class Registry:
         mkey = manifest_key(self.url.prefix, NAME, version)
         self.s3.put_object(Bucket=self.url.bucket, Key=mkey, Body=manifest)
 
-    def point(self, version: str) -> None:
-        mkey = manifest_key(self.url.prefix, NAME, version)
+    def point(
+        self,
+        version: str,
+        *,
+        signed: bool = False,
+        name: str = NAME,
+        channel: str = "stable",
+        promoted_at: datetime | None = None,
+        at: tuple[str, str] = (NAME, "stable"),
+        key: Ed25519PrivateKey | None = None,
+    ) -> ChannelPointer:
+        """Write the pointer of channel `at` (model, channel), naming `name` `version` on
+        `channel`: a forger may write any of them; `signed` with `key` (this registry's)."""
+        mkey = manifest_key(self.url.prefix, name, version)
         body = self.s3.get_object(Bucket=self.url.bucket, Key=mkey)["Body"].read()
         pointer = ChannelPointer(
-            name=NAME,
+            name=name,
             version=version,
-            channel="stable",
+            channel=channel,
             manifest_key=mkey,
             manifest_sha256=hashlib.sha256(body).hexdigest(),
-            promoted_at=datetime.now(UTC),
+            promoted_at=promoted_at or datetime.now(UTC),
             promoted_by="test",
         )
-        key = channel_key(self.url.prefix, NAME, "stable")
+        if signed:
+            pointer = sign_pointer(pointer, key or self.key)
+        self.put_pointer(pointer, at)
+        return pointer
+
+    def put_pointer(self, pointer: ChannelPointer, at: tuple[str, str] = (NAME, "stable")) -> None:
+        """A pointer object as it is, where channel `at` (model, channel) is read from."""
+        key = channel_key(self.url.prefix, *at)
         self.s3.put_object(Bucket=self.url.bucket, Key=key, Body=pointer.to_json())
 
 

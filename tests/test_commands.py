@@ -49,6 +49,10 @@ def test_ok_and_request_id_echoed() -> None:
             "invalid payload: flag_pct: Input should be less than or equal",
         ),
         ("ping", b"[" * 1000, "payload is not JSON"),
+        # strict types: these were taken as 1.0 and 3.5
+        ("set-threshold", b'{"flag_pct": true}', "invalid payload: flag_pct: Input should be"),
+        ("set-threshold", b'{"flag_pct": "3.5"}', "invalid payload: flag_pct: Input should be"),
+        ("", b"{}", "unknown command ''"),
         ("broken", b"{}", "internal error: boom"),
         ("refuse", b"{}", "not now"),
     ],
@@ -64,6 +68,24 @@ def test_deep_nesting_is_an_error_not_a_crash() -> None:
     c.register("ping", PingCommand, lambda _: {})
     r = c.handle("ping", b'{"a":' * 100_000 + b"1" + b"}" * 100_000)
     assert not r.ok and r.error is not None and "JSON" in r.error
+    r = c.handle("ping", b'{"n": ' + b"9" * 5000 + b"}")  # was an "internal error", traceback
+    assert r.error is not None and r.error.startswith("payload is not JSON: Exceeds the limit")
+
+
+def test_an_integer_is_a_number_and_errors_echo_the_request_id() -> None:
+    assert commands().handle("set-threshold", b'{"flag_pct": 5}').result == {"flag_pct": 5.0}
+    r = commands().handle("nope", b'{"request_id": "r-7"}')  # unknown: read before the name
+    assert not r.ok and r.request_id == "r-7"
+
+
+def test_a_retained_command_is_refused_not_run() -> None:
+    """The broker hands a retained command over again at every connect: it ran each time."""
+    ran: list[object] = []
+    c = Commands("dev-1", max_bytes=1024)
+    c.register("ping", PingCommand, lambda r: ran.append(r) or {})
+    r = c.handle("ping", b'{"request_id": "x"}', retained=True)
+    assert not r.ok and r.request_id == "x" and not ran
+    assert r.error is not None and r.error.startswith("retained commands are not run")
 
 
 def test_request_id_of_wrong_type_is_not_echoed() -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 import onnx
 import pytest
 
-from agent.engine.model import ModelError, PixelModel, sha256_file
+from agent.engine import model as engine_model
+from agent.engine.model import ModelError, PixelModel, sha256_file, verify_file
 from tests.conftest import train_export
 
 
@@ -139,3 +140,19 @@ def test_model_without_table_compiles_on_device(tmp_path: Path) -> None:
 
     model = ColourModel.load(manifest)
     assert model.classifier.table.shape == (1 << 24,)
+
+
+def test_a_file_that_cannot_be_read_is_a_model_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An EIO while hashing (a bad block on a device's SD card) escaped as an OSError, which
+    stopped the daemon from booting an earlier stored version or the bundled model."""
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"x" * 10)
+
+    def bad_block(*_: object) -> str:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(engine_model, "sha256_file", bad_block)
+    with pytest.raises(ModelError, match=f"model {path}: cannot read: Input/output error"):
+        verify_file(path, 10, "0" * 64, "model")

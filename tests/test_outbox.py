@@ -28,7 +28,7 @@ def test_fifo_ack_and_counters(tmp_path: Path) -> None:
     assert [m.payload for m in box.after(pending[-1].id, 10)] == [b"m3", b"m4"]
     box.ack([pending[0].id, pending[2].id])
     assert payloads(box) == [b"m1", b"m3", b"m4"]
-    assert (box.depth, box.size, box.acked) == (3, 6, 2)
+    assert (box.depth, box.size, box.acked) == (3, 9, 2)  # payload and topic bytes
     box.ack([pending[0].id])  # a second PUBACK for the same row changes nothing
     assert box.depth == 3
 
@@ -42,7 +42,8 @@ def test_survives_close_and_reopen_in_order(tmp_path: Path) -> None:
     rows = again.after(0, 1000)
     assert [int(m.payload) for m in rows] == list(range(100))
     assert rows[7].correlation == b"c" and rows[8].correlation is None
-    assert again.depth == 100 and again.size == sum(len(str(i)) for i in range(100))
+    counted = sum(len(str(i)) for i in range(100)) + 100 + 1  # payloads, topics, correlation
+    assert again.depth == 100 and again.size == counted
 
 
 def test_sigkill_loses_nothing_committed(tmp_path: Path) -> None:

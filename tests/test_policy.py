@@ -121,3 +121,26 @@ def test_bucket_required_when_enabled() -> None:
     with pytest.raises(ValueError, match="bucket is required"):
         UploadConfig(enabled=True)
     assert UploadConfig(enabled=False).bucket == ""
+
+
+def test_a_snapshot_the_limits_would_drop_is_refused_when_asked() -> None:
+    """The answer was ok with `pending`, yet the rate limit or a full queue dropped the mark."""
+    free = RateLimit()
+    limits = CategoryLimits(
+        snapshot=RateLimit(per_minute=2), flagged=free, near_threshold=free, sample=free
+    )
+    policy = Policy(unlimited(limits=limits))
+    assert policy.request_snapshot("a") == 1 and policy.request_snapshot("b") == 2
+    with pytest.raises(ValueError, match=r"upload.limits.snapshot lets 2 more .* 2 are pending"):
+        policy.request_snapshot("c")
+    decided = policy.decide(analysis(0.0), frame(1))
+    assert decided is not None and decided.note == "a"
+    with pytest.raises(ValueError, match="lets 1 more through now and 1 are pending"):
+        policy.request_snapshot("c")  # one capture taken, one mark pending: the minute is full
+
+    policy = Policy(unlimited())
+    for i in range(100):
+        policy.request_snapshot(str(i))
+    with pytest.raises(ValueError, match="100 snapshots already pending"):
+        policy.request_snapshot("late")
+    assert policy.decide(analysis(0.0), frame(1)).note == "0"  # type: ignore[union-attr]

@@ -29,7 +29,7 @@ from agent.contract import (
     models_prefix,
 )
 from agent.engine.model import ModelError
-from agent.signing import key_id, keyring, load_public_key, verify_manifest
+from agent.signing import key_id, keyring, load_public_key, verify_manifest, verify_pointer
 from export import registry
 from export.cli import main
 from tests.conftest import train_export
@@ -215,13 +215,18 @@ def test_publish_list_promote(reg: Registry, tmp_path: Path) -> None:
     assert f"s3://{reg.bucket}/models/test-rgb/1.0.0/manifest.json" in out
     assert reg.publish(as_version(reg.export_dir, tmp_path / "v2", "1.1.0"))[0] == 0
 
-    code, out, _ = reg.cli("promote", "test-rgb", "1.0.0", *public, "--by", "ci@host")
+    code, out, err = reg.cli("promote", "test-rgb", "1.0.0", *public, "--by", "ci@host")
     assert code == 0
     assert out.strip() == "test-rgb stable: now 1.0.0, was nothing"
-    code, out, _ = reg.cli("promote", "test-rgb", "1.1.0", *public)
+    body = reg.s3.get_object(Bucket=reg.bucket, Key="channels/test-rgb/stable.json")["Body"]
+    assert ChannelPointer.parse(body.read(), "stable.json").signature is None  # no --key
+    assert "--key, the pointer is unsigned" in err
+    private = str(reg.keys / registry.PRIVATE_KEY_FILE)
+    code, out, err = reg.cli("promote", "test-rgb", "1.1.0", *public, "--key", private)
     assert code == 0
     assert "now 1.1.0, was 1.0.0" in out
     assert "by ci@host" in out
+    assert "unsigned" not in err
 
     body = reg.s3.get_object(Bucket=reg.bucket, Key="channels/test-rgb/stable.json")["Body"]
     pointer = ChannelPointer.parse(body.read(), "stable.json")
@@ -232,6 +237,7 @@ def test_publish_list_promote(reg: Registry, tmp_path: Path) -> None:
     manifest = ModelManifest.model_validate_json(manifest_bytes)
     trusted = keyring([load_public_key(reg.keys / registry.PUBLIC_KEY_FILE)])
     verify_manifest(manifest, trusted, required=True)
+    assert verify_pointer(pointer, trusted)
     assert manifest.table is not None
     table_key = file_key("", "test-rgb", "1.1.0", manifest.table.file)
     table = reg.s3.head_object(Bucket=reg.bucket, Key=table_key)
@@ -348,3 +354,19 @@ def test_endpoint_from_environment(
     code, out, _ = run(capsys, "list", "--registry", f"s3://{s3_bucket}", "--json")
     assert code == 0
     assert json.loads(out) == {"versions": [], "channels": []}
+
+
+def test_promote_never_dates_a_pointer_before_the_one_it_replaces(reg: Registry) -> None:
+    """A promoter whose clock is behind the last promoter's wrote an older promoted_at, which
+    every device that saw the last pointer refuses as a replay."""
+    assert reg.publish(reg.export_dir)[0] == 0
+    assert reg.cli("promote", "test-rgb", "1.0.0")[0] == 0
+    key = "channels/test-rgb/stable.json"
+    pointer = ChannelPointer.parse(
+        reg.s3.get_object(Bucket=reg.bucket, Key=key)["Body"].read(), key
+    )
+    ahead = pointer.model_copy(update={"promoted_at": datetime(2100, 1, 1, tzinfo=UTC)})
+    reg.s3.put_object(Bucket=reg.bucket, Key=key, Body=ahead.to_json())
+    assert reg.cli("promote", "test-rgb", "1.0.0")[0] == 0
+    again = ChannelPointer.parse(reg.s3.get_object(Bucket=reg.bucket, Key=key)["Body"].read(), key)
+    assert again.promoted_at > ahead.promoted_at

@@ -3,12 +3,15 @@ while the old one serves, rollback, and pinning after a rollback."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from botocore.exceptions import EndpointConnectionError
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.config import ModelConfig
 from agent.engine.classifier import ColourModel, ServingModel
@@ -117,3 +120,207 @@ def test_a_download_that_fails_once_is_fetched_at_the_next_poll(
     assert detector.model.ref.version == "1.0.0"
     outcome = up.check()
     assert outcome.served is not None and outcome.served.version == "2.0.0"
+
+
+def test_a_pointer_names_the_model_and_channel_the_device_follows(
+    tmp_path: Path, registry: Registry, logistic_model: Path
+) -> None:
+    """A signed model of another name, or another channel's pointer, written where this
+    device looks, would switch it to following that model."""
+    detector = Detector(ColourModel.load(logistic_model))
+    up = updater(registry, tmp_path, detector)
+    registry.publish(train(tmp_path / "other", "7.0.0", 30, name="other-model").parent)
+    registry.point("7.0.0", name="other-model", signed=True)
+    outcome = up.check()
+    assert outcome.refused is not None and "names other-model channel stable" in outcome.refused
+    assert f"channels/{NAME}/stable.json" in outcome.refused
+    registry.publish(train(tmp_path / "v2", "2.0.0", 40).parent)
+    registry.point("2.0.0", channel="beta")
+    outcome = up.check()
+    assert outcome.refused is not None and f"not {NAME} channel stable" in outcome.refused
+    assert detector.model.ref.version == "1.0.0"
+
+
+def test_signed_pointers_roll_back_unsigned_ones_only_go_forward(
+    tmp_path: Path, registry: Registry, logistic_model: Path
+) -> None:
+    """The pointer was unsigned: anyone who could write channels/ could send a fleet back to
+    any version ever signed, and replay an old promotion."""
+    detector = Detector(ColourModel.load(logistic_model))
+    up = updater(registry, tmp_path, detector, require_signature=True)
+    registry.publish(train(tmp_path / "v2", "2.0.0", 40).parent)
+    registry.publish(train(tmp_path / "v3", "3.0.0", 10).parent)
+    registry.point("3.0.0")  # unsigned, forward: allowed
+    assert up.check().served is not None and detector.model.ref.version == "3.0.0"
+
+    registry.point("2.0.0")  # unsigned, back
+    outcome = up.check()
+    assert outcome.refused is not None
+    assert "unsigned, and may not take 3.0.0 back" in outcome.refused
+    assert detector.model.ref.version == "3.0.0"
+
+    old = registry.point("2.0.0", signed=True)  # a fleet rollback, signed
+    assert up.check().served is not None and detector.model.ref.version == "2.0.0"
+    registry.point("3.0.0", signed=True)
+    assert up.check().served is not None
+    # the rollback's signed pointer, replayed: older than the last one served from
+    registry.put_pointer(old)
+    outcome = up.check()
+    assert outcome.refused is not None and "a replay" in outcome.refused
+    assert detector.model.ref.version == "3.0.0"
+    # the replay check survives a restart: it is kept with the store
+    again = updater(registry, tmp_path, detector, require_signature=True)
+    assert again.check().refused is not None
+
+    forged = old.model_copy(update={"promoted_at": datetime.now(UTC)})  # signature kept
+    registry.put_pointer(forged)
+    outcome = up.check()
+    assert outcome.refused is not None and "altered after signing" in outcome.refused
+
+
+def test_a_missing_file_is_named_and_tried_again(
+    tmp_path: Path, registry: Registry, logistic_model: Path
+) -> None:
+    """A deleted table read as 'registry unreachable: NoSuchKey' at every poll, naming no key."""
+    detector = Detector(ColourModel.load(logistic_model))
+    up = updater(registry, tmp_path, detector)
+    manifest = registry.publish(train(tmp_path / "v2", "2.0.0", 40).parent)
+    assert manifest.table is not None
+    table = f"{registry.url.prefix}/models/{NAME}/2.0.0/{manifest.table.file}"
+    data = registry.s3.get_object(Bucket=registry.url.bucket, Key=table)["Body"].read()
+    registry.s3.delete_object(Bucket=registry.url.bucket, Key=table)
+    registry.point("2.0.0")
+    outcome = up.check()
+    assert outcome.refused is not None
+    assert f"s3://{registry.url.bucket}/{table}: NoSuchKey" in outcome.refused
+    registry.s3.put_object(Bucket=registry.url.bucket, Key=table, Body=data)  # repaired
+    assert up.check().served is not None  # not remembered as refused, not 304
+
+
+def test_a_pointer_read_cut_short_is_read_again(
+    tmp_path: Path, registry: Registry, logistic_model: Path
+) -> None:
+    """The ETag was kept before the body arrived: after a reset mid-body every poll got 304."""
+    detector = Detector(ColourModel.load(logistic_model))
+    up = updater(registry, tmp_path, detector)
+    registry.publish(train(tmp_path / "v2", "2.0.0", 40).parent)
+    registry.point("2.0.0")
+    real = up.s3.get_object
+
+    def cut(**kwargs: Any) -> Any:
+        response = real(**kwargs)
+        if kwargs["Key"].endswith("stable.json"):
+            response["Body"].read = lambda *_: (_ for _ in ()).throw(ConnectionResetError())
+        return response
+
+    up.s3.get_object = cut  # type: ignore[method-assign]
+    with pytest.raises(ConnectionResetError):
+        up.check()
+    up.s3.get_object = real  # type: ignore[method-assign]
+    assert up.check().served is not None
+
+
+def test_a_state_that_cannot_be_written_leaves_the_old_model_serving(
+    tmp_path: Path, registry: Registry, logistic_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The swap came first: the new model served while the disk (and a reboot) said the old."""
+    detector = Detector(ColourModel.load(logistic_model))
+    up = updater(registry, tmp_path, detector)
+    registry.publish(train(tmp_path / "v2", "2.0.0", 40).parent)
+    registry.point("2.0.0")
+
+    def full(*_: Any, **__: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(ModelStore, "_write", full)
+        with pytest.raises(OSError, match="No space"):
+            up.check()
+    assert detector.model.ref.version == "1.0.0"
+    assert up.check().served is not None  # tried again once the disk has room
+    assert ModelStore(tmp_path / "models").history() == [f"{NAME}/2.0.0/manifest.json"]
+
+
+def test_a_rollback_that_cannot_write_is_refused_and_updates_go_on(
+    tmp_path: Path, registry: Registry, logistic_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An OSError in a rollback ended the updater thread: no update ever again."""
+    detector = Detector(ColourModel.load(logistic_model))
+    reports: list[Outcome] = []
+    up = updater(registry, tmp_path, detector, poll_s=0.2)
+    up.report = reports.append
+    for version, margin in (("2.0.0", 40), ("3.0.0", 10)):
+        registry.publish(train(tmp_path / version, version, margin).parent)
+        registry.point(version)
+        assert up.check().served is not None
+
+    def full(*_: Any, **__: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(ModelStore, "_write", full)
+        outcome = up._roll_back()
+    assert outcome.refused is not None and "No space left" in outcome.refused
+    assert detector.model.ref.version == "3.0.0"
+    monkeypatch.setattr(ModelStore, "_write", full)
+    up.start()
+    try:
+        up.rollback()
+        deadline = time.monotonic() + 10
+        while not reports and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert reports and reports[0].refused is not None
+        monkeypatch.undo()
+        registry.publish(train(tmp_path / "v4", "4.0.0", 25).parent)
+        registry.point("4.0.0")
+        up.pull()
+        while detector.model.ref.version != "4.0.0" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert detector.model.ref.version == "4.0.0"  # the thread lives on
+    finally:
+        up.stop()
+
+
+def test_signed_pointers_untrusted_keys_channels_and_first_boot(
+    tmp_path: Path, registry: Registry, logistic_model: Path
+) -> None:
+    """Review of signed pointers: an untrusted key's far-future pointer blocked every later
+    signed promotion; one channel's promotion time refused another's; a device already on the
+    channel's version recorded nothing, so a replay passed; stripping a signature undid a
+    signed rollback."""
+    detector = Detector(ColourModel.load(logistic_model))
+    up = updater(registry, tmp_path, detector, require_signature=True)
+    for version, margin in (("0.9.0", 35), ("2.0.0", 40), ("3.0.0", 10)):
+        registry.publish(train(tmp_path / version, version, margin).parent)
+    stale = registry.point("0.9.0", signed=True, promoted_at=datetime(2026, 1, 1, tzinfo=UTC))
+    registry.publish(logistic_model.parent)
+    registry.point("1.0.0", signed=True)  # first boot: the channel names the bundled version
+    assert up.check() == Outcome()
+    registry.put_pointer(stale)
+    outcome = up.check()
+    assert outcome.refused is not None and "a replay" in outcome.refused
+
+    stranger = registry.point(
+        "2.0.0",
+        signed=True,
+        promoted_at=datetime(2100, 1, 1, tzinfo=UTC),
+        key=Ed25519PrivateKey.generate(),
+    )
+    outcome = up.check()  # a key nobody trusts on a signed channel: refused, nothing recorded
+    assert outcome.refused is not None
+    assert f"signed by key {stranger.signature.key_id}, which is not trusted" in outcome.refused  # type: ignore[union-attr]
+    registry.point("3.0.0", signed=True)
+    assert up.check().served is not None and detector.model.ref.version == "3.0.0"
+
+    registry.point("2.0.0", signed=True)  # a signed fleet rollback
+    assert up.check().served is not None and detector.model.ref.version == "2.0.0"
+    registry.point("3.0.0")  # the 3.0.0 pointer again, its signature stripped
+    outcome = up.check()
+    assert outcome.refused is not None and "pointers have been signed" in outcome.refused
+    assert detector.model.ref.version == "2.0.0"
+
+    beta = updater(registry, tmp_path, detector, require_signature=True, channel="beta")
+    registry.point("3.0.0", signed=True, channel="beta", at=(NAME, "beta"),
+                   promoted_at=datetime(2026, 2, 1, tzinfo=UTC))  # fmt: skip
+    outcome = beta.check()  # older than stable's last promotion, yet beta's first: taken
+    assert outcome.served is not None and outcome.served.version == "3.0.0"

@@ -57,7 +57,9 @@ class OutboxConfig(Area):
         default=200_000, ge=10, description="Most messages kept waiting for the broker"
     )
     max_bytes: int = Field(
-        default=256 * 1024 * 1024, ge=64 * 1024, description="Most payload bytes kept waiting"
+        default=256 * 1024 * 1024,
+        ge=64 * 1024,
+        description="Most bytes kept waiting (payloads, topics, correlation data)",
     )
     when_full: Literal["drop_oldest", "drop_newest"] = Field(
         default="drop_oldest",

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import re
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+)
 
-CONTRACT_VERSION = "1.5"
+CONTRACT_VERSION = "1.6"
 """Major.minor of every payload below; a reader refuses a different major."""
 
 SemVer = Annotated[
@@ -32,6 +41,26 @@ SchemaVersion = Annotated[
 ]
 
 
+_SEMVER_CORE = re.compile(r"^(\d+)\.(\d+)\.(\d+)(?:-([0-9A-Za-z.-]+))?")
+
+
+def semver_order(version: str) -> tuple[int, int, int, int, tuple[tuple[int, int | str], ...]]:
+    """A sort key of a SemVer by semver.org's precedence: 1.0.0-rc.1 < 1.0.0 < 1.0.1, and
+    build metadata (+...) is ignored. ValueError for anything else."""
+    found = _SEMVER_CORE.match(version)
+    if found is None:
+        raise ValueError(f"{version!r} is not a semantic version")
+    major, minor, patch, pre = found.groups()
+    ids = tuple((0, int(i)) if i.isdigit() else (1, i) for i in (pre or "").split(".") if i)
+    return int(major), int(minor), int(patch), 0 if pre else 1, ids
+
+
+def canonical_json(model: BaseModel, exclude: set[str]) -> bytes:
+    """The bytes a signature covers: sorted keys, no spaces, `exclude` (the signature) left out."""
+    data = model.model_dump(mode="json", exclude=exclude)
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+
 def describe(exc: ValidationError) -> str:
     """One line per error, each starting with the dotted path of the field at fault."""
     parts = []
@@ -50,3 +79,22 @@ class Strict(BaseModel):
 def utc_now() -> datetime:
     """Default of every timestamp field: aware UTC, so readers never guess a zone."""
     return datetime.now(UTC)
+
+
+class OmitsUnset(Strict):
+    """Leaves fields added in a minor version out of the JSON while they are unset.
+
+    A colour model written by this version then reads exactly as a 1.0 manifest (an unsigned
+    pointer as a 1.5 one), so devices that predate the field (and refuse unknown fields) still
+    load it and verify its signature.
+    """
+
+    _omit_when_none: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        for key in self._omit_when_none:
+            if key in data and data[key] is None:
+                del data[key]
+        return data

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     AwareDatetime,
     Field,
-    SerializerFunctionWrapHandler,
     ValidationError,
-    model_serializer,
     model_validator,
 )
 
@@ -21,32 +18,16 @@ from agent.contract.common import (
     CONTRACT_VERSION,
     FileName,
     ModelName,
+    OmitsUnset,
     Percent,
     SchemaVersion,
     SemVer,
     Sha256,
     Strict,
     Unit,
+    canonical_json,
     describe,
 )
-
-
-class _OmitsUnset(Strict):
-    """Leaves fields added in a minor version out of the JSON while they are unset.
-
-    A colour model written by this version then reads exactly as a 1.0 manifest, so devices
-    that predate the field (and refuse unknown fields) still load it and verify its signature.
-    """
-
-    _omit_when_none: ClassVar[tuple[str, ...]] = ()
-
-    @model_serializer(mode="wrap")
-    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data: dict[str, Any] = handler(self)
-        for key in self._omit_when_none:
-            if key in data and data[key] is None:
-                del data[key]
-        return data
 
 
 class FileRef(Strict):
@@ -118,7 +99,7 @@ class FeatureSpec(Strict):
     )
 
 
-class GoldenSample(_OmitsUnset):
+class GoldenSample(OmitsUnset):
     """A pixel with the answer the model must give: the device's smoke test after a load."""
 
     _omit_when_none = ("features",)
@@ -196,7 +177,7 @@ class RegionGolden(Strict):
     score: Unit = Field(description="The scorer's answer for them")
 
 
-class RegionScorerSpec(_OmitsUnset):
+class RegionScorerSpec(OmitsUnset):
     """A trained scorer of candidate boxes (contract 1.3): how regions are chosen.
 
     agent.engine.proposals computes the candidates and their named features from the frame's
@@ -284,7 +265,7 @@ class SceneSpec(Strict):
         return self
 
 
-class Decision(_OmitsUnset):
+class Decision(OmitsUnset):
     """How pixel scores become a pixel label and pixel labels become an image flag."""
 
     _omit_when_none = ("image_rule",)
@@ -316,7 +297,8 @@ class Provenance(Strict):
 
 
 class Signature(Strict):
-    """Detached signature over the manifest's canonical JSON without this block."""
+    """Detached signature over a manifest's (or, since 1.6, a channel pointer's) canonical
+    JSON without this block."""
 
     algorithm: Literal["ed25519"] = Field(default="ed25519", description="Signature scheme")
     key_id: str = Field(description="Identifier of the signing key (hash of the public key)")
@@ -331,7 +313,7 @@ def _class_names() -> dict[Literal["0", "1"], str]:
     return {"0": "clean", "1": "corroded"}
 
 
-class ModelManifest(_OmitsUnset):
+class ModelManifest(OmitsUnset):
     """Everything a device needs to verify, load and smoke-test a pixel model."""
 
     _omit_when_none = ("features", "regions", "scene")
@@ -431,8 +413,7 @@ class ModelManifest(_OmitsUnset):
 
     def signing_payload(self) -> bytes:
         """Canonical bytes that a signature covers: the manifest without its signature."""
-        data = self.model_dump(mode="json", exclude={"signature"})
-        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+        return canonical_json(self, {"signature"})
 
     @classmethod
     def read(cls, path: Path) -> ModelManifest:

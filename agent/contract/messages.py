@@ -110,7 +110,7 @@ class Topics:
         if not topic.startswith(head):
             return None
         name = topic[len(head) :]
-        return name if name and "/" not in name else None
+        return name if "/" not in name else None  # "" too: answered as an unknown command
 
     def command_result(self, name: str) -> str:
         return f"{self.prefix}cmd/{name}/result"
@@ -231,7 +231,8 @@ class CommandResult(Strict):
 
 
 class CommandRequest(Strict):
-    """Payload of `cmd/<name>`: a JSON object (an empty payload means {})."""
+    """Payload of `cmd/<name>`: a JSON object (a zero-byte message is no command: it clears a
+    retained one)."""
 
     request_id: str | None = Field(
         default=None,

@@ -25,13 +25,14 @@ from agent.contract.common import (
     CONTRACT_VERSION,
     FileName,
     ModelName,
+    OmitsUnset,
     SchemaVersion,
     SemVer,
     Sha256,
-    Strict,
+    canonical_json,
     describe,
 )
-from agent.contract.manifest import MANIFEST_FILE
+from agent.contract.manifest import MANIFEST_FILE, Signature
 
 ChannelName = Annotated[
     str,
@@ -119,8 +120,15 @@ class RegistryUrl:
         return self.uri()
 
 
-class ChannelPointer(Strict):
-    """What a channel serves: one published version, pinned by its manifest's hash."""
+class ChannelPointer(OmitsUnset):
+    """What a channel serves: one published version, pinned by its manifest's hash.
+
+    Signed (contract 1.6) by the key that promoted it, a device can refuse a pointer replayed
+    from the past or forged by anyone who can write `channels/`: without a signature only the
+    manifest proves anything, and any older signed version could be pointed to.
+    """
+
+    _omit_when_none = ("signature",)
 
     schema_version: SchemaVersion = Field(default=CONTRACT_VERSION, description="Contract version")
     name: ModelName = Field(description="Model name")
@@ -134,6 +142,10 @@ class ChannelPointer(Strict):
     )
     promoted_at: AwareDatetime = Field(description="When the channel was pointed here (UTC)")
     promoted_by: str = Field(max_length=256, description="Who promoted it, free text (user@host)")
+    signature: Signature | None = Field(
+        default=None,
+        description="Ed25519 signature of the promoter (contract 1.6; absent: unsigned)",
+    )
 
     @model_validator(mode="after")
     def _key_matches_version(self) -> ChannelPointer:
@@ -152,6 +164,10 @@ class ChannelPointer(Strict):
             return cls.model_validate_json(data)
         except ValidationError as exc:
             raise ValueError(f"{where}: invalid channel pointer: {describe(exc)}") from exc
+
+    def signing_payload(self) -> bytes:
+        """Canonical bytes that a signature covers: the pointer without its signature."""
+        return canonical_json(self, {"signature"})
 
     def to_json(self) -> bytes:
         return (self.model_dump_json(indent=2) + "\n").encode()

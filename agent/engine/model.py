@@ -43,11 +43,11 @@ def verify_file(path: Path, size: int, sha256: str, what: str) -> None:
     """Size first (cheap, stops a lying 2 GB claim), then the hash."""
     try:
         actual = path.stat().st_size
-    except OSError as exc:
+        digest = sha256_file(path) if actual == size else ""
+    except OSError as exc:  # a missing file, or a bad block on a device's SD card
         raise ModelError(f"{what} {path}: cannot read: {exc.strerror}") from exc
     if actual != size:
         raise ModelError(f"{what} {path}: size {actual} bytes, manifest says {size}")
-    digest = sha256_file(path)
     if digest != sha256:
         raise ModelError(f"{what} {path}: sha256 {digest} does not match manifest {sha256}")
 
