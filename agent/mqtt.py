@@ -3,7 +3,8 @@ commands in.
 
 Three threads, all owned by `MqttLink`: the network thread (paho's loop, reconnecting with
 full-jitter backoff so a fleet does not stampede a broker that comes back), the publisher
-(hands the outbox to paho in order, at most `inflight` at a time) and paho's callbacks,
+(hands the outbox to paho in order, at most `inflight` at a time, or fewer when an MQTT 5
+broker's Receive Maximum says so: paho does not honour it) and paho's callbacks,
 which run on the network thread and only enqueue: PUBACKs go to the publisher, which
 deletes the rows. paho resends what it holds after a reconnect; what it loses with the
 process is still in the outbox and is replayed at the next start.
@@ -114,6 +115,7 @@ class MqttLink:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
         self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
         self._client.enable_logger(logging.getLogger("paho"))
         self._v5 = config.protocol == "5"
         self._stop = threading.Event()
@@ -125,6 +127,7 @@ class MqttLink:
         self._handed: dict[int, int] = {}  # paho mid -> outbox row id; publisher thread only
         self._owed: tuple[list[int], list[int]] = ([], [])  # acked, refused: not yet committed
         self._last_id = 0
+        self._window = config.inflight  # in flight at most: ours, or the broker's lower one
         self._ever_connected = False
         self._connected_ok = False  # set by on_connect: the backoff starts over
         self._connected_once = False
@@ -223,11 +226,37 @@ class MqttLink:
             log.error("broker %s refused the connection: %s", self.where, reason)
             return
         log.info("connected to broker %s", self.where)
+        # MQTT 5: a client must not have more unacknowledged QoS 1 messages than the
+        # broker's Receive Maximum (a protocol error; AWS IoT caps it too). paho cannot
+        # change its own limit once connected, so the outbox window keeps under it, less
+        # the two retained state messages that are published beside the outbox.
+        limit = getattr(properties, "ReceiveMaximum", None) if properties else None
+        self._window = min(self.config.inflight, max(1, limit - 2) if limit else 1 << 16)
         self._connected_ok = self._connected_once = True
         self._connected.set()
         self.publish_state()
         client.subscribe(self.topics.commands, qos=1)
         self._wake.set()
+
+    def _on_subscribe(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reasons: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        # A broker whose policy refuses the subscription still lets us publish: say why
+        # commands never arrive, once per connect, rather than leave operators guessing.
+        for reason in reasons:
+            if reason.is_failure:
+                log.error(
+                    "broker %s refused the command subscription %s: %s; commands will not "
+                    "arrive (check the broker's ACL or policy)",
+                    self.where,
+                    self.topics.commands,
+                    reason,
+                )
 
     def _on_disconnect(
         self,
@@ -303,7 +332,7 @@ class MqttLink:
         self._settle_acks()
         if not self._connected.is_set():
             return
-        room = self.config.inflight - len(self._handed)
+        room = self._window - len(self._handed)
         if room <= 0:
             return
         for message in self.outbox.after(self._last_id, room):

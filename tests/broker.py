@@ -16,7 +16,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +130,7 @@ class Broker:
         pki: Pki | None = None,
         persistence: bool = True,
         users: dict[str, str] | None = None,
+        extra: Sequence[str] = (),
     ) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -148,6 +149,7 @@ class Broker:
             "log_type warning",
             "log_type notice",
             "max_queued_messages 100000",
+            *extra,
             f"listener {self.port} 127.0.0.1",
         ]
         if users:
@@ -201,7 +203,7 @@ class Broker:
 
 
 @contextmanager
-def _broker_dir(name: str) -> Iterator[Path]:
+def broker_dir(name: str) -> Iterator[Path]:
     """A folder under /tmp owned by the broker's user (pytest's tmp dirs are root-only)."""
     path = Path(tempfile.mkdtemp(prefix=f"corrosion-{name}-"))
     path.chmod(0o755)
@@ -220,7 +222,7 @@ def _give_to_broker(directory: Path) -> None:
 
 @pytest.fixture(scope="session")
 def pki() -> Iterator[Pki]:
-    with _broker_dir("pki") as directory:
+    with broker_dir("pki") as directory:
         p = make_pki(directory)
         _give_to_broker(directory)
         yield p
@@ -229,7 +231,7 @@ def pki() -> Iterator[Pki]:
 @pytest.fixture(scope="session")
 def broker(pki: Pki) -> Iterator[Broker]:
     """One broker for the session (plain and mutual-TLS listeners). Do not kill it."""
-    with _broker_dir("mosquitto") as directory:
+    with broker_dir("mosquitto") as directory:
         b = Broker(directory, pki).start()
         yield b
         b.kill()
@@ -238,7 +240,7 @@ def broker(pki: Pki) -> Iterator[Broker]:
 @pytest.fixture
 def password_broker() -> Iterator[Broker]:
     """A broker that takes only user `device-1` with password `s3cret-pass`."""
-    with _broker_dir("mosquitto") as directory:
+    with broker_dir("mosquitto") as directory:
         b = Broker(directory, users={"device-1": "s3cret-pass"}).start()
         yield b
         b.kill()
@@ -247,7 +249,7 @@ def password_broker() -> Iterator[Broker]:
 @pytest.fixture
 def own_broker() -> Iterator[Broker]:
     """A broker for one test, which may kill and restart it (not started yet)."""
-    with _broker_dir("mosquitto") as directory:
+    with broker_dir("mosquitto") as directory:
         b = Broker(directory)
         yield b
         b.kill()

@@ -14,6 +14,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.commands import Commands
 from agent.config import MqttConfig
@@ -21,7 +22,7 @@ from agent.contract.messages import PingCommand, Topics
 from agent.mqtt import MqttLink, Retained
 from agent.outbox import Outbox
 from tests.agentproc import Subscriber
-from tests.broker import Broker
+from tests.broker import Broker, broker_dir
 
 
 class Device:
@@ -188,3 +189,38 @@ def test_oversized_response_topic_and_correlation_are_not_stored(device: Device)
     assert device.sub.wait_for(lambda: device.sub.payloads("cmd/ping/result"))
     (answered,) = [p for t, _, p in device.sub.messages if t.endswith("cmd/ping/result")]
     assert getattr(answered, "CorrelationData", None) is None
+
+
+def test_an_mqtt5_brokers_receive_maximum_bounds_what_is_in_flight(tmp_path: Path) -> None:
+    """paho ignores the Receive Maximum in the CONNACK: we kept 64 QoS 1 messages in flight
+    against a broker that takes 7, a protocol error strict brokers disconnect for."""
+    with broker_dir("mosquitto") as directory:
+        broker = Broker(directory, extra=["max_inflight_messages 7"]).start()
+        device = Device(broker, tmp_path, "receive-maximum")
+        link, peak = device.link, 0
+        publish = link._client.publish
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal peak
+            peak = max(peak, len(link._handed) + 1)
+            return publish(*args, **kwargs)
+
+        link._client.publish = counted  # type: ignore[method-assign]
+        try:
+            link.start()
+            device.send(300)
+            assert device.delivered(300)
+            assert peak == 5  # 7, less two kept for the retained status and model
+        finally:
+            device.close()
+            broker.kill()
+
+
+def test_a_refused_command_subscription_is_logged(
+    device: Device, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker policy refusing `cmd/+` left commands silently unanswered."""
+    refused = ReasonCode(PacketTypes.SUBACK, "Not authorized")
+    device.link._on_subscribe(device.link._client, None, 1, [refused], None)
+    assert "refused the command subscription" in caplog.text
+    assert f"{device.prefix}cmd/+" in caplog.text

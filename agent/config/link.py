@@ -43,7 +43,10 @@ class MqttConfig(Area):
         default=30.0, gt=0.0, le=3600.0, description="Longest reconnect wait"
     )
     inflight: int = Field(
-        default=64, ge=1, le=65535, description="QoS 1 messages awaiting PUBACK at once"
+        default=64,
+        ge=1,
+        le=65535,
+        description="QoS 1 messages awaiting PUBACK at once (an MQTT 5 broker may ask fewer)",
     )
     max_command_bytes: int = Field(
         default=65536, ge=64, le=1 << 24, description="Larger command payloads are refused"

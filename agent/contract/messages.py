@@ -140,7 +140,11 @@ class StatusMessage(Strict):
     schema_version: SchemaVersion = Field(default=CONTRACT_VERSION, description="Contract version")
     device_id: str = Field(min_length=1, max_length=128, description="Device")
     state: AgentState = Field(description="Agent state")
-    at: AwareDatetime = Field(default_factory=utc_now, description="When this state was set")
+    at: AwareDatetime = Field(
+        default_factory=utc_now,
+        description="When this state was set; in `offline`, the Last Will the broker stored at "
+        "connect, when that connection was made (the broker's delivery time is when it ended)",
+    )
     agent_version: str = Field(description="corrosion-edge version")
     started_at: AwareDatetime = Field(description="When the agent process started")
     uptime_s: float = Field(ge=0, description="Seconds since start, at `at`")
