@@ -11,7 +11,6 @@ in counters that survive restarts and are published in metrics: nothing is lost 
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -20,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 
 from agent.contract.captures import CATEGORY_PRIORITY, IMAGE_SUFFIX, MASK_SUFFIX, Category
+from agent.durable import replace_files
 
 log = logging.getLogger(__name__)
 
@@ -149,13 +149,8 @@ class Spool:
                     log.warning("spool full: evicted %s capture %s", victim_category, victim)
             image, sidecar, mask = self.paths(frame_id)
             try:
-                for path, data in (
-                    (image, files.image),
-                    (sidecar, files.sidecar),
-                    (mask, files.mask),
-                ):
-                    if data is not None:
-                        _write(path, data)
+                written = ((image, files.image), (sidecar, files.sidecar), (mask, files.mask))
+                replace_files((path, data) for path, data in written if data is not None)
             except OSError:
                 self._unlink(frame_id)
                 with self._db:
@@ -254,13 +249,3 @@ class Spool:
         with self._lock:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._db.close()
-
-
-def _write(path: Path, data: bytes) -> None:
-    """Write-then-rename, so a file that exists is whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

@@ -32,6 +32,7 @@ from agent.config import ModelConfig
 from agent.contract import MANIFEST_FILE, ModelManifest, ModelRef, describe
 from agent.contract.common import semver_order
 from agent.contract.registry import ChannelPointer, RegistryUrl, channel_key, file_key
+from agent.durable import replace_file, sync_dir, write_synced
 from agent.engine.model import ModelError
 from agent.s3 import describe_error, error_code, s3_client
 from agent.signing import keyring, load_public_key, verify_manifest, verify_pointer
@@ -88,13 +89,7 @@ class ModelStore:
 
     def _write(self, **changes: Any) -> None:
         """Change some keys of the state, keeping the rest, atomically."""
-        data = {**self._read(), **changes}
-        tmp = self._state.with_suffix(".tmp")
-        with tmp.open("w") as fh:
-            json.dump(data, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self._state)
+        replace_file(self._state, json.dumps({**self._read(), **changes}, indent=1).encode())
 
     def history(self) -> list[str]:
         """Manifest paths served, oldest first (relative to the store)."""
@@ -345,6 +340,7 @@ class Updater:
         shutil.rmtree(final, ignore_errors=True)  # a copy left by an earlier, rolled-back serve
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(folder, final)  # only a version that passed every check enters the store
+        sync_dir(final.parent)
         return self._serve(
             model, promotion=(_channel(pointer), pointer.promoted_at) if signed else None
         )
@@ -441,8 +437,9 @@ class Updater:
                 )
         for ref in refs:
             key = file_key(self.url.prefix, manifest.name, manifest.version, ref.file)
-            (folder / ref.file).write_bytes(self._get(key, ref.size))
-        (folder / MANIFEST_FILE).write_bytes(raw)
+            write_synced(folder / ref.file, self._get(key, ref.size))
+        write_synced(folder / MANIFEST_FILE, raw)  # on the device before state.json names it
+        sync_dir(folder)
         return folder / MANIFEST_FILE
 
     def _roll_back(self) -> Outcome:

@@ -39,6 +39,7 @@ from agent.contract.captures import (
     captures_prefix,
 )
 from agent.contract.messages import Topics
+from agent.durable import replace_file
 from agent.outbox import Outbox
 from agent.s3 import describe_error, error_code, s3_client
 from agent.spool import Spool, Spooled
@@ -70,18 +71,8 @@ def _records(path: Path) -> list[dict[str, Any]]:
             torn += bool(text.strip())
     if torn:
         log.warning("%s: %d unreadable line(s) dropped", path, torn)
-        _replace(path, "".join(line + "\n" for line in kept))
+        replace_file(path, "".join(line + "\n" for line in kept).encode())
     return records
-
-
-def _replace(path: Path, text: str) -> None:
-    """Write `text` as `path` all at once: a power cut leaves the old file or the new."""
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _append(path: Path, line: str) -> None:

@@ -324,3 +324,45 @@ def test_signed_pointers_untrusted_keys_channels_and_first_boot(
                    promoted_at=datetime(2026, 2, 1, tzinfo=UTC))  # fmt: skip
     outcome = beta.check()  # older than stable's last promotion, yet beta's first: taken
     assert outcome.served is not None and outcome.served.version == "3.0.0"
+
+
+def test_a_new_version_is_on_the_device_before_the_state_names_it(
+    tmp_path: Path, registry: Registry, logistic_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files were written without fsync: a power cut after state.json named the new
+    version could leave it torn, and the device fell back to an older model."""
+    import agent.updater as updater_module
+
+    events: list[str] = []
+    write_synced, sync_dir, write = (
+        updater_module.write_synced,
+        updater_module.sync_dir,
+        ModelStore._write,
+    )
+
+    def synced(path: Path, data: bytes) -> None:
+        write_synced(path, data)
+        events.append(f"file {path.name}")
+
+    def synced_dir(path: Path) -> None:
+        sync_dir(path)
+        events.append(f"dir {path.name}")
+
+    def state(self: ModelStore, **changes: Any) -> None:
+        write(self, **changes)
+        events.append("state")
+
+    monkeypatch.setattr(updater_module, "write_synced", synced)
+    monkeypatch.setattr(updater_module, "sync_dir", synced_dir)
+    monkeypatch.setattr(ModelStore, "_write", state)
+    detector = Detector(ColourModel.load(logistic_model))
+    up = updater(registry, tmp_path, detector)
+    registry.publish(train(tmp_path / "v2", "2.0.0", 40).parent)
+    registry.point("2.0.0")
+    assert up.check().served is not None
+    stored = sorted(p.name for p in (tmp_path / "models" / NAME / "2.0.0").iterdir())
+    first_state = events.index("state")
+    assert sorted(e[5:] for e in events[:first_state] if e.startswith("file ")) == stored
+    manifest, download, store = events[first_state - 3 : first_state]
+    assert manifest == "file manifest.json"  # last: its presence means every file arrived
+    assert download.startswith("dir .incoming-") and store == f"dir {NAME}"
