@@ -117,7 +117,7 @@ def _source_flags(p: argparse.ArgumentParser) -> None:
         ("--voc", "VOC XML rust boxes of (copies of) some rust photos"),
     ):
         p.add_argument(flag, type=Path, metavar="DIR", help=text)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--threads", type=int, default=0, help="XGBoost threads, 0 = all cores")
     p.add_argument("--folds", type=int, default=0, help="(inner) CV folds; 0 = the recipe's 5")
     p.add_argument("--long-side", type=int, default=0, help="working resolution; 0 = 320")
@@ -171,7 +171,7 @@ def add_recipe_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--csv", type=Path, help="training CSV (default DATA/aws-rust-detection/...)")
     p.add_argument("--payload", action="store_true", help="the AWS solution's own payload")
     p.add_argument("--out", type=Path, required=True, metavar="DIR")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--threads", type=int, default=0)
     p.set_defaults(func=cmd_recipe)
 

@@ -17,10 +17,10 @@ from agent import __version__
 from agent.contract import Decision, Provenance, RegistryUrl, describe, key_part, manifest_key
 from agent.engine.model import ModelError
 from agent.signing import key_id, keyring, load_public_key
-from export import accuracy_cli, demo, reanalyze, registry, retrain, sagemaker
+from export import accuracy_cli, dataset_cli, demo, reanalyze, registry, retrain, sagemaker
 from export.argtypes import int_at_least
 from export.convert import ConvertError, export_model, load_booster
-from export.datasets import DEFAULT_LABELS, Config, DatasetError, build
+from export.datasets import DatasetError, build
 from export.synthetic import generate
 from export.train import fit, hyperparameters
 
@@ -38,27 +38,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _label(pair: str) -> tuple[str, int]:
-    name, sep, value = pair.rpartition("=")
-    if not sep or not name or value not in ("0", "1"):
-        raise argparse.ArgumentTypeError(f"expected NAME=0 or NAME=1, not {pair!r}")
-    return name, int(value)
-
-
 def cmd_dataset(args: argparse.Namespace) -> int:
-    config = Config(
-        voc=tuple(args.voc),
-        crops=tuple(args.crops),
-        masks=tuple(args.masks),
-        negatives=tuple(args.negatives),
-        labels=dict(args.label or DEFAULT_LABELS),
-        ignore=frozenset(args.ignore_label),
-        crop=args.crop,
-        outside_boxes_negatives=args.outside_boxes_negatives,
-        validation_fraction=args.validation_fraction,
-        max_pixels_per_image=args.max_pixels_per_image,
-        balance=args.balance,
-        seed=args.seed,
+    config = dataset_cli.config_of(
+        args, voc=args.voc, crops=args.crops, masks=args.masks, negatives=args.negatives
     )
     if not (config.voc or config.crops or config.masks or config.negatives):
         raise DatasetError("no sources: give --voc, --crops, --masks and/or --negatives")
@@ -221,6 +203,7 @@ def cmd_sagemaker_train(args: argparse.Namespace) -> int:
     image = args.image_uri or sagemaker.image_uri(aws.region, args.xgboost_version)
     name = args.job_name or sagemaker.job_name()
     sources = {"train": args.train} | ({"validation": args.validation} if args.validation else {})
+    sagemaker.ensure_new(aws, name)
     job = sagemaker.Job(
         name=name,
         role_arn=args.role,
@@ -259,13 +242,13 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train the bundled demo model and write demo frames")
     p.add_argument("--out", type=Path, default=Path("demo"))
-    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--seed", type=int_at_least(0), default=7)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("synth", help="synthetic rust scenes with masks and VOC boxes")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--count", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--width", type=int, default=640)
     p.add_argument("--height", type=int, default=480)
     p.set_defaults(func=cmd_synth)
@@ -278,36 +261,7 @@ def parser() -> argparse.ArgumentParser:
         ("--negatives", "photos without corrosion: every pixel clean"),
     ):
         p.add_argument(flag, type=Path, action="append", default=[], metavar="DIR", help=text)
-    p.add_argument(
-        "--label",
-        type=_label,
-        action="append",
-        default=[],
-        metavar="NAME=CLASS",
-        help="VOC/crop label to class 0 or 1 (default Clean=0 Corroded=1)",
-    )
-    p.add_argument(
-        "--ignore-label",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="drop this label on purpose (other unknown labels fail the run)",
-    )
-    p.add_argument(
-        "--crop",
-        choices=["middle", "whole"],
-        default="middle",
-        help="VOC box crop: the AWS middle third (1/9 of the area) or the whole box",
-    )
-    p.add_argument(
-        "--outside-boxes-negatives",
-        action="store_true",
-        help="sample VOC pixels outside every box as clean",
-    )
-    p.add_argument("--validation-fraction", type=float, default=0.2)
-    p.add_argument("--max-pixels-per-image", type=int, default=None, metavar="N")
-    p.add_argument("--balance", action="store_true", help="cut the majority class per split")
-    p.add_argument("--seed", type=int, default=0)
+    dataset_cli.add_options(p)
     p.add_argument("--out", type=Path, required=True, metavar="DIR")
     p.set_defaults(func=cmd_dataset)
 
@@ -332,7 +286,7 @@ def parser() -> argparse.ArgumentParser:
         help="on the validation data; 0 disables",
     )
     p.add_argument("--threads", type=int, default=0, help="0 = all cores")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("convert", help="booster -> ONNX + manifest + exact table, parity proven")
@@ -348,7 +302,7 @@ def parser() -> argparse.ArgumentParser:
     _add_registry_commands(sub)
     _add_sagemaker_commands(sub)
     reanalyze.add_command(sub)
-    retrain.add_command(sub, _label)
+    retrain.add_command(sub)
     accuracy_cli.add_recipe_commands(sub)
     accuracy_cli.add_evaluate_commands(sub)
     return ap

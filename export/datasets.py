@@ -302,11 +302,29 @@ def _balance_quotas(
                 print(f"warning: --balance: {side} has one class only", file=sys.stderr)
             continue
         major = int(total.argmax())
-        kept = np.random.default_rng(
-            [config.seed, 2, SPLITS.index(side)]
-        ).multivariate_hypergeometric(counts[where, major], int(total.min()))
+        rng = np.random.default_rng([config.seed, 2, SPLITS.index(side)])
+        kept = _spread(counts[where, major], int(total.min()), rng)
         quotas.update({i: (major, int(k)) for i, k in zip(where, kept, strict=True)})
     return quotas
+
+
+def _spread(counts: np.ndarray, sample: int, rng: np.random.Generator) -> np.ndarray:
+    """How many of `sample` rows drawn at random without replacement come from each image.
+
+    numpy's exact draw needs fewer than 1e9 rows in all; above that (about ninety masked
+    12-megapixel photos), each image gets its proportional share, the remainder going to
+    images at random by their fractional parts: the same expectation, within one row.
+    """
+    if counts.sum() < 1_000_000_000:
+        return rng.multivariate_hypergeometric(counts, sample)
+    share = counts * (sample / counts.sum())
+    kept: np.ndarray = np.minimum(np.floor(share).astype(np.int64), counts)
+    short = sample - int(kept.sum())
+    fraction = share - kept
+    if short > 0:
+        lucky = rng.choice(len(counts), short, replace=False, p=fraction / fraction.sum())
+        kept[lucky] += 1
+    return kept
 
 
 class _SplitWriter:
@@ -321,12 +339,15 @@ class _SplitWriter:
         self.images: list[dict[str, Any]] = []
 
     def write(self, item: Item, group: int, rows: Rows) -> None:
+        line = f"{group}\n".encode()
         for start in range(0, len(rows.labels), _CHUNK):  # text is 16 B/row before packing
-            data = csv_bytes(rows.labels[start : start + _CHUNK], rows.rgb[start : start + _CHUNK])
+            chunk = rows.labels[start : start + _CHUNK]
+            data = csv_bytes(chunk, rows.rgb[start : start + _CHUNK])
             self.csv.write(data)
             self.digest.update(data)
-        self.groups.write(f"{group}\n".encode() * len(rows.labels))
-        n0, n1 = np.bincount(rows.labels, minlength=2)[:2].tolist()
+            self.groups.write(line * len(chunk))
+        n1 = int(np.count_nonzero(rows.labels))  # labels are 0 or 1; bincount would copy
+        n0 = len(rows.labels) - n1
         self.counts = [self.counts[0] + n0, self.counts[1] + n1]
         record: dict[str, Any] = {"path": str(item.image), "kind": item.kind}
         if item.annotation is not None:

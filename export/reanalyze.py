@@ -53,6 +53,7 @@ from agent.contract.captures import (
     ManifestLine,
     capture_stem,
     captures_prefix,
+    is_device_id,
 )
 from agent.contract.registry import file_key
 from agent.engine.model import verify_file
@@ -113,12 +114,16 @@ def _keys(s3: Any, url: RegistryUrl, prefix: str, **extra: str) -> Iterator[dict
 
 
 def devices(s3: Any, url: RegistryUrl) -> list[str]:
-    """Every device that has uploaded a capture: the folders under captures/."""
+    """Every device that has uploaded a capture: the folders under captures/ named as device
+    ids; another folder (someone's copy) is named and passed over, not fatal."""
     top = captures_prefix(url.prefix)
     pages = _keys(s3, url, top, Delimiter="/")
-    return sorted(
+    names = [
         p["Prefix"][len(top) :].rstrip("/") for pg in pages for p in pg.get("CommonPrefixes", [])
-    )
+    ]
+    for stray in (n for n in names if not is_device_id(n)):
+        print(f"warning: {url.uri(top + stray)}/: not a device's folder; skipped", file=sys.stderr)
+    return sorted(n for n in names if is_device_id(n))
 
 
 def _days(since: datetime, until: datetime) -> Iterator[datetime]:

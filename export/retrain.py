@@ -24,7 +24,6 @@ import shutil
 import sys
 import tempfile
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -35,10 +34,10 @@ import numpy as np
 from agent import __version__
 from agent.contract import Decision, Provenance, RegistryUrl, manifest_key
 from agent.imageio import ImageError, read
-from export import registry
+from export import dataset_cli, registry
 from export.argtypes import int_at_least
 from export.convert import export_model, load_booster
-from export.datasets import DEFAULT_LABELS, MASK_SUFFIX, Config, DatasetError, build
+from export.datasets import DEFAULT_LABELS, MASK_SUFFIX, DatasetError, build
 from export.registry import TRANSFER, aws_errors, head_object
 from export.train import fit, hyperparameters
 from export.voc import IMAGE_SUFFIXES
@@ -152,15 +151,18 @@ def _write_voc(
 
 def from_ground_truth(
     s3: Any, ref: str, work: Path, labels: dict[str, int], attribute: str | None = None
-) -> tuple[Path, Path]:
-    """Convert a Ground Truth output manifest into (masks folder, VOC folder) under `work`.
+) -> tuple[Path, Path, Path]:
+    """Convert a Ground Truth output manifest into (masks, VOC, negatives) folders under
+    `work`.
 
     Lines without a label (a failed or skipped task) are reported and left out; a
     segmentation class that --label does not name is an error, so no rust is silently clean.
+    A photo a labeller answered with no box at all is a checked photo without rust: every
+    pixel clean (the `sample` captures are uploaded for this).
     """
-    masks, voc = work / "gt-masks", work / "gt-voc"
-    masks.mkdir(parents=True, exist_ok=True)
-    voc.mkdir(parents=True, exist_ok=True)
+    masks, voc, negatives = work / "gt-masks", work / "gt-voc", work / "gt-negatives"
+    for folder in (masks, voc, negatives):
+        folder.mkdir(parents=True, exist_ok=True)
     text = fetch(s3, ref, work / "ground-truth.manifest").read_text()
     todo: list[tuple[str, Path]] = []
     # (where, line, attribute, task type, image path) of every labelled line
@@ -204,6 +206,9 @@ def from_ground_truth(
             else:
                 names = meta.get("class-map", {})
                 boxes = line[attr]["annotations"]
+                if not boxes:
+                    image.replace(negatives / image.name)
+                    continue
                 objects = [(names.get(str(b["class_id"]), str(b["class_id"])), b) for b in boxes]
                 size = (line[attr].get("image_size") or [{}])[0]
                 _write_voc(image.with_suffix(".xml"), image, size, objects)
@@ -211,7 +216,7 @@ def from_ground_truth(
             raise
         except (ValueError, KeyError, TypeError) as exc:
             raise DatasetError(f"{where}: not a Ground Truth output record ({exc!r})") from None
-    return masks, voc
+    return masks, voc, negatives
 
 
 def _write_png(path: Path, image: np.ndarray) -> None:
@@ -241,29 +246,20 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         raise DatasetError(f"{args.work}: --work must be new or empty (stale labels otherwise)")
     with tempfile.TemporaryDirectory(prefix="corrosion-retrain-") as tmp:
         work = args.work or Path(tmp)
-        labels = dict(args.label or DEFAULT_LABELS)
+        labels = dict(args.label or DEFAULT_LABELS)  # what config_of gives the dataset too
         masks = [fetch_folder(s3, m, work / f"masks-{i}") for i, m in enumerate(args.masks)]
         voc = [fetch_folder(s3, v, work / f"voc-{i}") for i, v in enumerate(args.voc)]
         negatives = [fetch_folder(s3, d, work / f"neg-{i}") for i, d in enumerate(args.negatives)]
         if args.ground_truth:
-            gt_masks, gt_voc = from_ground_truth(
+            gt_masks, gt_voc, gt_negatives = from_ground_truth(
                 s3, args.ground_truth, work, labels, args.attribute
             )
             masks.append(gt_masks)
             voc.append(gt_voc)
+            negatives.append(gt_negatives)
         if not (masks or voc or negatives):
             raise DatasetError("no labels: give --ground-truth, --masks, --voc and/or --negatives")
-        config = Config(
-            voc=tuple(voc),
-            masks=tuple(masks),
-            negatives=tuple(negatives),
-            labels=labels,
-            ignore=frozenset(args.ignore_label),
-            validation_fraction=args.validation_fraction,
-            max_pixels_per_image=args.max_pixels_per_image,
-            balance=args.balance,
-            seed=args.seed,
-        )
+        config = dataset_cli.config_of(args, voc=voc, masks=masks, negatives=negatives)
         report = build(config, work / "dataset")
         if report.unknown:
             names = ", ".join(sorted(report.unknown))
@@ -301,11 +297,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_command(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser],
-    label: Callable[[str], tuple[str, int]],
-) -> None:
-    """`label` parses NAME=CLASS exactly as the `dataset` command does."""
+def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "retrain", help="labelled captures -> dataset -> train -> convert -> publish"
     )
@@ -322,11 +314,7 @@ def add_command(
         ("--negatives", "photos without corrosion"),
     ):
         p.add_argument(flag, action="append", default=[], metavar="DIR", help=f"{text}; or s3://")
-    p.add_argument("--label", type=label, action="append", default=[], metavar="NAME=CLASS")
-    p.add_argument("--ignore-label", action="append", default=[], metavar="NAME")
-    p.add_argument("--validation-fraction", type=float, default=0.2)
-    p.add_argument("--max-pixels-per-image", type=int, default=None, metavar="N")
-    p.add_argument("--balance", action="store_true")
+    dataset_cli.add_options(p)
     p.add_argument("--objective", choices=["multi:softmax", "multi:softprob", "binary:logistic"])
     p.add_argument("--num-round", type=int_at_least(1), default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -335,5 +323,4 @@ def add_command(
     p.add_argument("--flag-pct", type=float, default=5.0)
     p.add_argument("--skip-parity", action="store_true", help="skip the all-colour parity proof")
     p.add_argument("--work", type=Path, help="keep downloads, dataset and model here")
-    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_retrain)

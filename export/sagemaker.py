@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+from botocore.exceptions import ClientError
 from tqdm import tqdm
 
 from agent.contract import RegistryUrl
 from agent.engine.model import sha256_file
-from agent.s3 import RETRIES
+from agent.s3 import RETRIES, error_code
 from export.registry import TRANSFER, aws_errors
 
 DEFAULT_VERSION = "1.7-1"
@@ -147,7 +148,8 @@ def stage_inputs(
     staged = {}
     for channel, source in sources.items():
         if source.startswith("s3://"):
-            staged[channel] = str(RegistryUrl.parse(source))  # validated
+            RegistryUrl.parse(source)  # validated, but passed as given: SageMaker reads a raw
+            staged[channel] = source  # key prefix, and `csv/train` would read csv/train-2021/
             continue
         path = Path(source)
         if not path.is_file():
@@ -163,6 +165,19 @@ def stage_inputs(
             )
         staged[channel] = work.uri(key)
     return staged
+
+
+def ensure_new(sm: Clients, job: str) -> None:
+    """Refuse a job name already used, before staging overwrites that job's recorded input
+    (SageMaker refuses the name only at CreateTrainingJob, after the upload)."""
+    with aws_errors(f"training job {job}"):
+        try:
+            sm.sagemaker.describe_training_job(TrainingJobName=job)
+        except ClientError as exc:
+            if error_code(exc) == "ValidationException":  # SageMaker's "not found": it is free
+                return
+            raise
+    raise SageMakerError(f"training job {job} exists already: choose another --job-name")
 
 
 def wait(sagemaker: Any, job: str, poll: float) -> dict[str, Any]:
@@ -184,8 +199,7 @@ def fetch_model(s3: Any, described: Mapping[str, Any], out: Path) -> Path:
     """Download the job's model.tar.gz into `out`; refuse a job that did not complete."""
     job, status = described["TrainingJobName"], described["TrainingJobStatus"]
     if status != "Completed":
-        reason = described.get("FailureReason", "no reason given")
-        raise SageMakerError(f"training job {job} {status.lower()}: {reason}")
+        raise SageMakerError(f"training job {job} {status.lower()}: {_why(described)}")
     artifact = described["ModelArtifacts"]["S3ModelArtifacts"]
     location = RegistryUrl.parse(artifact)
     out.mkdir(parents=True, exist_ok=True)
@@ -193,6 +207,19 @@ def fetch_model(s3: Any, described: Mapping[str, Any], out: Path) -> Path:
     with aws_errors(artifact):
         s3.download_file(location.bucket, location.prefix, str(target), Config=TRANSFER)
     return target
+
+
+def _why(described: Mapping[str, Any]) -> str:
+    """FailureReason, else the last status transition: a job stopped by its time limit says
+    so only there (SecondaryStatus MaxRuntimeExceeded, no FailureReason)."""
+    if described.get("FailureReason"):
+        return str(described["FailureReason"])
+    secondary = described.get("SecondaryStatus")
+    message = (described.get("SecondaryStatusTransitions") or [{}])[-1].get("StatusMessage")
+    why = " - ".join(str(x) for x in (secondary, message) if x) or "no reason given"
+    if secondary == "MaxRuntimeExceeded":
+        why += "; allow it longer with --max-runtime SECONDS"
+    return why
 
 
 def write_record(

@@ -272,7 +272,15 @@ def fit(
     print("hyperparameters: " + json.dumps(dict(params)), file=sys.stderr)
     start = time.perf_counter()
     x, y = read_csv(train_csv)
+    for label, name in ((0, "clean"), (1, "corroded")):
+        if not np.any(y == label):  # it would train, score itself perfect and flag all or none
+            raise DatasetError(
+                f"{train_csv}: no {name} ({label}) rows; a model needs both classes (photos "
+                "without rust: --negatives; pixels outside VOC boxes: --outside-boxes-negatives)"
+            )
     valid = read_csv(validation) if validation else None
+    if valid is None:
+        print("warning: no validation rows: the metrics are on the training data", file=sys.stderr)
     print(f"read {len(y)} training rows in {time.perf_counter() - start:.2f} s", file=sys.stderr)
     trained = train(
         x, y, params, valid=valid, early_stopping=early_stopping, threads=threads, seed=seed

@@ -6,14 +6,17 @@ import io
 import json
 import re
 import shutil
+import tracemalloc
+from contextlib import ExitStack
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
+from export import datasets
 from export.cli import main as export_main
-from export.datasets import Config, Report, build, csv_bytes
+from export.datasets import Config, Item, Report, Rows, build, csv_bytes
 from export.synthetic import make_scene, write_scene
 
 PURPLE, GREY, TEAL = (120, 40, 160), (128, 128, 128), (20, 150, 140)  # RGB
@@ -289,3 +292,39 @@ def test_large_images_are_written_in_chunks_with_the_same_bytes(
     monkeypatch.setattr("export.datasets._CHUNK", 7)
     _, out = run(tmp_path, masks=(tmp_path / "m",))
     assert (out / "train.csv").read_bytes() == whole
+
+
+def test_a_bad_seed_is_a_usage_error_naming_it(capsys: pytest.CaptureFixture[str]) -> None:
+    """numpy's own words were `expected non-negative integer`, naming no option."""
+    with pytest.raises(SystemExit) as info:
+        export_main(["dataset", "--negatives", ".", "--seed", "-1", "--out", "x"])
+    assert info.value.code == 2
+    assert "argument --seed: must be at least 0, got -1" in capsys.readouterr().err
+
+
+def test_balance_draws_beyond_a_billion_pixels() -> None:
+    """numpy's exact draw refuses 1e9 rows in all (about ninety masked 12 MP photos)."""
+    rng = np.random.default_rng(0)
+    small = datasets._spread(np.array([30, 10, 0, 60]), 50, rng)
+    assert small.sum() == 50 and (small <= [30, 10, 0, 60]).all()
+    counts = np.array([600_000_000, 400_000_000, 7, 0])
+    kept = datasets._spread(counts, 1_000_001, rng)
+    assert kept.sum() == 1_000_001 and (kept <= counts).all()
+    assert abs(kept[0] - 600_000) <= 1 and abs(kept[1] - 400_000) <= 1 and kept[3] == 0
+
+
+def test_the_groups_file_is_written_in_chunks_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The groups text of a whole image was built at once: 600 MB for a 100 MP photo."""
+    monkeypatch.setattr(datasets, "_CHUNK", 1 << 16)
+    n = 4_000_000
+    rows = Rows(np.zeros(n, np.uint8), np.zeros((n, 3), np.uint8))
+    with ExitStack() as stack:
+        writer = datasets._SplitWriter(stack, tmp_path, "train")
+        tracemalloc.start()
+        writer.write(Item("negative", tmp_path / "x.png", "0" * 64), 12345, rows)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"{peak / 2**20:.0f} MiB for {n} rows"
+    assert (tmp_path / "train.groups").read_bytes() == b"12345\n" * n

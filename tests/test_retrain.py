@@ -80,7 +80,7 @@ def test_segmentation_masks_are_exact(
     client = registry.s3_client()
     with pytest.raises(ValueError, match=r"classes without a --label NAME=0\|1: paint"):
         retrain.from_ground_truth(client, ref, tmp_path / "a", {"rust": 1})
-    masks, _ = retrain.from_ground_truth(client, ref, tmp_path / "b", {"rust": 1, "paint": 0})
+    masks, _, _ = retrain.from_ground_truth(client, ref, tmp_path / "b", {"rust": 1, "paint": 0})
     converted = sorted(masks.glob("*.mask.png"))
     assert len(converted) == len(scenes)  # the failed task is left out
     for path, scene in zip(converted, scenes, strict=True):
@@ -109,8 +109,12 @@ def test_boxes_become_voc(scenes: list[Path], tmp_path: Path) -> None:
         )
     manifest = tmp_path / "output.manifest"
     manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    _, voc = retrain.from_ground_truth(None, str(manifest), tmp_path / "work", {"rust": 1})
-    for xml, image in zip(sorted(voc.glob("*.xml")), scenes, strict=True):
+    _, voc, clean = retrain.from_ground_truth(None, str(manifest), tmp_path / "work", {"rust": 1})
+    boxed = [
+        image for image, line in zip(scenes, lines, strict=True) if line["rust"]["annotations"]
+    ]
+    assert len(list(clean.iterdir())) == len(scenes) - len(boxed)  # answered "no rust": clean
+    for xml, image in zip(sorted(voc.glob("*.xml")), boxed, strict=True):
         got, want = parse(xml), parse(image.with_suffix(".xml"))
         assert [(o.name, o.box) for o in got.objects] == [(o.name, o.box) for o in want.objects]
         assert got.size == (96, 72)
@@ -119,6 +123,23 @@ def test_boxes_become_voc(scenes: list[Path], tmp_path: Path) -> None:
     manifest.write_text(json.dumps(lines[0]) + "\n{not json\n")
     with pytest.raises(ValueError, match=r"manifest line 2: not a Ground Truth output record"):
         retrain.from_ground_truth(None, str(manifest), tmp_path / "bad", {"rust": 1})
+
+
+def test_a_photo_answered_with_no_box_is_clean(scenes: list[Path], tmp_path: Path) -> None:
+    """`annotations: []` is a labeller's answer (no rust here): it gave no rows at all, and
+    the clean photos the `sample` captures are uploaded for were lost."""
+    metadata = {"class-map": {"0": "rust"}, "type": "groundtruth/object-detection"}
+    line = {
+        "source-ref": str(scenes[0]),
+        "rust": {"image_size": [{"width": 96, "height": 72, "depth": 3}], "annotations": []},
+        "rust-metadata": metadata,
+    }
+    manifest = tmp_path / "output.manifest"
+    manifest.write_text(json.dumps(line) + "\n")
+    _, voc, negatives = retrain.from_ground_truth(None, str(manifest), tmp_path / "w", {"rust": 1})
+    assert not list(voc.iterdir())
+    [clean] = negatives.iterdir()
+    assert clean.read_bytes() == scenes[0].read_bytes()
 
 
 @pytest.mark.usefixtures("aws_endpoint")

@@ -16,7 +16,7 @@ import boto3
 import numpy as np
 import pytest
 
-from agent.contract import ModelManifest
+from agent.contract import ModelManifest, RegistryUrl
 from export import sagemaker
 from export.cli import main
 from export.train import AWS_PAYLOAD
@@ -66,6 +66,35 @@ def test_failed_job_is_reported() -> None:
     described = {"TrainingJobName": "j", "TrainingJobStatus": "Failed", "FailureReason": "OOM"}
     with pytest.raises(sagemaker.SageMakerError, match="training job j failed: OOM"):
         sagemaker.fetch_model(None, described, Path("unused"))
+
+
+def test_a_job_out_of_time_says_so() -> None:
+    """A job stopped at --max-runtime has no FailureReason: it read `no reason given`."""
+    described = {
+        "TrainingJobName": "j",
+        "TrainingJobStatus": "Stopped",
+        "SecondaryStatus": "MaxRuntimeExceeded",
+        "SecondaryStatusTransitions": [
+            {"Status": "Training", "StatusMessage": "Training image download completed."},
+            {"Status": "MaxRuntimeExceeded", "StatusMessage": "Training job runtime exceeded"},
+        ],
+    }
+    with pytest.raises(sagemaker.SageMakerError) as info:
+        sagemaker.fetch_model(None, described, Path("unused"))
+    assert str(info.value) == (
+        "training job j stopped: MaxRuntimeExceeded - Training job runtime exceeded; "
+        "allow it longer with --max-runtime SECONDS"
+    )
+
+
+def test_an_s3_channel_is_passed_as_given(aws_endpoint: str, s3: Any, s3_bucket: str) -> None:
+    """SageMaker reads a channel as a raw key prefix: `csv/train/` cut to `csv/train` also
+    trained on csv/train-2021/."""
+    work = RegistryUrl.parse(f"s3://{s3_bucket}/work")
+    folder = f"s3://{s3_bucket}/csv/train/"
+    assert sagemaker.stage_inputs(s3, work, "j", {"train": folder}) == {"train": folder}
+    with pytest.raises(ValueError, match="s3://"):
+        sagemaker.stage_inputs(s3, work, "j", {"train": "s3://"})
 
 
 def model_tarball() -> bytes:
@@ -158,6 +187,15 @@ def test_train_uploads_waits_downloads_and_converts(
     manifest = ModelManifest.read(exported / "manifest.json")
     assert manifest.output.objective == "multi:softmax"
     assert manifest.provenance.metrics == record["metrics"]  # moto reports train:progress=100
+
+    # The name again: refused before the upload could overwrite that job's recorded input.
+    again = write_csv(tmp_path / "again.csv", 20)
+    argv = ["sagemaker", "train", str(again), "--s3", f"s3://{s3_bucket}/work", "--role", ROLE]
+    assert main([*argv, "--out", str(tmp_path / "o2"), "--job-name", job]) == 2
+    assert f"training job {job} exists already" in capsys.readouterr().err
+    assert s3.get_object(Bucket=s3_bucket, Key=f"work/jobs/{job}/train.csv")["Body"].read() == (
+        train.read_bytes()
+    )
 
 
 def test_ctrl_c_leaves_the_job_running(

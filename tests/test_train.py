@@ -210,3 +210,15 @@ def test_csv_parser_matches_loadtxt(tmp_path: Path) -> None:
     path.write_bytes(b"1,0.5,-2,1e2\r\n0,3,4,5")  # decimals, signs, CRLF, no final newline
     x, y = read_csv(path)
     assert np.array_equal(x, [[0.5, -2, 100], [3, 4, 5]]) and y.tolist() == [1, 0]
+
+
+@pytest.mark.parametrize(("label", "missing"), [(1, "no clean (0) rows"), (0, "no corroded (1)")])
+def test_one_class_data_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], label: int, missing: str
+) -> None:
+    """A rust-only box job trained, scored itself perfect and was published."""
+    data = tmp_path / "train.csv"
+    data.write_text("".join(f"{label},{i},{i},{i}\n" for i in range(50)))
+    assert export_main(["train", str(data), "--out", str(tmp_path / "m")]) == 2
+    assert f"{data}: {missing}" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

@@ -58,8 +58,13 @@ def _day(when: datetime) -> str:
     return f"{utc:%Y}/{utc:%m}/{utc:%d}"
 
 
+def is_device_id(name: str) -> bool:
+    """Whether `name` can be a device's folder under captures/ (others are not ours)."""
+    return bool(_DEVICE.match(name))
+
+
 def _device(device: str) -> str:
-    if not _DEVICE.match(device):
+    if not is_device_id(device):
         raise ValueError(f"device id {device!r} cannot be part of an S3 key")
     return device
 
