@@ -331,6 +331,10 @@ class Agent:
         self.ticker.start()
         try:
             self.loop.run(self.stop_event)
+        except Exception:  # an outbox that cannot commit: logged before the stop, and the
+            log.exception("frame loop failed; stopping")  # stop takes the signal's budget,
+            self.stop_event.set()  # not a finished run's long drain (systemd would kill it)
+            raise
         finally:
             try:
                 self.shutdown()  # our handlers stay: a signal cuts a finished run's drain short

@@ -2,18 +2,21 @@
 
 A frame is read, classified and its DetectionMessage committed to the outbox before the
 next frame is read, so the network never sits on the frame's path and a crash loses at
-most the frame in hand. A corrupt frame is counted and logged, never fatal.
+most the frame in hand. A corrupt frame is counted and logged, never fatal; a detection
+that cannot be committed (a locked or full outbox) ends the loop before the source is
+asked for the next frame, so a watched folder never marks that frame seen.
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 
 from agent.capture import Capturer
 from agent.contract.messages import DetectionMessage, Topics
-from agent.engine.detector import Detector
+from agent.engine.detector import Analysis, Detector
 from agent.health import FrameStats, Heartbeat, SdNotify
 from agent.outbox import Outbox
 from agent.sources import Failed, Frame, Source
@@ -57,12 +60,13 @@ class FrameLoop:
                 log.warning("frame refused: %s", item.reason)
             else:
                 try:
-                    message = self._classify(item)
+                    analysis, message = self._classify(item)
                 except Exception:  # one frame a model chokes on must not end the agent
                     self.stats.fail()
                     log.exception("frame %s could not be classified", item.name)
                     self.heartbeat.idle()
                     continue
+                message = self._commit(item, analysis, message)
                 if not ready:
                     ready = True
                     self.notify.ready(f"classifying {self.source.uri}")
@@ -71,10 +75,10 @@ class FrameLoop:
                     log.debug("%s", _line(item, message))
             self.heartbeat.idle()  # asking for the next item lets a folder mark this one seen
 
-    def _classify(self, frame: Frame) -> DetectionMessage:
+    def _classify(self, frame: Frame) -> tuple[Analysis, DetectionMessage]:
         analysis = self.detector.analyse(frame.image, frame.full_size)
         latency_ms = 1000.0 * (time.monotonic() - frame.read_at)
-        message = analysis.message(
+        return analysis, analysis.message(
             device_id=self.device_id,
             source=frame.source,
             frame_index=frame.index,
@@ -82,13 +86,19 @@ class FrameLoop:
             latency_ms=latency_ms,
             gps=frame.gps,
         )
+
+    def _commit(
+        self, frame: Frame, analysis: Analysis, message: DetectionMessage
+    ) -> DetectionMessage:
+        """Capture (best effort) and commit the detection; an outbox error propagates."""
         if self.capturer is not None:
             try:
                 message = self.capturer.consider(frame, analysis, message)
-            except (OSError, ValueError) as exc:  # a full disk must not stop the detections
+            except (OSError, ValueError, sqlite3.Error) as exc:  # a full disk must not stop
+                # the detections: the capture is lost (and counted where the disk allows)
                 log.error("capture of %s failed: %s", frame.name, exc)
         self.outbox.put(self.topics.detections, message.model_dump_json().encode())
-        self.stats.frame(latency_ms, analysis.flagged)
+        self.stats.frame(message.latency_ms, analysis.flagged)
         return message
 
 

@@ -156,3 +156,11 @@ def test_a_file_that_cannot_be_read_is_a_model_error_naming_it(
     monkeypatch.setattr(engine_model, "sha256_file", bad_block)
     with pytest.raises(ModelError, match=f"model {path}: cannot read: Input/output error"):
         verify_file(path, 10, "0" * 64, "model")
+
+
+def test_softprob_models_export_with_all_colour_parity(tmp_path: Path) -> None:
+    """The folded node was written with SOFTMAX: onnxruntime then gave the raw margin as
+    'probabilities' and convert refused every multi:softprob model."""
+    manifest = train_export(tmp_path, "multi:softprob", rounds=5, depth=3, parity=True)
+    model = PixelModel.load(manifest)
+    assert model.manifest.output.objective == "multi:softprob"

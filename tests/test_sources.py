@@ -6,6 +6,7 @@ import http.server
 import logging
 import os
 import socketserver
+import sqlite3
 import struct
 import threading
 import time
@@ -672,3 +673,46 @@ def test_photos_without_exif_do_not_spam_the_log(
         assert read_exif(data).taken_at is None
     frame_of(tmp_path, jpeg())
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_a_detection_the_outbox_refuses_leaves_its_file_unseen(
+    tmp_path: Path, logistic_model: Path
+) -> None:
+    """An outbox error (locked past its wait, disk full) was counted as a bad frame and the
+    folder then marked the file seen: its detection was lost for good."""
+    from agent.contract.messages import Topics
+    from agent.engine.classifier import ColourModel
+    from agent.engine.detector import Detector
+    from agent.health import FrameStats, Heartbeat, SdNotify
+    from agent.outbox import Outbox
+    from agent.pipeline import FrameLoop
+
+    folder, state = tmp_path / "in", tmp_path / "state"
+    folder.mkdir()
+    write(folder / "a.jpg", jpeg(90))
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+
+    def loop(source: FolderSource) -> FrameLoop:
+        return FrameLoop(
+            source=source,
+            detector=Detector(ColourModel.load(logistic_model)),
+            outbox=outbox,
+            topics=Topics("corrosion/d/"),
+            device_id="d",
+            stats=FrameStats(),
+            heartbeat=Heartbeat(),
+            notify=SdNotify(None),
+        )
+
+    def locked(*_: Any, **__: Any) -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    failing = FolderSource(cfg("folder", folder, exit_when_done=True), state_dir=state)
+    broken = loop(failing)
+    broken.outbox = cast(Outbox, type("Locked", (), {"put": staticmethod(locked)})())
+    with pytest.raises(sqlite3.OperationalError):
+        broken.run(threading.Event())
+    failing.close()
+    again = FolderSource(cfg("folder", folder, exit_when_done=True), state_dir=state)
+    loop(again).run(threading.Event())  # after a restart: the same file, committed now
+    assert outbox.depth == 1

@@ -21,7 +21,7 @@ TREE_OP = "TreeEnsembleClassifier"
 # post_transform of the tree node for each objective, as onnxmltools writes it.
 POST_TRANSFORM = {
     "binary:logistic": "LOGISTIC",
-    "multi:softprob": "SOFTMAX",
+    "multi:softprob": "LOGISTIC",  # two classes fold into one score, as binary:logistic
     "multi:softmax": "NONE",
 }
 PROBABILITY_TOLERANCE = 1e-5
