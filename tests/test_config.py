@@ -35,6 +35,10 @@ def write(tmp_path: Path, text: str) -> Path:
             "classifier.min_region_score: Input should be less than or equal to 1",
         ),
         ("colour = 1\n", "colour: Extra inputs are not permitted"),
+        (
+            '[model]\nregistry = "s3://models/r"\n',
+            "model: Value error, registry is set and require_signature is true, but public_keys",
+        ),
         ("[mqtt\n", "not valid TOML"),
     ],
 )

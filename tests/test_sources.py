@@ -716,3 +716,19 @@ def test_a_detection_the_outbox_refuses_leaves_its_file_unseen(
     again = FolderSource(cfg("folder", folder, exit_when_done=True), state_dir=state)
     loop(again).run(threading.Event())  # after a restart: the same file, committed now
     assert outbox.depth == 1
+
+
+def test_a_file_name_that_is_not_utf8_is_named_and_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`Br\\xfccke.jpg` (unzipped from a Windows archive) made the seen record raise: the
+    agent died at every start, and the files behind it were never read."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    with open(os.path.join(os.fsencode(folder), b"Br\xfccke.jpg"), "wb") as fh:
+        fh.write(jpeg(90))
+    write(folder / "b.jpg", jpeg(60))
+    source = FolderSource(cfg("folder", folder, exit_when_done=True), state_dir=tmp_path / "s")
+    names = [f.name for f in source.frames(threading.Event()) if isinstance(f, Frame)]
+    assert names == ["b.jpg"]
+    assert "is not UTF-8; skipped until renamed" in caplog.text

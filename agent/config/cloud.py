@@ -50,6 +50,16 @@ class ModelConfig(Area):
     )
     region: str | None = Field(default=None, description="AWS region; None = boto3's chain")
 
+    @model_validator(mode="after")
+    def _keys_for_signatures(self) -> ModelConfig:
+        # Else it starts, and every version the registry offers is refused, forever.
+        if self.registry is not None and self.require_signature and not self.public_keys:
+            raise ValueError(
+                "registry is set and require_signature is true, but public_keys is empty: "
+                "no model could ever be accepted (name the registry's public key)"
+            )
+        return self
+
 
 class RateLimit(Area):
     """Most captures of one category per window; None = no limit for that window."""

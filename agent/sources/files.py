@@ -119,6 +119,7 @@ class FolderSource(Source):
         self._root = Path(config.uri).resolve()
         self._extensions = _extensions(config)
         self._settling: dict[str, tuple[int, int, float]] = {}
+        self._misnamed: set[str] = set()  # reported once each
         record = state_dir / "seen-files.sqlite"
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
@@ -172,6 +173,12 @@ class FolderSource(Source):
         for top, dirs, names in os.walk(self._root):
             dirs[:] = [d for d in dirs if not d.startswith(".")] if self._config.recursive else []
             for name in names:
+                if not _utf8(name):  # the seen record and every message carry names as UTF-8
+                    if name not in self._misnamed:
+                        self._misnamed.add(name)
+                        log.error("%s: file name %r is not UTF-8; skipped until renamed",
+                                  self.uri, name)  # fmt: skip
+                    continue
                 lower = name.lower()
                 if name.startswith(".") or lower.endswith(_PARTIAL):
                     continue
@@ -221,3 +228,12 @@ class FolderSource(Source):
             )
         except sqlite3.Error as exc:  # e.g. disk full: still skipped until restart
             log.error("%s: cannot record %s as seen: %s", self.uri, file.rel, exc)
+
+
+def _utf8(name: str) -> bool:
+    """False for a name os.walk decoded with surrogates (bytes from a Windows zip, say)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
