@@ -123,3 +123,32 @@ def test_a_commanded_threshold_lasts_until_the_next_model(logistic_model: Path) 
     configured = Detector(ColourModel.load(logistic_model), ClassifierConfig(flag_pct=9.0))
     configured.swap(ColourModel.load(logistic_model))
     assert configured.threshold == 9.0  # the config's % holds for every model
+
+
+def test_a_threshold_command_mid_frame_waits_for_the_next_frame() -> None:
+    """set-threshold runs on the MQTT thread: a frame was flagged by the image rule while its
+    message reported the operator's % as the threshold in force."""
+    from types import SimpleNamespace
+
+    from agent.contract import ModelRef
+    from agent.engine.classifier import Classified
+
+    class Ruled:
+        manifest = SimpleNamespace(
+            decision=SimpleNamespace(image_rule=SimpleNamespace(threshold=0.5), flag_pct=5.0)
+        )
+        regions = None
+        ref = ModelRef(name="m", version="1.0.0", sha256="0" * 64)
+
+        def classify(self, bgr: np.ndarray, *, rule: bool = True) -> Classified:
+            detector.command_threshold(50.0)  # the command lands while the frame is classified
+            return Classified(np.zeros(bgr.shape[:2], np.uint8), 0.9 if rule else None)
+
+        def close(self) -> None:
+            pass
+
+    detector = Detector(Ruled())  # type: ignore[arg-type]
+    first = detector.analyse(np.zeros((8, 8, 3), np.uint8))
+    assert (first.flagged, first.rust_threshold, first.threshold) == (True, 0.5, 5.0)  # one state
+    second = detector.analyse(np.zeros((8, 8, 3), np.uint8))
+    assert (second.flagged, second.rust_threshold, second.threshold) == (False, None, 50.0)

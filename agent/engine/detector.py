@@ -116,7 +116,7 @@ class Detector:
         An override also sets the model's image rule aside: an operator who names a % means
         the % to decide.
         """
-        return self._threshold_of(self._model)
+        return self._threshold_of(self._model, self._override())
 
     def command_threshold(self, flag_pct: float | None) -> None:
         """The set-threshold command: this % decides until the next model, which brings its
@@ -130,14 +130,15 @@ class Detector:
     @property
     def rule_threshold(self) -> float | None:
         """The image rule's P(rust) threshold when it decides (no operator's % in force)."""
-        return self._rule_threshold_of(self._model)
+        return self._rule_threshold_of(self._model, self._override())
 
-    def _rule_threshold_of(self, model: ServingModel) -> float | None:
+    @staticmethod
+    def _rule_threshold_of(model: ServingModel, override: float | None) -> float | None:
         rule = model.manifest.decision.image_rule
-        return None if rule is None or self._override() is not None else rule.threshold
+        return None if rule is None or override is not None else rule.threshold
 
-    def _threshold_of(self, model: ServingModel) -> float:
-        override = self._override()
+    @staticmethod
+    def _threshold_of(model: ServingModel, override: float | None) -> float:
         return override if override is not None else model.manifest.decision.flag_pct
 
     def swap(self, model: ServingModel) -> ServingModel:
@@ -168,7 +169,8 @@ class Detector:
         work = fit_long_side(image, cfg.analysis_long_side)
         height, width = work.shape[:2]
         full = frame_size or (image.shape[1], image.shape[0])
-        rust_threshold = self._rule_threshold_of(model)
+        override = self._override()  # once: a set-threshold landing mid-frame waits a frame
+        rust_threshold = self._rule_threshold_of(model, override)
         classified = model.classify(work, rule=rust_threshold is not None)
         scores = classified.scores
         borderline = cv2.countNonZero(cv2.inRange(scores, *BORDERLINE))
@@ -187,7 +189,7 @@ class Detector:
                 max_regions=cfg.max_regions,
                 min_score=cfg.min_region_score,
             )
-        threshold = self._threshold_of(model)
+        threshold = self._threshold_of(model, override)
         probability = classified.rust_probability
         if probability is not None and rust_threshold is not None:
             flagged = probability >= rust_threshold
