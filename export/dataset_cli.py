@@ -52,6 +52,11 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int_at_least(0), default=0)
 
 
+def labels_of(args: argparse.Namespace) -> dict[str, int]:
+    """The --label pairs, or the AWS convention's names."""
+    return dict(args.label or DEFAULT_LABELS)
+
+
 def config_of(
     args: argparse.Namespace,
     *,
@@ -65,7 +70,7 @@ def config_of(
         crops=tuple(crops),
         masks=tuple(masks),
         negatives=tuple(negatives),
-        labels=dict(args.label or DEFAULT_LABELS),
+        labels=labels_of(args),
         ignore=frozenset(args.ignore_label),
         crop=args.crop,
         outside_boxes_negatives=args.outside_boxes_negatives,

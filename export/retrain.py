@@ -37,7 +37,7 @@ from agent.imageio import ImageError, read
 from export import dataset_cli, registry
 from export.argtypes import int_at_least
 from export.convert import export_model, load_booster
-from export.datasets import DEFAULT_LABELS, MASK_SUFFIX, DatasetError, build
+from export.datasets import MASK_SUFFIX, DatasetError, build
 from export.registry import TRANSFER, aws_errors, head_object
 from export.train import fit, hyperparameters
 from export.voc import IMAGE_SUFFIXES
@@ -246,7 +246,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         raise DatasetError(f"{args.work}: --work must be new or empty (stale labels otherwise)")
     with tempfile.TemporaryDirectory(prefix="corrosion-retrain-") as tmp:
         work = args.work or Path(tmp)
-        labels = dict(args.label or DEFAULT_LABELS)  # what config_of gives the dataset too
+        labels = dataset_cli.labels_of(args)
         masks = [fetch_folder(s3, m, work / f"masks-{i}") for i, m in enumerate(args.masks)]
         voc = [fetch_folder(s3, v, work / f"voc-{i}") for i, v in enumerate(args.voc)]
         negatives = [fetch_folder(s3, d, work / f"neg-{i}") for i, d in enumerate(args.negatives)]
