@@ -1,5 +1,6 @@
 """`corrosion-agent run`: builds the parts from the config, runs the frame loop, and shuts
-everything down in order on SIGTERM, SIGINT or when a file source is done.
+everything down in order on SIGTERM, SIGINT or, with `exit_when_done`, when a file source
+is done (without it the agent idles when a glob or video ends, until it is stopped).
 
 Shutdown order follows the data: stop taking frames, finish the frame in hand, stop the
 health ticker, let the publisher settle acknowledgements, publish `stopped`, disconnect,
@@ -312,7 +313,7 @@ class Agent:
         self.stop_event.set()
 
     def run(self) -> int:
-        """Run until stopped or the source is done; returns the process exit code."""
+        """Run until stopped (or the source is done, with exit_when_done); the exit code."""
         previous = {
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
         }
@@ -331,6 +332,12 @@ class Agent:
         self.ticker.start()
         try:
             self.loop.run(self.stop_event)
+            if not self.stop_event.is_set() and not self.config.source.exit_when_done:
+                # A glob or video ends; the agent does not: it keeps answering commands,
+                # publishing metrics and taking updates, and ending would replay it all.
+                log.info("source %s done; idle until stopped (exit_when_done = false)",
+                         self.source.uri)  # fmt: skip
+                self.stop_event.wait()
         except Exception:  # an outbox that cannot commit: logged before the stop, and the
             log.exception("frame loop failed; stopping")  # stop takes the signal's budget,
             self.stop_event.set()  # not a finished run's long drain (systemd would kill it)

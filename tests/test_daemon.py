@@ -355,3 +355,28 @@ def test_username_and_password(
     sub.loop_stop()
     assert len(got) == 2  # the two from the refused run, replayed from the outbox
     assert "s3cret-pass" not in agent.text()
+
+
+def test_glob_source_done_agent_idles_until_stopped(
+    tmp_path: Path, logistic_model: Path, broker: Broker
+) -> None:
+    """Without exit_when_done a finished glob leaves the agent up (commands, metrics,
+    updates); exiting would have systemd or Docker start it over the same images."""
+    write_frames(tmp_path / "frames", 3)
+    settings = agent_settings(tmp_path, logistic_model, broker.port, tmp_path / "frames")
+    settings["source"] = {"kind": "glob", "uri": str(tmp_path / "frames" / "*.jpg")}
+    sub = Subscriber(broker.port, [PREFIX + "#"], client_id="idle-sub")
+    agent = AgentProcess(write_config(tmp_path / "a.toml", settings))
+    try:
+        assert sub.wait_for(lambda: len(sub.payloads("/detections")) == 3), agent.text()
+        seen = len(sub.payloads("/metrics"))
+        assert sub.wait_for(lambda: len(sub.payloads("/metrics")) >= seen + 2), agent.text()
+        assert agent.proc.poll() is None, agent.text()
+        assert "idle until stopped" in agent.text()
+        agent.signal(signal.SIGTERM)
+        assert agent.wait(15) == 0, agent.text()
+    finally:
+        agent.stop()
+    assert sub.wait_for(lambda: "stopped" in statuses(sub))
+    sub.close()
+    assert len(sub.payloads("/detections")) == 3

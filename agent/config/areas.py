@@ -141,7 +141,8 @@ class SourceConfig(Area):
     )
     exit_when_done: bool = Field(
         default=False,
-        description="Stop the agent when a file source is exhausted (folder: nothing new left)",
+        description="Stop the agent when a file source is exhausted (folder: nothing new left); "
+        "otherwise it idles, answering commands, until stopped",
     )
 
 
