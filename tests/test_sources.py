@@ -260,6 +260,61 @@ def test_folder_corrupt_file_fails_alone_and_is_not_retried(tmp_path: Path) -> N
     assert run_folder(folder, state) == []
 
 
+def test_folder_unreadable_file_is_reported_once_and_read_when_it_can_be(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EACCES or EIO is not a bad image: the file is retried, never recorded as seen."""
+    folder, state, now = tmp_path / "in", tmp_path / "state", time.time()
+    write(folder / "a.jpg", jpeg(), now - 20)
+    locked = write(folder / "b.jpg", jpeg(), now - 10)
+    refusals = 3
+    real_read = Path.read_bytes
+
+    def read_bytes(path: Path) -> bytes:
+        nonlocal refusals
+        if path.name == "b.jpg" and refusals:
+            refusals -= 1
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_read(path)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr("agent.sources.files._RETRY_MIN_S", 0.05)
+    # A run that ends while b.jpg cannot be read leaves it for the next start.
+    first = run_folder(folder, state)
+    assert names(first) == ["a.jpg", f"FAILED {locked}"]
+    failed = first[1]
+    assert isinstance(failed, Failed) and "Permission denied" in failed.reason
+    # A watching source reports it once a start and takes it as soon as it reads.
+    source = FolderSource(cfg("folder", folder), state_dir=state)
+    drain = Drain(source)
+    drain.wait(lambda items: any(isinstance(i, Frame) for i in items))
+    drain.stopped()
+    assert names(drain.items) == [f"FAILED {locked}", "b.jpg"] and refusals == 0
+    assert (source.stats.failed, source.stats.delivered) == (1, 1)
+    source.close()
+    assert run_folder(folder, state) == []
+
+
+def test_folder_record_forgets_files_long_gone(tmp_path: Path) -> None:
+    """The record is bounded by the folder: a gateway whose inbox is emptied by a sync tool
+    does not keep (and hold in memory) every file it ever saw."""
+    folder, state = tmp_path / "in", tmp_path / "state"
+    kept = write(folder / "kept.jpg", jpeg(), time.time() - 60)
+    assert names(run_folder(folder, state)) == ["kept.jpg"]
+    st = kept.stat()
+    month_ago = time.time() - 31 * 86400
+    with sqlite3.connect(state / "seen-files.sqlite") as db:
+        db.execute("UPDATE seen SET seen_at = ?", (month_ago,))  # still there: kept
+        db.execute("INSERT INTO seen VALUES ('gone.jpg', 5, 6, ?)", (month_ago,))
+        db.execute("INSERT INTO seen VALUES ('recent.jpg', 5, 6, ?)", (time.time(),))
+    db.close()
+    assert run_folder(folder, state) == []
+    with sqlite3.connect(state / "seen-files.sqlite") as db:
+        rows = db.execute("SELECT path, size, mtime_ns FROM seen ORDER BY path").fetchall()
+    db.close()
+    assert rows == [("kept.jpg", st.st_size, st.st_mtime_ns), ("recent.jpg", 5, 6)]
+
+
 def test_folder_refuses_symlinks_that_escape(tmp_path: Path) -> None:
     folder, now = tmp_path / "in", time.time()
     outside = write(tmp_path / "secret.jpg", jpeg())

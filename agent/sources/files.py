@@ -26,6 +26,13 @@ log = logging.getLogger(__name__)
 _PARTIAL: Final = (".tmp", ".part")
 _MAX_FILE_BYTES: Final = 256 * 1024**2  # no photo is this big; reading it could exhaust RAM
 _MAGIC: Final = re.compile(r"[*?[]")
+# A read error may pass (permissions fixed, a flaky mount back): retried with this backoff.
+_RETRY_MIN_S: Final = 2.0
+_RETRY_MAX_S: Final = 300.0
+# Records of files gone from the folder are dropped after this long (a sync tool that puts
+# a file back within it does not have it analysed twice), checked this often.
+_FORGET_AFTER_S: Final = 30 * 86400.0
+_PRUNE_EVERY_S: Final = 3600.0
 # Keyed by the path relative to the folder, so the record survives a new mount point.
 _SEEN_SCHEMA: Final = """CREATE TABLE IF NOT EXISTS seen (path TEXT NOT NULL, size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL, seen_at REAL NOT NULL, PRIMARY KEY (path, size, mtime_ns))"""
@@ -108,7 +115,9 @@ class _File:
 class FolderSource(Source):
     """A watched folder: each new image once, oldest first, after its size and mtime held
     for settle_s. A file is recorded as seen when the consumer asks for the next frame, so
-    a crash mid-frame repeats that frame rather than losing it."""
+    a crash mid-frame repeats that frame rather than losing it. A file that cannot be read
+    is reported once and retried with backoff, never recorded: an unreadable file is not
+    a bad image, and it is read once someone fixes its permissions or the mount."""
 
     def __init__(
         self, config: SourceConfig, *, state_dir: Path, decode_long_side: int | None = None
@@ -120,6 +129,7 @@ class FolderSource(Source):
         self._extensions = _extensions(config)
         self._settling: dict[str, tuple[int, int, float]] = {}
         self._misnamed: set[str] = set()  # reported once each
+        self._unreadable: dict[tuple[str, int, int], tuple[float, float]] = {}  # retry at, wait
         record = state_dir / "seen-files.sqlite"
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
@@ -129,6 +139,7 @@ class FolderSource(Source):
             self._db.execute(_SEEN_SCHEMA)
             rows = self._db.execute("SELECT path, size, mtime_ns FROM seen")
             self._seen: set[tuple[str, int, int]] = {(p, s, m) for p, s, m in rows}
+            self._pruned_at = -float("inf")
         except (OSError, sqlite3.Error) as exc:
             raise SourceError(f"{config.uri}: cannot open the record {record}: {exc}") from exc
 
@@ -146,7 +157,8 @@ class FolderSource(Source):
                 item = self._load(file)
                 if item is not None:
                     yield item
-                    self._mark(file)
+                    if file.key not in self._unreadable:
+                        self._mark(file)
             if not ready:
                 stop.wait(self._config.poll_s)
 
@@ -159,7 +171,20 @@ class FolderSource(Source):
         now = time.monotonic()
         ready: list[_File] = []
         settling: dict[str, tuple[int, int, float]] = {}
-        for file in self._unseen():
+        unreadable = self._unreadable
+        self._unreadable = {}  # forget files that went away
+        prune = now - self._pruned_at >= _PRUNE_EVERY_S
+        present: set[tuple[str, int, int]] = set()
+        for file in self._files():
+            key = file.key
+            if prune:
+                present.add(key)
+            if key in self._seen:
+                continue
+            if key in unreadable:
+                self._unreadable[key] = unreadable[key]
+                if now < unreadable[key][0]:
+                    continue
             before = self._settling.get(file.rel)
             since = before[2] if before and before[:2] == (file.size, file.mtime_ns) else now
             if now - since >= self._config.settle_s:
@@ -167,40 +192,51 @@ class FolderSource(Source):
             else:
                 settling[file.rel] = (file.size, file.mtime_ns, since)
         self._settling = settling
+        if prune:
+            self._pruned_at = now
+            self._forget_gone(present)
         return sorted(ready, key=lambda f: (f.mtime_ns, f.rel)), bool(settling)
 
-    def _unseen(self) -> Iterator[_File]:
-        for top, dirs, names in os.walk(self._root):
-            dirs[:] = [d for d in dirs if not d.startswith(".")] if self._config.recursive else []
-            for name in names:
+    def _files(self) -> Iterator[_File]:
+        """Every candidate image; os.scandir, one stat per plain file: an inbox of thousands
+        of analysed photos is rescanned every poll_s, and this is its whole idle cost."""
+        stack = [(str(self._root), "")]
+        while stack:
+            top, prefix = stack.pop()
+            try:
+                entries = list(os.scandir(top))
+            except OSError:  # removed or unreadable since it was listed
+                continue
+            for entry in entries:
+                name = entry.name
+                if name.startswith("."):
+                    continue
                 if not _utf8(name):  # the seen record and every message carry names as UTF-8
                     if name not in self._misnamed:
                         self._misnamed.add(name)
                         log.error("%s: file name %r is not UTF-8; skipped until renamed",
                                   self.uri, name)  # fmt: skip
                     continue
-                lower = name.lower()
-                if name.startswith(".") or lower.endswith(_PARTIAL):
-                    continue
-                if os.path.splitext(lower)[1] not in self._extensions:
-                    continue
-                path = Path(top, name)
-                try:
-                    st = path.lstat()
-                    escapes = stat.S_ISLNK(st.st_mode) and not path.resolve().is_relative_to(
-                        self._root
-                    )
-                    if not escapes:
-                        st = path.stat()
-                except (OSError, RuntimeError):  # gone, broken or looping link
-                    continue
-                if not escapes and not stat.S_ISREG(st.st_mode):
-                    continue  # a FIFO or device would block the reader
-                file = _File(
-                    path.relative_to(self._root).as_posix(), st.st_size, st.st_mtime_ns, escapes
-                )
-                if file.key not in self._seen:
+                file = self._file(entry, prefix + name)
+                if file is not None:
                     yield file
+                elif self._config.recursive and entry.is_dir(follow_symlinks=False):
+                    stack.append((entry.path, f"{prefix}{name}/"))
+
+    def _file(self, entry: os.DirEntry[str], rel: str) -> _File | None:
+        """A candidate image, or None (wrong suffix, partial, gone, FIFO, broken link...)."""
+        lower = entry.name.lower()
+        if lower.endswith(_PARTIAL) or lower[lower.rfind(".") :] not in self._extensions:
+            return None
+        try:
+            link = entry.is_symlink()
+            escapes = link and not Path(entry.path).resolve().is_relative_to(self._root)
+            st = entry.stat(follow_symlinks=not escapes)
+        except (OSError, RuntimeError):  # gone, broken or looping link
+            return None
+        if not escapes and not stat.S_ISREG(st.st_mode):
+            return None  # a FIFO or device would block the reader
+        return _File(rel, st.st_size, st.st_mtime_ns, escapes)
 
     def _load(self, file: _File) -> Frame | Failed | None:
         """The file as a frame; None if it vanished or changed since it settled."""
@@ -215,10 +251,38 @@ class FolderSource(Source):
         except FileNotFoundError:
             return None
         except OSError as exc:
-            return self._failed(str(path), f"{path}: cannot read ({exc.strerror or exc})")
+            return self._unreadable_now(file, path, exc)
+        self._unreadable.pop(file.key, None)
         if (st.st_size, st.st_mtime_ns) != (file.size, file.mtime_ns) or len(data) != file.size:
             return None  # rewritten after settling: it will settle again under its new key
         return self._file_frame(path, file.rel, data, time.monotonic())
+
+    def _unreadable_now(self, file: _File, path: Path, exc: OSError) -> Failed | None:
+        """Failed the first time (counted, logged by the loop); then only a debug line."""
+        before = self._unreadable.get(file.key)
+        wait = min(_RETRY_MAX_S, 2 * before[1]) if before else _RETRY_MIN_S
+        self._unreadable[file.key] = (time.monotonic() + wait, wait)
+        reason = f"{path}: cannot read ({exc.strerror or exc})"
+        if before is None:
+            return self._failed(str(path), f"{reason}; retried until it can be")
+        log.debug("%s; next try in %.0f s", reason, wait)
+        return None
+
+    def _forget_gone(self, present: set[tuple[str, int, int]]) -> None:
+        """Bound the record (and this set) by what the folder holds, not all it ever held."""
+        try:
+            old = self._db.execute(
+                "SELECT path, size, mtime_ns FROM seen WHERE seen_at < ?",
+                (time.time() - _FORGET_AFTER_S,),
+            ).fetchall()
+            gone = [key for key in map(tuple, old) if key not in present]
+            self._db.executemany("DELETE FROM seen WHERE path=? AND size=? AND mtime_ns=?", gone)
+        except sqlite3.Error as exc:
+            log.error("%s: cannot prune the record of seen files: %s", self.uri, exc)
+            return
+        self._seen.difference_update(gone)
+        if gone:
+            log.info("%s: forgot %d file(s) gone from the folder", self.uri, len(gone))
 
     def _mark(self, file: _File) -> None:
         self._seen.add(file.key)
