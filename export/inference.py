@@ -36,7 +36,7 @@ CODE_DIR = "/opt/ml/model/code"  # where the toolkits look for the handler and r
 ENTRY = "inference.py"  # SAGEMAKER_PROGRAM
 # The engine's third-party imports; their version bounds come from pyproject.toml through the
 # installed distribution's metadata, so there is one list of versions.
-INFERENCE_DEPS = "numpy onnxruntime opencv-python-headless protobuf pydantic pydantic-settings"
+INFERENCE_DEPS = "numpy onnxruntime opencv-python-headless protobuf pydantic"
 
 
 class UnsupportedTypeError(ValueError):

@@ -69,6 +69,39 @@ def test_environment_overrides_file_and_is_named(
         AgentConfig.load(path)
 
 
+@pytest.mark.parametrize(
+    ("var", "value", "error"),
+    [
+        ("CORROSION_MQQT__HOST", "b", "CORROSION_MQQT__HOST: names no setting (known: "),
+        ("CORROSION_MQTT__HOTS", "b", "known: CORROSION_MQTT__ENABLED, CORROSION_MQTT__HOST,"),
+        ("CORROSION_MQTT__TLS__CA", "/ca.pem", "CORROSION_MQTT__TLS__CA_FILE"),
+        ("CORROSION_DEVICE_ID__X", "1", "CORROSION_DEVICE_ID__X: names no setting"),
+        ("CORROSION_SOURCE__EXTENSIONS", ".jpg", "source.extensions is written as JSON, e.g. ["),
+        ("CORROSION_SOURCE__EXTENSIONS", "[1]", "source.extensions.0 (from CORROSION_SOURCE__EX"),
+        ("CORROSION_MQTT__TLS", "{", 'mqtt.tls is written as JSON, e.g. {"enabled": true}'),
+    ],
+)
+def test_environment_faults_name_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, var: str, value: str, error: str
+) -> None:
+    """A misspelt override was ignored (the device ran on the file's broker); a list took
+    an error that named neither the variable nor the field."""
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ConfigError) as info:
+        AgentConfig.load(write(tmp_path, ""))
+    assert error in str(info.value)
+
+
+def test_flags_beat_environment_beats_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, '[source]\nexit_when_done = false\nkind = "glob"\n')
+    monkeypatch.setenv("CORROSION_SOURCE__EXIT_WHEN_DONE", "false")
+    monkeypatch.setenv("CORROSION_SOURCE__EXTENSIONS", '[".png"]')
+    monkeypatch.setenv("CORROSION_MQTT__TLS", '{"enabled": true}')
+    config = AgentConfig.load(path, source={"exit_when_done": True})
+    assert config.source.exit_when_done and config.source.kind == "glob"
+    assert config.source.extensions == (".png",) and config.mqtt.tls.enabled
+
+
 def _check_config(path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "agent.cli", "check-config", str(path)],

@@ -2,7 +2,8 @@
 
 `extra="forbid"` everywhere, so a misspelt key fails at start with the path of the field
 instead of being silently ignored on a device nobody can reach. Environment variables
-override the file: `CORROSION_MQTT__PORT=8883` sets `mqtt.port`.
+override the file (`CORROSION_MQTT__PORT=8883` sets `mqtt.port`) and command-line flags
+override both; a `CORROSION_` variable that names no setting is an error too, naming it.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ import json
 import os
 import socket
 import tomllib
+import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, Field, ValidationError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.config.areas import Area, ClassifierConfig, HealthConfig, SourceConfig, SourceKind
 from agent.config.cloud import CategoryLimits, ModelConfig, RateLimit, UploadConfig
@@ -42,15 +43,14 @@ __all__ = [
 ]
 
 
-class AgentConfig(BaseSettings):
-    """The whole agent; `load` reads TOML, then environment overrides on top."""
+ENV_PREFIX: Final = "CORROSION_"
+_NESTED: Final = "__"
 
-    model_config = SettingsConfigDict(
-        extra="forbid",
-        env_prefix="CORROSION_",
-        env_nested_delimiter="__",
-        validate_assignment=True,
-    )
+
+class AgentConfig(BaseModel):
+    """The whole agent; `load` reads TOML, then the environment, then flags on top."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     device_id: str = Field(
         default_factory=socket.gethostname,
@@ -76,19 +76,9 @@ class AgentConfig(BaseSettings):
     upload: UploadConfig = Field(default_factory=UploadConfig, description="Uploads to S3")
 
     @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (env_settings, init_settings)  # environment beats the file
-
-    @classmethod
     def load(cls, path: Path | None, **overrides: Any) -> AgentConfig:
-        """Read `path` (TOML); errors name the file and the field's dotted path."""
+        """Read `path` (TOML), then CORROSION_* variables, then `overrides` (flags); errors
+        name the file or variable and the field's dotted path."""
         data: dict[str, Any] = {}
         where = str(path) if path else "configuration"
         if path is not None:
@@ -99,6 +89,7 @@ class AgentConfig(BaseSettings):
                 raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        _merge(data, _environment(cls))
         _merge(data, overrides)
         try:
             return cls(**data)
@@ -120,15 +111,69 @@ class ConfigError(ValueError):
 
 
 def _describe(exc: ValidationError) -> str:
-    """Like contract.describe, but says when the bad value came from the environment."""
-    env = os.environ
+    """Like contract.describe, but names the variable a bad value came from."""
     parts = []
     for err in exc.errors(include_url=False):
-        path = ".".join(str(p) for p in err["loc"]) or "(root)"
-        var = "CORROSION_" + "__".join(str(p) for p in err["loc"]).upper()
-        origin = f" (from {var})" if var in env else ""
+        loc = [str(p) for p in err["loc"]]
+        path = ".".join(loc) or "(root)"
+        # The longest variable covering the field: CORROSION_SOURCE__EXTENSIONS for .0 too.
+        var = next((v for n in range(len(loc), 0, -1) if (v := _var(loc[:n])) in os.environ), None)
+        origin = f" (from {var})" if var else ""
         parts.append(f"{path}{origin}: {err['msg']}")
     return "; ".join(parts)
+
+
+def _environment(model: type[BaseModel]) -> dict[str, Any]:
+    """CORROSION_<AREA>__<FIELD> variables as nested data. A name that is no setting fails:
+    a misspelt override ignored on a device nobody can reach is worse than no start."""
+    data: dict[str, Any] = {}
+    for var, raw in sorted(os.environ.items()):  # CORROSION_MQTT before CORROSION_MQTT__PORT
+        if not var.startswith(ENV_PREFIX):
+            continue
+        names = var[len(ENV_PREFIX) :].lower().split(_NESTED)
+        area: type[BaseModel] | None = model
+        node = data
+        for depth, name in enumerate(names):
+            field = area.model_fields.get(name) if area else None
+            if field is None or not isinstance(node, dict):
+                known = [_var([*names[:depth], f]) for f in area.model_fields] if area else []
+                hint = f"known: {', '.join(known)}" if known else "a value has no parts"
+                raise ConfigError(f"{var}: names no setting ({hint})")
+            area = _area(field.annotation)
+            if depth < len(names) - 1:
+                node = node.setdefault(name, {})
+            elif area is None and not _structured(field.annotation):
+                node[name] = raw
+            else:
+                try:
+                    node[name] = json.loads(raw)
+                except json.JSONDecodeError as exc:
+                    example = '{"enabled": true}' if area else '[".jpg", ".png"]'
+                    msg = f"{var}: {'.'.join(names)} is written as JSON, e.g. {example}: {exc}"
+                    raise ConfigError(msg) from exc
+    return data
+
+
+def _var(names: list[str]) -> str:
+    return ENV_PREFIX + _NESTED.join(names).upper()
+
+
+def _area(annotation: Any) -> type[BaseModel] | None:
+    """The config area a field holds (`TlsConfig`, `RateLimit | None`), or None for a value."""
+    options = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else ()
+    for option in options or (annotation,):
+        if isinstance(option, type) and issubclass(option, BaseModel):
+            return option
+    return None
+
+
+def _structured(annotation: Any) -> bool:
+    """A list, tuple or mapping: written in a variable as JSON."""
+    options = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else ()
+    return any(
+        get_origin(o) in (list, tuple, dict, set, frozenset) or o in (list, tuple, dict)
+        for o in options or (annotation,)
+    )
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
