@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -120,7 +122,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     _setup_logging(config.log_level)
     from agent.daemon import Agent  # imports the broker and source stacks: run only
 
-    return Agent(config).run()
+    try:
+        code = Agent(config).run()
+    except Exception:  # the daemon logged it, with its traceback, before shutting down
+        code = 1
+    return leave(code)
+
+
+def leave(code: int) -> int:
+    """`code`, or the process ends here with it if a thread outlived the shutdown: a daemon
+    thread inside native code (the updater loading a model into onnxruntime, a grabber in a
+    camera read) aborts the interpreter's teardown (SIGABRT, exit 134, a core dump and a
+    restart). Everything durable is closed by now; there is nothing left to finalize."""
+    alive = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+    if not alive:
+        return code
+    logging.getLogger(__name__).info("exit %d past busy thread(s): %s", code, ", ".join(alive))
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -357,9 +357,13 @@ class Agent:
 
     def shutdown(self) -> None:
         """In data order. On a signal every wait is cut to fit STOP_BUDGET_S in all; a finished
-        file run first gives the broker and S3 time to take what it produced."""
-        self.notify.stopping()
+        file run first gives the broker and S3 time to take what it produced. STOPPING=1
+        (which starts systemd's TimeoutStopSec) comes after those drains, not before."""
         finished = not self.stop_event.is_set()
+        if finished:
+            self.notify.send("STATUS=source done: handing what it produced to the broker and S3")
+        else:
+            self.notify.stopping()
         deadline = time.monotonic() + STOP_BUDGET_S
 
         def draining() -> bool:
@@ -399,6 +403,8 @@ class Agent:
                 self._wait(lambda: not link.connected, patience)
                 if link.connected:
                     self._drain(link)
+        self.notify.stopping()  # the rest is bounded by the signal budget
+        if link is not None:
             link.stop("stopped", timeout=left(3.0))
         if self.outbox.depth:
             where = f"broker {link.where} unreachable" if link and not link.connected else "unsent"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import stat
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -238,3 +240,41 @@ def test_bad_detector_options_are_named_as_typed(
     assert agent_main(["detect", "x.jpg", "--model", str(logistic_model), *option]) == 2
     err = capsys.readouterr().err
     assert message in err and "validation error" not in err
+
+
+_LOADING_AT_EXIT = """
+import sys, threading, time
+import onnxruntime as ort
+from agent.cli import leave
+def load():
+    while True:
+        ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+threading.Thread(target=load, name="updater", daemon=True).start()
+time.sleep(0.3)
+sys.exit(leave(0))
+"""
+
+
+def test_run_exits_cleanly_past_a_thread_inside_onnxruntime(tmp_path: Path) -> None:
+    """SIGTERM while the updater loads a model: the interpreter's teardown under that load
+    aborted (exit 134, every time with this model), so systemd logged a crash and restarted."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = [numpy_helper.from_array(np.ones((256, 256), np.float32), f"w{i}") for i in range(20)]
+    nodes = [helper.make_node("MatMul", [f"y{i - 1}" if i else "x", f"w{i}"], [f"y{i}"])
+             for i in range(20)]  # fmt: skip
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 256]) for n in ("x", "y19")]
+    graph = helper.make_graph(nodes, "slow-to-load", io[:1], io[1:], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "m.onnx")
+    for _ in range(3):
+        run = subprocess.run(
+            [sys.executable, "-c", _LOADING_AT_EXIT, str(tmp_path / "m.onnx")],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert run.returncode == 0, run.stderr[-2000:]

@@ -70,6 +70,41 @@ def test_daemon_under_systemd_notify(
     assert (tmp_path / "state" / "heartbeat").exists()
 
 
+def test_finished_run_says_stopping_only_after_its_drains(
+    tmp_path: Path,
+    logistic_model: Path,
+    notify_socket: socket.socket,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """STOPPING=1 starts systemd's TimeoutStopSec (15 s); a finished run's drains may take a
+    minute, so it comes after them, and a STATUS line says what the agent is doing meanwhile."""
+    write_frames(tmp_path / "frames", 2)
+    settings = agent_settings(tmp_path, logistic_model, 1, tmp_path / "frames")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    agent = AgentProcess(write_config(tmp_path / "a.toml", settings), "--exit-when-done")
+    timed: list[tuple[float, str]] = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            exited = agent.proc.poll() is not None
+            try:
+                lines = notify_socket.recv(4096).decode().splitlines()
+            except TimeoutError:
+                if exited:  # and nothing left to read
+                    break
+                continue
+            timed += [(time.monotonic(), line) for line in lines]
+        assert agent.wait(10) == 0, agent.text()
+    finally:
+        agent.stop()
+    said = [line for _, line in timed]
+    draining = next(i for i, line in enumerate(said) if line.startswith("STATUS=source done"))
+    stopping = said.index("STOPPING=1")
+    assert draining < stopping, said
+    # the broker (port 1) never answered: the run gave it its 1 s before STOPPING=1
+    assert timed[stopping][0] - timed[draining][0] >= 0.9, timed
+
+
 class _Recorder(SdNotify):
     def __init__(self) -> None:
         super().__init__(address="")
