@@ -36,21 +36,24 @@ CSV_FIELDS = (
 
 @dataclass
 class Summary:
-    """What a run did; `refused` holds one line per input that was not analysed."""
+    """What a run did; `refused` holds one line per input that was not analysed,
+    `unwritten` one per overlay that could not be written (its result row stands)."""
 
     analysed: int = 0
     flagged: int = 0
     refused: list[str] = field(default_factory=list)
+    unwritten: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.refused
+        return not self.refused and not self.unwritten
 
 
 def overlay_path(out_dir: Path, name: str) -> Path:
-    """Overlays mirror the input's relative path (names were checked safe by archive)."""
+    """Overlays mirror the input's relative path (names were checked safe by archive) and
+    keep its suffix, so a.jpg and a.png get one each."""
     rel = PurePosixPath(name)
-    return out_dir / "overlays" / rel.parent / f"{rel.stem}.overlay.jpg"
+    return out_dir / "overlays" / rel.parent / f"{rel.name}.overlay.jpg"
 
 
 def analyse_bytes(detector: Detector, data: bytes, name: str) -> tuple[Analysis, imageio.Decoded]:
@@ -60,7 +63,11 @@ def analyse_bytes(detector: Detector, data: bytes, name: str) -> tuple[Analysis,
 
 
 def write_overlay(path: Path, decoded: imageio.Decoded, analysis: Analysis) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """OSError naming the path if it cannot be written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"{path}: cannot write overlay ({exc.strerror or exc})") from exc
     image = render(
         decoded.image,
         analysis.mask,
@@ -80,8 +87,10 @@ def run_batch(
     *,
     on_result: Callable[[str, Analysis], None] | None = None,
     on_refused: Callable[[str], None] | None = None,
+    on_unwritten: Callable[[str], None] | None = None,
 ) -> Summary:
-    """Analyse every entry; results.csv and overlays go to out_dir."""
+    """Analyse every entry; results.csv and overlays go to out_dir. An overlay that cannot
+    be written (a full disk, a name the file system refuses) costs only that overlay."""
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = Summary()
     with (out_dir / "results.csv").open("w", newline="") as fh:
@@ -96,7 +105,12 @@ def run_batch(
                 except imageio.ImageError as exc:
                     reason = str(exc)
                 else:
-                    write_overlay(overlay_path(out_dir, item.name), decoded, analysis)
+                    try:
+                        write_overlay(overlay_path(out_dir, item.name), decoded, analysis)
+                    except OSError as exc:
+                        summary.unwritten.append(str(exc))
+                        if on_unwritten:
+                            on_unwritten(str(exc))
                     writer.writerow(_row(item.name, analysis))
                     summary.analysed += 1
                     summary.flagged += analysis.flagged

@@ -58,6 +58,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
     detector = _detector(args)
     failed = 0
+    names: set[str] = set()
     for i, path in enumerate(args.images):
         try:
             message, analysis, decoded = detect_file(
@@ -67,8 +68,14 @@ def cmd_detect(args: argparse.Namespace) -> int:
             print(f"refused: {exc}", file=sys.stderr)
             failed += 1
             continue
-        if args.out:
-            write_overlay(overlay_path(args.out, path.name), decoded, analysis)
+        if args.out:  # dir1/a.jpg and dir2/a.jpg: the second is named a-<index>.jpg
+            name = path.name if path.name not in names else f"{path.stem}-{i}{path.suffix}"
+            names.add(name)
+            try:
+                write_overlay(overlay_path(args.out, name), decoded, analysis)
+            except OSError as exc:
+                print(f"overlay not written: {exc}", file=sys.stderr)
+                failed += 1
         print(message.model_dump_json() if args.json else _line(str(path), analysis), flush=True)
     return 1 if failed else 0
 
@@ -89,12 +96,14 @@ def cmd_batch(args: argparse.Namespace) -> int:
             args.out,
             on_result=lambda name, a: print(_line(name, a), flush=True),
             on_refused=lambda reason: tqdm.write(f"refused: {reason}", file=sys.stderr),
+            on_unwritten=lambda why: tqdm.write(f"overlay not written: {why}", file=sys.stderr),
         )
     except ValueError as exc:  # not a folder or zip at all
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(
-        f"{summary.analysed} analysed, {summary.flagged} flagged, {len(summary.refused)} refused; "
+        f"{summary.analysed} analysed, {summary.flagged} flagged, {len(summary.refused)} refused, "
+        f"{len(summary.unwritten)} overlay(s) not written; "
         f"results in {args.out / 'results.csv'}",
         file=sys.stderr,
     )

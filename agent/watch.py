@@ -128,15 +128,18 @@ def watch(
     count: int | None = None,
     out: TextIO = sys.stdout,
 ) -> int:
-    """Print messages until interrupted (or `count` were printed)."""
+    """Print messages until interrupted (or `count` were printed); 2 if the broker refused."""
     seen = 0
+    refused = False
     base = f"{prefix}{device}/"
     subscriptions = [base + k for k in ("detections", "status", "model", "metrics", "uploads")]
     subscriptions.append(base + "cmd/+/result")
 
     def on_connect(client: paho.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
+        nonlocal refused
         if reason.is_failure:
-            print(f"broker {config.host}:{config.port} refused: {reason}", file=sys.stderr)
+            refused = True
+            print(f"error: broker {config.host}:{config.port} refused: {reason}", file=sys.stderr)
             client.disconnect()
             return
         client.subscribe([(t, 1) for t in subscriptions])
@@ -164,4 +167,4 @@ def watch(
         return 2
     with contextlib.suppress(KeyboardInterrupt):
         client.loop_forever()
-    return 0
+    return 2 if refused else 0

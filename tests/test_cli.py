@@ -57,7 +57,7 @@ def test_batch_zip_refuses_each_unsafe_entry_and_processes_the_rest(
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert sorted(r["file"] for r in rows) == ["deck/good2.jpg", "good.jpg"]
     assert all(0.0 <= float(r["corrosion_pct"]) <= 100.0 for r in rows)
-    assert (out / "overlays" / "deck" / "good2.overlay.jpg").is_file()
+    assert (out / "overlays" / "deck" / "good2.jpg.overlay.jpg").is_file()
     assert not (tmp_path / "evil.jpg").exists()
     assert "2 analysed" in captured.err
 
@@ -75,6 +75,41 @@ def test_batch_folder_all_good_exits_zero(
     assert code == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and all("% corroded" in line for line in lines)
+
+
+def test_batch_overlays_never_collide_and_one_unwritable_costs_only_itself(
+    logistic_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    frames, out = tmp_path / "frames", tmp_path / "o"
+    frames.mkdir()
+    (frames / "a.jpg").write_bytes(scene_jpeg(30))
+    _, png = cv2.imencode(".png", make_scene(np.random.default_rng(31), 96, 64).image)
+    (frames / "a.png").write_bytes(png.tobytes())
+    (frames / "b.jpg").write_bytes(scene_jpeg(32))
+    (out / "overlays" / "b.jpg.overlay.jpg").mkdir(parents=True)  # in the way
+    code = agent_main(["batch", str(frames), "--model", str(logistic_model), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "overlay not written: " in err and "b.jpg.overlay.jpg" in err
+    assert "3 analysed" in err and "1 overlay(s) not written" in err
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert sorted(r["file"] for r in rows) == ["a.jpg", "a.png", "b.jpg"]
+    jpg, from_png = out / "overlays" / "a.jpg.overlay.jpg", out / "overlays" / "a.png.overlay.jpg"
+    assert cv2.imread(str(jpg)).shape[:2] == (240, 320)
+    assert cv2.imread(str(from_png)).shape[:2] == (64, 96)
+
+
+def test_detect_same_name_from_two_folders_keeps_both_overlays(
+    logistic_model: Path, tmp_path: Path
+) -> None:
+    for folder, seed in (("deck", 40), ("hull", 41)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "p.jpg").write_bytes(scene_jpeg(seed))
+    images = [str(tmp_path / "deck" / "p.jpg"), str(tmp_path / "hull" / "p.jpg")]
+    out = tmp_path / "ov"
+    assert agent_main(["detect", *images, "--model", str(logistic_model), "--out", str(out)]) == 0
+    written = sorted(p.name for p in (out / "overlays").iterdir())
+    assert written == ["p-1.jpg.overlay.jpg", "p.jpg.overlay.jpg"]
 
 
 def test_detect_json_lines_are_detection_messages(
@@ -96,7 +131,7 @@ def test_detect_json_lines_are_detection_messages(
     msg = DetectionMessage.model_validate_json(line)
     assert msg.device_id == "d1" and msg.source == str(image)
     assert (msg.frame_size.width, msg.analysis_size.width) == (1600, 400)
-    assert (tmp_path / "ov" / "overlays" / "hull.overlay.jpg").is_file()
+    assert (tmp_path / "ov" / "overlays" / "hull.jpg.overlay.jpg").is_file()
 
 
 def test_bad_model_path_is_a_clear_error(

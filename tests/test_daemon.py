@@ -8,6 +8,8 @@ import signal
 import socket
 import sqlite3
 import ssl
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -337,6 +339,12 @@ def test_username_and_password(
     assert "refused the connection: Not authorized" in agent.text()
     assert "wrong-pass" not in agent.text()
     assert "2 message(s)" in agent.text()  # kept in the outbox for the next start
+    watch = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "watch", "--broker", password_broker.url,
+         "--username", "device-1", "--password", "wrong-pass"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert watch.returncode == 2 and "refused: Not authorized" in watch.stderr, watch.stderr
 
     settings["mqtt"]["password"] = "s3cret-pass"
     sub = paho.Client(CallbackAPIVersion.VERSION2, client_id="pw-sub", protocol=paho.MQTTv5)
