@@ -242,6 +242,8 @@ class Agent:
             rate_limited=dict(self.policy.stats.limited),
             duplicates=self.policy.stats.duplicates,
             s3_reachable=self.uploader.reachable,
+            failed=by("failed") or None,  # left out while empty: what pre-1.7 readers read
+            lost=by("lost") or None,
         )
 
     def _outbox_stats(self) -> OutboxStats:

@@ -4,12 +4,15 @@ A capture (image, sidecar, optional mask) is written and committed before anythi
 sent, so an S3 outage, a SIGKILL or a reboot only delays it. The spool never grows past
 its byte budget: when a new capture does not fit, the oldest capture of the lowest
 priority goes first (flagged frames last), but never one more important than the
-newcomer; if nothing may go, the newcomer is refused. Both are counted, per category,
-in counters that survive restarts and are published in metrics: nothing is lost silently.
+newcomer; if nothing may go, the newcomer is refused. A disk that fills up before the
+budget does (it is shared) is met the same way: room is made by the same rule and the
+write tried once more. All of it is counted, per category, in counters that survive
+restarts and are published in metrics: nothing is lost silently.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import sqlite3
 import threading
@@ -137,25 +140,18 @@ class Spool:
                     frame_id,
                 )
                 return False
-            if victims:  # make room first: the budget holds at every instant
-                self._db.execute("BEGIN IMMEDIATE")
-                for victim, victim_category, freed in victims:
-                    self._db.execute("DELETE FROM captures WHERE frame_id=?", (victim,))
-                    self._bump(f"evicted.{victim_category}")
-                    self.used -= freed
-                self._db.execute("COMMIT")
-                for victim, victim_category, _ in victims:
-                    self._unlink(victim)
-                    log.warning("spool full: evicted %s capture %s", victim_category, victim)
-            image, sidecar, mask = self.paths(frame_id)
-            try:
-                written = ((image, files.image), (sidecar, files.sidecar), (mask, files.mask))
-                replace_files((path, data) for path, data in written if data is not None)
-            except OSError:
-                self._unlink(frame_id)
-                with self._db:
-                    self._bump(f"failed.{category}")
-                raise
+            self._evict(victims, "spool full")  # first: the budget holds at every instant
+            for retry in (False, True):
+                try:
+                    self._write(frame_id, files)
+                    break
+                except OSError as exc:
+                    full = exc.errno == errno.ENOSPC and not retry
+                    room = self._victims(size, priority, need=size) if full else None
+                    if not room:  # counted, and the caller logs the lost capture
+                        self._failed(frame_id, category)
+                        raise
+                    self._evict(room, "disk full")
             with self._db:
                 self._db.execute(
                     "INSERT INTO captures (frame_id, category, priority, captured_at, created, "
@@ -173,11 +169,50 @@ class Spool:
             self.used += size
         return True
 
-    def _victims(self, size: int, priority: int) -> list[tuple[str, str, int]] | None:
-        """Captures to evict so `size` more bytes fit, lowest priority and oldest first."""
+    def _write(self, frame_id: str, files: CaptureFiles) -> None:
+        image, sidecar, mask = self.paths(frame_id)
+        written = ((image, files.image), (sidecar, files.sidecar), (mask, files.mask))
+        try:
+            replace_files((path, data) for path, data in written if data is not None)
+        except OSError:
+            self._unlink(frame_id)  # a half-written capture is no capture
+            raise
+
+    def _failed(self, frame_id: str, category: str) -> None:
+        with self._db:
+            self._bump(f"failed.{category}")
+        log.error("capture %s (%s) could not be written to %s", frame_id, category, self.dir)
+
+    def _evict(self, victims: list[tuple[str, str, int]], why: str) -> None:
+        """Rows go in one transaction, then `used`, then the files: a failed COMMIT leaves
+        both the rows and the count as they were."""
+        if not victims:
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for victim, victim_category, _ in victims:
+                self._db.execute("DELETE FROM captures WHERE frame_id=?", (victim,))
+                self._bump(f"evicted.{victim_category}")
+            self._db.execute("COMMIT")
+        except sqlite3.Error:
+            if self._db.in_transaction:  # SQLite may have rolled back already
+                self._db.execute("ROLLBACK")
+            raise
+        self.used -= sum(freed for _, _, freed in victims)
+        for victim, victim_category, _ in victims:
+            self._unlink(victim)
+            log.warning("%s: evicted %s capture %s", why, victim_category, victim)
+
+    def _victims(
+        self, size: int, priority: int, need: int | None = None
+    ) -> list[tuple[str, str, int]] | None:
+        """Captures to evict so `size` more bytes fit in the budget (or, given `need`, to
+        free that many bytes of disk), lowest priority and oldest first; None if they
+        cannot be found among captures no more important than the newcomer."""
         if size > self.max_bytes:
             return None
-        need = self.used + size - self.max_bytes
+        if need is None:
+            need = self.used + size - self.max_bytes
         victims: list[tuple[str, str, int]] = []
         if need <= 0:
             return victims

@@ -70,3 +70,24 @@ def test_detection_message_rejects_unknown_and_out_of_range() -> None:
         DetectionMessage.model_validate({**base, "colour": "red"})
     with pytest.raises(ValidationError, match="captured_at"):
         DetectionMessage.model_validate({**base, "captured_at": "2026-01-01T00:00:00"})
+
+
+def test_upload_stats_failed_and_lost_appear_only_when_counted() -> None:
+    """Contract 1.7 added them; a spool that lost nothing reads exactly as a 1.6 one."""
+    from agent.contract.messages import UploadStats
+
+    base = {
+        "spool_depth": 1,
+        "spool_bytes": 10,
+        "uploaded": {},
+        "evicted": {},
+        "refused": {},
+        "rate_limited": {},
+        "duplicates": 0,
+        "s3_reachable": True,
+    }
+    assert json.loads(UploadStats(**base).model_dump_json()) == base
+    counted = UploadStats(**base, failed={"flagged": 2}, lost={"sample": 1})
+    dumped = json.loads(counted.model_dump_json())
+    assert (dumped["failed"], dumped["lost"]) == ({"flagged": 2}, {"sample": 1})
+    assert UploadStats.model_validate(dumped) == counted

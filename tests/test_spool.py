@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import sqlite3
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from agent import spool
 from agent.spool import CaptureFiles, Spool
 
 NOW = datetime(2026, 5, 1, 12, tzinfo=UTC)
@@ -70,3 +77,61 @@ def test_survives_restart_and_sweeps_orphans(tmp_path: Path) -> None:
     c = again.next(now=4_000_000_000)
     assert c is not None and c.frame_id == fid(1) and c.attempts == 1 and c.captured_at == NOW
     assert again.used == 13
+
+
+def test_full_disk_makes_room_by_the_budget_rule_then_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk is shared: it can fill before the budget does. A flagged capture then takes
+    the room of the oldest sample, as it would under the budget; a sample takes nobody's."""
+    s = Spool(tmp_path, 10_000)
+    s.add(fid(1), "sample", NOW, files(97))
+    s.add(fid(2), "flagged", NOW, files(97))
+    real = spool.replace_files
+    full = {"left": 1}
+
+    def replace_files(items: Iterable[tuple[Path, bytes]]) -> None:
+        if full["left"]:
+            full["left"] -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(items)
+
+    monkeypatch.setattr(spool, "replace_files", replace_files)
+    assert s.add(fid(3), "flagged", NOW, files(97))
+    assert s.counters() == {"evicted.sample": 1}
+    assert s.used == 200 and spool_bytes(tmp_path) == 200
+    full["left"] = 1
+    with pytest.raises(OSError, match="No space"):
+        s.add(fid(4), "sample", NOW, files(97))  # only flagged captures: nothing may go
+    assert s.counters() == {"evicted.sample": 1, "failed.sample": 1}
+    assert s.depth == 2 and spool_bytes(tmp_path) == s.used == 200
+
+
+class _FailingCommit:
+    """The spool's connection, but the next COMMIT fails as a full disk's would."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql == "COMMIT":
+            self.db.execute("ROLLBACK")
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.db.execute(sql, *args)
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.db.in_transaction
+
+
+def test_failed_eviction_commit_keeps_rows_and_count(tmp_path: Path) -> None:
+    s = Spool(tmp_path, 400)
+    for i in range(2):
+        assert s.add(fid(i), "sample", NOW, files(197))
+    real, s._db = s._db, _FailingCommit(s._db)  # type: ignore[assignment]
+    with pytest.raises(sqlite3.OperationalError):
+        s.add(fid(9), "flagged", NOW, files(197))
+    s._db = real
+    assert s.used == 400 == spool_bytes(tmp_path) and s.depth == 2  # as before, both kept
+    assert s.add(fid(9), "flagged", NOW, files(197))  # and it works once the disk does
+    assert s.used == 400 and s.counters() == {"evicted.sample": 1}

@@ -16,7 +16,7 @@ from pydantic import (
     model_serializer,
 )
 
-CONTRACT_VERSION = "1.6"
+CONTRACT_VERSION = "1.7"
 """Major.minor of every payload below; a reader refuses a different major."""
 
 SemVer = Annotated[

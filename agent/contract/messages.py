@@ -10,6 +10,7 @@ from pydantic import AwareDatetime, Field
 from agent.contract.common import (
     CONTRACT_VERSION,
     ModelName,
+    OmitsUnset,
     Percent,
     SchemaVersion,
     SemVer,
@@ -183,8 +184,10 @@ class OutboxStats(Strict):
     published: int = Field(ge=0, description="Messages acknowledged by the broker since start")
 
 
-class UploadStats(Strict):
+class UploadStats(OmitsUnset):
     """The capture spool and the uploader; counters are since the spool was created."""
+
+    _omit_when_none = ("failed", "lost")
 
     spool_depth: int = Field(ge=0, description="Captures waiting for upload")
     spool_bytes: int = Field(ge=0, description="Bytes they take on disk")
@@ -194,6 +197,15 @@ class UploadStats(Strict):
     rate_limited: dict[str, int] = Field(description="Frames over a rate limit since start")
     duplicates: int = Field(ge=0, description="Near-identical frames skipped since start")
     s3_reachable: bool = Field(description="The last S3 request succeeded")
+    failed: dict[str, int] | None = Field(
+        default=None,
+        description="Captures the disk could not take, per category (contract 1.7; absent: none)",
+    )
+    lost: dict[str, int] | None = Field(
+        default=None,
+        description="Spooled captures whose files vanished before upload, per category "
+        "(contract 1.7; absent: none)",
+    )
 
 
 class MetricsMessage(Strict):
