@@ -17,3 +17,16 @@ def int_at_least(low: int) -> Callable[[str], int]:
 
     parse.__name__ = "int"  # argparse names the type in its "invalid int value" message
     return parse
+
+
+def float_within(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a float in [low, high], named in the usage error."""
+
+    def parse(text: str) -> float:
+        value = float(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be within {low:g}..{high:g}, got {value:g}")
+        return value
+
+    parse.__name__ = "float"
+    return parse

@@ -15,10 +15,11 @@ from pydantic import ValidationError
 
 from agent import __version__
 from agent.contract import Decision, Provenance, RegistryUrl, describe, key_part, manifest_key
+from agent.contract.manifest import PIXEL_THRESHOLD_RANGE
 from agent.engine.model import ModelError
 from agent.signing import key_id, keyring, load_public_key
 from export import accuracy_cli, dataset_cli, demo, reanalyze, registry, retrain, sagemaker
-from export.argtypes import int_at_least
+from export.argtypes import float_within, int_at_least
 from export.convert import ConvertError, export_model, load_booster
 from export.datasets import DatasetError, build
 from export.synthetic import generate
@@ -294,8 +295,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--name", required=True)
     p.add_argument("--version", dest="version", required=True, help="semantic version")
-    p.add_argument("--pixel-threshold", type=float, default=0.5)
-    p.add_argument("--flag-pct", type=float, default=5.0)
+    p.add_argument("--pixel-threshold", type=float_within(*PIXEL_THRESHOLD_RANGE), default=0.5)
+    p.add_argument("--flag-pct", type=float_within(0.0, 100.0), default=5.0)
     p.add_argument("--skip-parity", action="store_true", help="skip the all-colour parity proof")
     p.add_argument("--no-table", action="store_true", help="let devices compile the table")
     p.set_defaults(func=cmd_convert)

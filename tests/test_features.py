@@ -104,6 +104,18 @@ def test_feature_model_loads_and_serves(feature_model: Path) -> None:
     assert abs(analysis.corrosion_pct - scene.corrosion_pct) < 25
 
 
+@pytest.mark.parametrize("shape", [(2, 1000), (1000, 3), (1, 1), (1, 7)])
+def test_strips_thinner_than_the_stride_are_classified(
+    feature_model: Path, shape: tuple[int, int]
+) -> None:
+    """A frame 1 working pixel high or wide had no sampled row: the model raised and the
+    frame was counted failed (a line-scan camera, a cropped strip)."""
+    detector = Detector(load_model(feature_model))
+    frame = np.full((*shape, 3), (40, 70, 150), np.uint8)  # BGR rust brown
+    analysis = detector.analyse(frame)
+    assert analysis.mask.shape == shape and 0.0 <= analysis.corrosion_pct <= 100.0
+
+
 def test_stride_is_exact_where_it_classifies(feature_model: Path) -> None:
     """Documented guarantee: every sampled working pixel gets the brute-force answer;
     in between, scores are interpolated (measured here: labels agree on >= 95 % of pixels)."""

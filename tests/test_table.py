@@ -6,10 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import xgboost as xgb
+from pydantic import ValidationError
 
+from agent.contract import Decision
 from agent.engine.model import ModelError, PixelModel
 from agent.engine.table import CORRODED, SIZE, check_table, compile_table, load_table, scores_from
-from export.convert import all_colours
+from export.convert import all_colours, export_model
+from tests.conftest import rust_pixels
 
 CHUNK = 1 << 21
 
@@ -34,6 +38,29 @@ def test_table_equals_onnxruntime_for_every_colour(
     mismatches = np.flatnonzero(got != expected)
     assert len(mismatches) == 0, f"{len(mismatches)} colours differ, first index {mismatches[:5]}"
     assert 0.01 < expected.mean() < 0.9  # both classes present: the test can fail
+
+
+@pytest.mark.slow
+def test_table_is_exact_at_the_highest_threshold_a_manifest_may_hold(tmp_path: Path) -> None:
+    """Nearer 1 than 0.999, float32 probabilities are too coarse for the band the compiler
+    re-checks, so a manifest refuses such thresholds (and, for symmetry, below 0.001, where
+    float32 is fine). The model's margins are shifted (base_score) so that many colours sit
+    on both sides of the threshold."""
+    threshold, shift = 0.999, 3.0
+    x, y = rust_pixels()
+    params = {"objective": "binary:logistic", "max_depth": 4, "eta": 0.3, "nthread": 2}
+    booster = xgb.train(params, xgb.DMatrix(x, label=y), 20)
+    base = float(y.mean())
+    booster.set_param({"base_score": 1 / (1 + np.exp(-(np.log(base / (1 - base)) + shift)))})
+    decision = Decision(pixel_threshold=threshold, flag_pct=2.0)
+    manifest = export_model(  # parity=True: every colour's label against onnxruntime's
+        booster, tmp_path / "m", name="extreme", version="1.0.0", decision=decision, parity=True
+    )
+    corroded = (load_table(PixelModel.load(manifest)) >= CORRODED).mean()
+    assert 0.001 < corroded < 0.999
+    for outside in (0.0009, 0.9991):
+        with pytest.raises(ValidationError, match="pixel_threshold"):
+            Decision(pixel_threshold=outside)
 
 
 def test_scores_keep_the_label_on_its_side_of_128() -> None:

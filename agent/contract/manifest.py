@@ -265,13 +265,20 @@ class SceneSpec(Strict):
         return self
 
 
+PIXEL_THRESHOLD_RANGE = (0.001, 0.999)
+
+
 class Decision(OmitsUnset):
     """How pixel scores become a pixel label and pixel labels become an image flag."""
 
     _omit_when_none = ("image_rule",)
 
     pixel_threshold: float = Field(
-        default=0.5, gt=0.0, lt=1.0, description="A pixel is corroded when P(corroded) >= this"
+        default=0.5,
+        ge=PIXEL_THRESHOLD_RANGE[0],
+        le=PIXEL_THRESHOLD_RANGE[1],
+        description="A pixel is corroded when P(corroded) >= this (0.001..0.999: nearer 0 or "
+        "1, float32 probabilities are too coarse for the colour table to be exact)",
     )
     flag_pct: Percent = Field(
         default=5.0,

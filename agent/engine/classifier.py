@@ -224,8 +224,10 @@ class FeatureModel:
     """A verified feature model: features of the working image, trees through onnxruntime.
 
     Exact where it classifies: every `stride`-th working pixel gets precisely the runtime's
-    answer for its feature row (the brute-force result at that pixel); pixels in between
-    take interpolated scores.
+    answer for its feature row (the brute-force result at that pixel). The expansion to the
+    frame interpolates between those samples and, at stride > 1, places each up to half a
+    working pixel from where it was taken (cv2.resize's grid, not the sampling grid); training
+    computes its % through the same `frame_scores`, so the two sides agree.
     """
 
     manifest: ModelManifest

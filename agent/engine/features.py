@@ -92,9 +92,10 @@ def working_image(bgr: U8, long_side: int) -> U8:
     return np.asarray(cv2.resize(bgr, size, interpolation=cv2.INTER_AREA), np.uint8)
 
 
-def grid_offset(stride: int) -> int:
-    """First sampled row/column of a stride: the middle of each stride x stride block."""
-    return stride // 2
+def grid_offsets(shape: tuple[int, ...], stride: int) -> tuple[int, int]:
+    """First sampled row and column: the middle of each stride x stride block, or the last
+    row or column of an image thinner than that (a 1 px strip still gets a sample)."""
+    return min(stride // 2, shape[0] - 1), min(stride // 2, shape[1] - 1)
 
 
 def expand(grid: U8, size: tuple[int, int]) -> U8:
@@ -180,8 +181,8 @@ class FeaturePipeline:
     def grid_shape(self, shape: tuple[int, ...], stride: int | None = None) -> tuple[int, int]:
         """(rows, columns) that `rows` samples from a working image of `shape`."""
         s = self.stride if stride is None else stride
-        off = grid_offset(s)
-        return -(-(shape[0] - off) // s), -(-(shape[1] - off) // s)
+        oy, ox = grid_offsets(shape, s)
+        return -(-(shape[0] - oy) // s), -(-(shape[1] - ox) // s)
 
     def rows(self, work: U8, stride: int | None = None) -> F32:
         """[N, features] at every `stride`-th pixel each way (row-major grid); stride 1 = all."""
@@ -190,10 +191,10 @@ class FeaturePipeline:
     def grid(self, planes: list[F32], stride: int | None = None) -> F32:
         """`rows` of already computed planes (training computes them once per photo)."""
         s = self.stride if stride is None else stride
-        off = grid_offset(s)
+        oy, ox = grid_offsets(planes[0].shape, s)
         out = np.empty((*self.grid_shape(planes[0].shape, s), len(planes)), np.float32)
         for i, plane in enumerate(planes):
-            out[..., i] = plane[off::s, off::s]
+            out[..., i] = plane[oy::s, ox::s]
         return out.reshape(-1, len(planes))
 
     @staticmethod
