@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
+from agent.config import ClassifierConfig
 from agent.contract import ModelManifest
 from agent.engine.classifier import ColourModel, FeatureModel, load_model
 from agent.engine.detector import Detector
@@ -114,6 +115,17 @@ def test_strips_thinner_than_the_stride_are_classified(
     frame = np.full((*shape, 3), (40, 70, 150), np.uint8)  # BGR rust brown
     analysis = detector.analyse(frame)
     assert analysis.mask.shape == shape and 0.0 <= analysis.corrosion_pct <= 100.0
+
+
+def test_feature_model_behind_analysis_long_side_is_warned_about(
+    feature_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The frame is then resampled twice (decode or analysis size, then the pipeline's
+    working size) where training resampled once: the features drift, so the operator is told."""
+    Detector(load_model(feature_model))
+    assert "analysis_long_side" not in caplog.text
+    Detector(load_model(feature_model), ClassifierConfig(analysis_long_side=640))
+    assert "analysis_long_side = 640 resamples frames" in caplog.text
 
 
 def test_stride_is_exact_where_it_classifies(feature_model: Path) -> None:

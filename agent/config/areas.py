@@ -20,7 +20,8 @@ class ClassifierConfig(Area):
         default=None,
         ge=32,
         le=16384,
-        description="Downscale the long side to this before classifying; None = full size",
+        description="Downscale the long side to this before classifying; None = full size "
+        "(feature models scale frames themselves: set, it costs their exact parity)",
     )
     threads: int = Field(
         default=1,

@@ -6,6 +6,7 @@ the frame's point of view: no frame is classified half by one model and half by 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from agent.engine.regions import fit_long_side, scored_regions
 BORDERLINE = (96, 159)
 """Scores of pixels the model is unsure of: P within about 1/4 of the way from the pixel
 threshold to either end (scores are 128 at the threshold, 0 and 255 at P = 0 and 1)."""
+
+log = logging.getLogger(__name__)
 
 
 def grouping_of(cfg: ClassifierConfig) -> dict[str, Any]:
@@ -99,6 +102,7 @@ class Detector:
         self._lock = threading.Lock()
         self._retired: list[ServingModel] = []  # swapped out, closed by the next analyse
         self._commanded: float | None = None  # set-threshold's %, until the next model
+        self._check_scale(model)
 
     @classmethod
     def load(cls, manifest_path: Path, config: ClassifierConfig | None = None) -> Detector:
@@ -151,7 +155,23 @@ class Detector:
             old, self._model = self._model, model
             self._retired.append(old)
             self._commanded = None
+        self._check_scale(model)
         return old
+
+    def _check_scale(self, model: ServingModel) -> None:
+        """A feature model's pipeline scales the frame itself, as training did; a frame
+        decoded or scaled down before it is resampled twice, and its features drift."""
+        spec = model.manifest.features
+        if spec is not None and self.config.analysis_long_side is not None:
+            log.warning(
+                "model %s %s computes features at a %d px long side from the frame it is "
+                "given; classifier.analysis_long_side = %d resamples frames before that, so "
+                "they differ slightly from training's: leave it unset for exact parity",
+                model.ref.name,
+                model.ref.version,
+                spec.long_side,
+                self.config.analysis_long_side,
+            )
 
     def _close_retired(self) -> None:
         with self._lock:
