@@ -90,7 +90,7 @@ class Agent:
             decode_long_side=config.classifier.analysis_long_side,
         )
         self.stats = FrameStats()
-        self.heartbeat = Heartbeat(config.state_dir)
+        self.heartbeat = Heartbeat(config.state_dir, io_since=lambda: self.source.stats.io_since)
         self.notify = SdNotify()
         self.commands = Commands(config.device_id, config.mqtt.max_command_bytes)
         self.policy: Policy | None = None

@@ -75,9 +75,13 @@ class SdNotify:
 
 
 class Heartbeat:
-    """Busy/idle marks from the frame loop; alive unless one frame has been busy too long."""
+    """Busy/idle marks from the frame loop; alive unless one frame has been busy too long,
+    or the source has been stuck in one file-system call (`io_since`) that long."""
 
-    def __init__(self, state_dir: Path | None = None) -> None:
+    def __init__(
+        self, state_dir: Path | None = None, io_since: Callable[[], float | None] | None = None
+    ) -> None:
+        self._io_since = io_since
         self._busy_since: float | None = None
         self._last = time.monotonic()
         self._file = state_dir / HEARTBEAT_FILE if state_dir else None
@@ -95,8 +99,10 @@ class Heartbeat:
         return 0.0 if self._busy_since is not None else time.monotonic() - self._last
 
     def alive(self, hung_after_s: float) -> bool:
+        now = time.monotonic()
         busy = self._busy_since
-        return busy is None or time.monotonic() - busy < hung_after_s
+        io = self._io_since() if self._io_since else None
+        return all(since is None or now - since < hung_after_s for since in (busy, io))
 
     def touch(self) -> None:
         """Refresh the heartbeat file (at most every 5 s: a flash card has finite writes)."""
@@ -228,7 +234,8 @@ class HealthTicker:
             elif not self._hung_reported:
                 self._hung_reported = True
                 log.error(
-                    "frame loop busy on one frame for over %.0f s: watchdog pings stopped",
+                    "frame loop stuck on one frame or one file read for over %.0f s: "
+                    "watchdog pings stopped",
                     self.config.hung_after_s,
                 )
             self._ready_when_idle()

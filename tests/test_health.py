@@ -10,15 +10,17 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from agent.config import HealthConfig
+from agent.config import HealthConfig, SourceConfig
 from agent.contract.messages import MetricsMessage, OutboxStats, SourceStatus
 from agent.health import FrameStats, HealthTicker, Heartbeat, SdNotify, latency_of
+from agent.sources import FolderSource
 from tests.agentproc import AgentProcess, agent_settings, write_config, write_frames
 
 
@@ -152,7 +154,37 @@ def test_hung_frame_loop_stops_the_watchdog(caplog: pytest.LogCaptureFixture) ->
     time.sleep(1.5)
     ticker.stop()
     assert notify.sent.count("WATCHDOG=1") == before, "pings went on while the loop hung"
-    assert "frame loop busy on one frame" in caplog.text
+    assert "frame loop stuck on one frame or one file read" in caplog.text
+
+
+def test_a_source_stuck_in_a_file_read_stops_the_watchdog(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop waits for its source, which is idle, not hung, unless the source is inside
+    one read (a hung NFS mount) for hung_after_s: then systemd should restart the agent."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(b"x")
+    source = FolderSource(
+        SourceConfig(kind="folder", uri=str(tmp_path / "in"), settle_s=0.0),
+        state_dir=tmp_path / "state",
+    )
+    released = threading.Event()
+    monkeypatch.setattr(Path, "read_bytes", lambda _: released.wait(10) and b"")
+    heartbeat = Heartbeat(io_since=lambda: source.stats.io_since)
+    stop = threading.Event()
+    reader = threading.Thread(target=lambda: next(source.frames(stop), None), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 5
+    while source.stats.io_since is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert heartbeat.alive(hung_after_s=5.0)
+    time.sleep(0.3)
+    assert not heartbeat.alive(hung_after_s=0.2)
+    released.set()
+    stop.set()
+    reader.join(5)
+    source.close()
+    assert source.stats.io_since is None and heartbeat.alive(hung_after_s=0.2)
 
 
 def test_a_failed_metrics_write_does_not_end_the_health_thread(

@@ -479,7 +479,10 @@ def test_live_source_close_stops_the_grabber_of_a_running_loop() -> None:
     drain.stopped()
 
 
-def test_live_source_reopens_with_backoff_and_never_ends_on_its_own() -> None:
+def test_live_source_reopens_with_backoff_and_never_ends_on_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("agent.sources.video._STABLE_S", 0.0)  # 3 frames count as recovered
     attempts: list[float] = []
     steps: list[FakeCamera | Exception] = [RuntimeError("no such device")]
     steps += [FakeCamera(opens=False), FakeCamera(frames=3)] + [FakeCamera(opens=False)] * 5
@@ -507,6 +510,28 @@ def test_live_source_reopens_with_backoff_and_never_ends_on_its_own() -> None:
     got = [number(i) for i in drain.items]  # the third attempt's frames, newest first
     assert got and got == sorted(set(got)) and got[-1] == 3
     assert source.stats.delivered + source.stats.dropped == 3
+
+
+def test_flapping_stream_keeps_backing_off_and_warns_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stream that drops after a frame or two was back for no time: reopening it at the
+    minimum wait each time meant two reconnects a second and a warning each."""
+    attempts: list[float] = []
+
+    def factory(target: int | str) -> FakeCamera:
+        attempts.append(time.monotonic())
+        return FakeCamera(frames=1)
+
+    source = live(factory, reopen_min_s=0.02, reopen_max_s=0.16)
+    with caplog.at_level(logging.INFO, logger="agent.sources.video"):
+        drain = Drain(source)
+        drain.wait(lambda items: len(attempts) >= 6, timeout=10)
+        drain.stopped()
+    gaps = np.diff(attempts)
+    assert gaps[1] >= 0.04 and gaps[2] >= 0.08 and gaps[4] >= 0.16  # doubling to the cap
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
 
 
 def test_live_source_is_paced_by_max_fps() -> None:

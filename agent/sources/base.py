@@ -7,6 +7,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -62,6 +63,9 @@ class SourceStats:
     failed: int = 0
     reopens: int = 0
     last_frame_at: float | None = None  # monotonic; the caller decides staleness
+    # Monotonic start of a file-system call on the frame loop's thread (a scan, a read),
+    # None between them: a hung NFS mount stops the watchdog instead of idling forever.
+    io_since: float | None = None
 
 
 def _fit(image: Image, long_side: int | None) -> Image:
@@ -137,6 +141,14 @@ class Source(ABC):
             failed=s.failed,
             reopens=s.reopens,
         )
+
+    @contextmanager
+    def _io(self) -> Iterator[None]:
+        self.stats.io_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self.stats.io_since = None
 
     def _next_index(self) -> int:
         self.stats.delivered += 1

@@ -92,7 +92,8 @@ class GlobSource(Source):
             if not pacer.wait(stop):
                 return
             try:
-                data = _read(path)
+                with self._io():
+                    data = _read(path)
             except imageio.ImageError as exc:
                 yield self._failed(str(path), str(exc))
                 continue
@@ -147,7 +148,8 @@ class FolderSource(Source):
         self.stats.state = "open"
         pacer = Pacer(self._config.max_fps)
         while not stop.is_set():
-            ready, settling = self._scan()
+            with self._io():
+                ready, settling = self._scan()
             if not ready and not settling and self._config.exit_when_done:
                 self.stats.state = "done"
                 return
@@ -246,8 +248,9 @@ class FolderSource(Source):
         if file.size > _MAX_FILE_BYTES:
             return self._failed(str(path), f"{path}: {file.size:,} bytes is too large for an image")
         try:
-            data = path.read_bytes()
-            st = path.stat()
+            with self._io():
+                data = path.read_bytes()
+                st = path.stat()
         except FileNotFoundError:
             return None
         except OSError as exc:

@@ -28,6 +28,9 @@ _READ_TIMEOUT_MS: Final = 5_000
 # A grabber blocked in read() returns within the read timeout; shutdown does not wait that
 # long (SIGTERM must exit within 10 s): the thread is a daemon and ends with its read.
 _JOIN_S: Final = 2.0
+# A stream that delivered for this long had recovered: its next outage starts the backoff
+# afresh. One that drops sooner is flapping and keeps backing off (and logs at debug).
+_STABLE_S: Final = 30.0
 
 
 class Capture(Protocol):
@@ -176,16 +179,20 @@ class LiveSource(Source):
         cfg = self._config
         delay = cfg.reopen_min_s
         while True:
+            started = time.monotonic()
             count = self._pump(halt)
             if halt.is_set():
                 return
-            if count:
+            stable = count > 0 and time.monotonic() - started >= _STABLE_S
+            if stable:
                 delay = cfg.reopen_min_s  # it worked for a while: a fresh outage
             self.stats.state = "reopening"
             wait = min(cfg.reopen_max_s, delay * random.uniform(1.0, 1.25))
-            if count or self.stats.reopens == 0:
-                what = f"ended after {count} frames" if count else "cannot be opened or read"
+            what = f"ended after {count} frames" if count else "cannot be opened or read"
+            if stable or self.stats.reopens == 0:
                 log.warning("%s: %s; reopening (first wait %.1f s)", self.uri, what, wait)
+            else:
+                log.debug("%s: %s; reopening in %.1f s", self.uri, what, wait)
             if halt.wait(wait):
                 return
             delay = min(cfg.reopen_max_s, delay * 2)
