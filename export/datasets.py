@@ -2,9 +2,10 @@
 
 Sources: Pascal VOC boxes (middle-third or whole-box crops, as the AWS solution does), crops
 named `Clean-*.png` / `Corroded-*.png`, images with a `<stem>.mask.png` beside them (nonzero =
-corroded, what `export.synthetic` writes) and whole photos without corrosion. Unlike the AWS
-notebook, which shuffles pixels into train and validation, whole images (and byte-identical
-copies of them) go to one side, so validation measures photos the model has never seen.
+corroded, what `export.synthetic` writes; with an alpha channel, transparent = clean) and
+whole photos without corrosion. Unlike the AWS notebook, which shuffles pixels into train
+and validation, whole images (and byte-identical copies of them) go to one side, so
+validation measures photos the model has never seen.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
+import cv2
 import numpy as np
 import numpy.typing as npt
 
@@ -249,6 +251,22 @@ def _voc_rows(item: Item, rgb: U8, config: Config, rng: np.random.Generator) -> 
     return rows
 
 
+def mask_labels(path: Path) -> npt.NDArray[np.bool_]:
+    """Corroded where the mask is nonzero. A mask painted on a transparent layer (white on
+    transparent, the usual export of an editor) is corroded only where it is opaque: the
+    colour under transparent pixels is whatever the editor left there, often white."""
+    decoded = read(path)  # size, bomb and corruption checks, and the errors that name it
+    raw = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)  # alpha, 16 bits
+    if raw is None or raw.shape[:2] != decoded.image.shape[:2]:  # turned by EXIF: as decoded
+        return np.asarray(decoded.image.any(axis=2))
+    if raw.ndim == 2:
+        return np.asarray(raw > 0)
+    mask = raw[..., :3].any(axis=2)
+    if raw.shape[2] == 4:
+        mask &= raw[..., 3] > 0
+    return np.asarray(mask)
+
+
 def image_rows(item: Item, config: Config, rng: np.random.Generator) -> Rows:
     """All rows of one image (after the per-image cap); the same rng gives the same rows."""
     try:
@@ -257,13 +275,13 @@ def image_rows(item: Item, config: Config, rng: np.random.Generator) -> Rows:
             rows = _voc_rows(item, rgb, config, rng)
         elif item.kind == "mask":
             assert item.mask is not None
-            mask = read(item.mask).image
-            if mask.shape != rgb.shape:
+            corroded = mask_labels(item.mask)
+            if corroded.shape != rgb.shape[:2]:
                 raise DatasetError(
-                    f"{item.mask}: mask is {mask.shape[1]}x{mask.shape[0]}, "
+                    f"{item.mask}: mask is {corroded.shape[1]}x{corroded.shape[0]}, "
                     f"image {rgb.shape[1]}x{rgb.shape[0]}; image skipped"
                 )
-            rows = Rows(mask.any(axis=2).ravel().astype(np.uint8), rgb.reshape(-1, 3))
+            rows = Rows(corroded.ravel().astype(np.uint8), rgb.reshape(-1, 3))
         else:
             rows = Rows(
                 np.full(rgb.shape[0] * rgb.shape[1], item.label, np.uint8), rgb.reshape(-1, 3)

@@ -43,14 +43,22 @@ def _coord(text: str | None, xml: Path, index: int, tag: str) -> int:
 
 def _image_for(xml: Path, filename: str) -> Path:
     """`<filename>` beside the XML (base name only: never follow a path out of the folder),
-    else the XML's stem with an image suffix, as the AWS notebook pairs them."""
-    candidates = [xml.parent / Path(filename).name] if filename else []
-    candidates += [xml.with_suffix(s) for s in IMAGE_SUFFIXES]
-    candidates += [xml.with_suffix(s.upper()) for s in IMAGE_SUFFIXES]
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise VocError(f"{xml}: no image found (filename {filename!r}, nor {xml.stem}.<jpg|png|...>)")
+    else the XML's stem with an image suffix, as the AWS notebook pairs them; in the
+    standard VOC layout (`Annotations/x.xml`), the same names in `../JPEGImages/`."""
+    folders = [xml.parent]
+    if xml.parent.name == "Annotations":
+        folders.append(xml.parent.parent / "JPEGImages")
+    names = [Path(filename).name] if filename else []
+    names += [xml.stem + s for s in IMAGE_SUFFIXES]
+    names += [xml.stem + s.upper() for s in IMAGE_SUFFIXES]
+    for folder in folders:
+        for name in names:
+            if (folder / name).is_file():
+                return folder / name
+    where = " or ".join(str(f) for f in folders)
+    raise VocError(
+        f"{xml}: no image found in {where} (filename {filename!r}, nor {xml.stem}.<jpg|png|...>)"
+    )
 
 
 def parse(xml: Path) -> Annotation:

@@ -90,6 +90,20 @@ def test_voc_middle_third_is_the_aws_crop_exactly(tmp_path: Path) -> None:
     assert len(table) == 88 + 9 and not report.skipped
 
 
+def test_voc_standard_layout_pairs_annotations_with_jpegimages(tmp_path: Path) -> None:
+    """Pascal VOC's own tree: Annotations/x.xml names x.jpg, which lives in JPEGImages/."""
+    voc = tmp_path / "VOC2012"
+    write_png(voc / "JPEGImages" / "a.png", coordinate_image(40, 31))
+    write_png(voc / "JPEGImages" / "b.png", coordinate_image(40, 31))
+    (voc / "Annotations").mkdir()
+    write_voc(voc / "Annotations" / "a.xml", "a.png", (40, 31), [("Corroded", 3, 2, 35, 27)])
+    write_voc(voc / "Annotations" / "b.xml", "", (40, 31), [("Clean", 0, 0, 9, 9)])  # by stem
+    report, out = run(tmp_path, voc=(voc,))
+    table = rows(out / "train.csv")
+    assert pixels(table, 1) == box_pixels(13, 10, 24, 18)
+    assert pixels(table, 0) == box_pixels(3, 3, 6, 6) and not report.skipped
+
+
 def test_voc_whole_box_and_label_flags(tmp_path: Path) -> None:
     voc = tmp_path / "voc"
     write_png(voc / "a.png", coordinate_image(40, 31))
@@ -138,6 +152,24 @@ def test_masks_label_every_pixel(tmp_path: Path) -> None:
     assert np.array_equal(table[:, 0], scene.mask.ravel())  # image order, every pixel
     assert np.array_equal(table[:, 1:], rgb)
     assert report.skipped == [f"{tmp_path / 'm' / 'orphan.png'}: no mask orphan.mask.png beside it"]
+
+
+def test_mask_painted_on_a_transparent_layer_and_16_bit_masks(tmp_path: Path) -> None:
+    """An editor's white-on-transparent export leaves white under its transparent pixels:
+    it read as all corroded. A 16-bit mask's small values read as 0 in 8 bits."""
+    write_png(tmp_path / "m" / "a.png", np.full((4, 6, 3), GREY, np.uint8))
+    rgba = np.full((4, 6, 4), 255, np.uint8)
+    rgba[..., 3] = 0
+    rgba[1:3, 2:5, 3] = 255  # six painted pixels
+    assert cv2.imwrite(str(tmp_path / "m" / "a.mask.png"), rgba)
+    write_png(tmp_path / "m" / "b.png", np.full((2, 3, 3), TEAL, np.uint8))
+    deep = np.zeros((2, 3), np.uint16)
+    deep[0, 0] = 1
+    assert cv2.imwrite(str(tmp_path / "m" / "b.mask.png"), deep)
+    _, out = run(tmp_path, masks=(tmp_path / "m",))
+    table = rows(out / "train.csv")
+    assert (table[:, 0] == 1).sum() == 6 + 1 and len(table) == 24 + 6
+    assert pixels(table, 1) == {GREY, TEAL}
 
 
 def test_negatives_are_all_clean(tmp_path: Path) -> None:
