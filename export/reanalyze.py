@@ -153,32 +153,47 @@ def list_captures(
     first; and one message per capture skipped (unreadable sidecar, image still missing)."""
     since, until = since.astimezone(UTC), until.astimezone(UTC)  # the layout's days are UTC
     sidecars: list[str] = []
-    images: set[str] = set()
+    images: dict[str, int] = {}  # key -> bytes
     for dev in [device] if device else devices(s3, url):
         for day in _days(since, until):
             folder = capture_stem(url.prefix, dev, day, "0" * 32).rpartition("/")[0] + "/"
             for page in _keys(s3, url, folder):
-                keys = [obj["Key"] for obj in page.get("Contents", [])]
-                sidecars += (k for k in keys if k.endswith(SIDECAR_SUFFIX))
-                images.update(k for k in keys if k.endswith(IMAGE_SUFFIX))
-    with ThreadPoolExecutor(16) as pool:  # one GET per sidecar: parallel, as boto3 allows
-        bodies = list(pool.map(lambda key: get_object(s3, url, key), sidecars))
-    lines, skipped = [], []
-    for key, found in zip(sidecars, bodies, strict=True):
+                objects = page.get("Contents", [])
+                sidecars += (o["Key"] for o in objects if o["Key"].endswith(SIDECAR_SUFFIX))
+                images.update(
+                    (o["Key"], int(o["Size"])) for o in objects if o["Key"].endswith(IMAGE_SUFFIX)
+                )
+
+    def examine(key: str) -> ManifestLine | str | None:
+        """The capture's line, a reason it is skipped, or None (outside the window). Parsed
+        in the worker, so only lines are kept, never every sidecar's body at once."""
+        found = get_object(s3, url, key)
         if found is None:
-            skipped.append(f"{url.uri(key)}: deleted while listing")
-            continue
+            return f"{url.uri(key)}: deleted while listing"
         try:
             sidecar = CaptureSidecar.model_validate_json(found[0])
         except ValidationError as exc:
-            skipped.append(f"{url.uri(key)}: invalid sidecar: {describe(exc)}")
-            continue
+            return f"{url.uri(key)}: invalid sidecar: {describe(exc)}"
         if not since <= sidecar.captured_at < until:
-            continue
-        if sidecar.image.key not in images:
-            skipped.append(f"{url.uri(sidecar.image.key)}: image not uploaded (yet)")
-            continue
-        lines.append(_line(url, key, sidecar))
+            return None
+        size = images.get(sidecar.image.key)
+        if size is None:
+            return f"{url.uri(sidecar.image.key)}: image not uploaded (yet)"
+        if size > MAX_PAYLOAD_MB << 20:
+            mib = size / 2**20
+            return (
+                f"{url.uri(sidecar.image.key)}: {mib:.1f} MiB, over a request's {MAX_PAYLOAD_MB} MB"
+            )
+        return _line(url, key, sidecar)
+
+    lines: list[ManifestLine] = []
+    skipped: list[str] = []
+    with ThreadPoolExecutor(16) as pool:  # one GET per sidecar: parallel, as boto3 allows
+        for result in pool.map(examine, sidecars):
+            if isinstance(result, str):
+                skipped.append(result)
+            elif result is not None:
+                lines.append(result)
     lines.sort(key=lambda line: (line.captured_at, line.frame_id))
     return lines, skipped
 

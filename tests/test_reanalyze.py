@@ -227,6 +227,24 @@ def test_empty_window_and_missing_channel_submit_nothing(
     assert "none" not in names
 
 
+def test_images_over_a_transform_request_are_skipped_by_name(
+    fleet: Fleet, s3: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SingleRecord sends a whole image per request: one over MaxPayloadInMB would fail the
+    job after it ran; it is left out and named before anything is submitted."""
+    url = RegistryUrl(fleet.bucket, PREFIX)
+    since, until = at("2024-05-02T00:00:00"), at("2024-05-03T00:00:00")
+    lines, _ = reanalyze.list_captures(s3, url, since, until)
+    assert len(lines) == 3
+    monkeypatch.setattr(reanalyze, "MAX_PAYLOAD_MB", 0)  # every test image is over it
+    lines, skipped = reanalyze.list_captures(s3, url, since, until)
+    assert lines == []
+    over = [s for s in skipped if "MiB, over a request's 0 MB" in s]
+    assert sorted(s.split(":", 2)[1] for s in over) == sorted(
+        f"//{fleet.bucket}/{image}" for image, _ in fleet.inside
+    )
+
+
 class FailingJob:
     """DescribeTransformJob of a job that fails on its second poll (moto's never do)."""
 
