@@ -15,10 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -40,6 +42,9 @@ from agent.signing import keyring, load_public_key, verify_manifest, verify_poin
 log = logging.getLogger(__name__)
 
 MAX_MANIFEST_BYTES = 1024 * 1024
+# onnxruntime failing a model that passed every hash and signature check is most likely the
+# device (memory short for a while), not the model: tried again after this, not never.
+RUNTIME_RETRY_S = 900.0
 
 
 class Serving(Protocol):
@@ -195,7 +200,7 @@ class Updater:
         self.keys = keyring(load_public_key(p) for p in config.public_keys)
         self.s3 = s3_client(config.endpoint_url, config.region)
         self._etag: str | None = None
-        self._refused: set[str] = set()
+        self._refused: dict[str, float] = {}  # sha256 -> monotonic time it may be tried again
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._rollback = threading.Event()
@@ -247,7 +252,10 @@ class Updater:
         serving = self.serving()
         this = hashlib.sha256(pointer.to_json()).hexdigest()  # a refusal of the pointer itself
         skipped = pointer.version == self.store.skipped()
-        if skipped or {this, pointer.manifest_sha256} & self._refused:
+        until = max(self._refused.get(h, -math.inf) for h in (this, pointer.manifest_sha256))
+        if skipped or until > time.monotonic():
+            if not skipped and math.isfinite(until):
+                self._etag = None  # read it again at each poll until its retry is due
             return Outcome()
         refusal, signed = self._trust(pointer, serving)
         if (pointer.name, pointer.version) == (serving.name, serving.version):
@@ -329,10 +337,11 @@ class Updater:
         except (ModelError, ValueError) as exc:
             shutil.rmtree(folder, ignore_errors=True)
             return self._refuse(pointer.manifest_sha256, f"{pointer.name} {pointer.version}: {exc}")
-        except RuntimeError as exc:  # onnxruntime failing the golden samples' inference
-            shutil.rmtree(folder, ignore_errors=True)
+        except RuntimeError as exc:  # onnxruntime failing a load or the golden samples' run:
+            shutil.rmtree(folder, ignore_errors=True)  # perhaps memory that was short for now
+            self._etag = None  # so the pointer is read again when the retry is due
             reason = f"{pointer.name} {pointer.version}: onnxruntime: {exc}"
-            return self._refuse(pointer.manifest_sha256, reason)
+            return self._refuse(pointer.manifest_sha256, reason, retry_s=RUNTIME_RETRY_S)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -367,9 +376,11 @@ class Updater:
         except ValueError as exc:
             return self._refuse(hashlib.sha256(body).hexdigest(), str(exc))
 
-    def _refuse(self, sha: str, reason: str) -> Outcome:
-        self._refused.add(sha)
-        log.error("model refused, the current one keeps serving: %s", reason)
+    def _refuse(self, sha: str, reason: str, *, retry_s: float = math.inf) -> Outcome:
+        """Refused for good (until pull-model or a restart), or for `retry_s`."""
+        self._refused[sha] = time.monotonic() + retry_s
+        again = "" if math.isinf(retry_s) else f"; tried again in {retry_s:.0f} s"
+        log.error("model refused, the current one keeps serving: %s%s", reason, again)
         return Outcome(refused=reason)
 
     def _serve(

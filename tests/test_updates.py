@@ -7,12 +7,14 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from botocore.exceptions import EndpointConnectionError
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent import updater as updates
 from agent.config import ModelConfig
 from agent.engine.classifier import ColourModel, ServingModel
 from agent.engine.detector import Detector
@@ -195,6 +197,31 @@ def test_a_missing_file_is_named_and_tried_again(
     assert f"s3://{registry.url.bucket}/{table}: NoSuchKey" in outcome.refused
     registry.s3.put_object(Bucket=registry.url.bucket, Key=table, Body=data)  # repaired
     assert up.check().served is not None  # not remembered as refused, not 304
+
+
+def test_an_onnxruntime_failure_is_tried_again_later(
+    tmp_path: Path, registry: Registry, logistic_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnxruntime failing a verified model (a session that could not allocate) was refused
+    until an operator sent pull-model; it is tried again after RUNTIME_RETRY_S."""
+    detector = Detector(ColourModel.load(logistic_model))
+    failures = ["Failed to allocate memory for requested buffer of size 50331648"]
+
+    def load(path: Path) -> ServingModel:
+        if failures:
+            raise RuntimeError(failures.pop())
+        return ColourModel.load(path)
+
+    up = updater(registry, tmp_path, detector, load=load)
+    registry.publish(train(tmp_path / "v2", "2.0.0", 40).parent)
+    registry.point("2.0.0")
+    outcome = up.check()
+    assert outcome.refused is not None and "Failed to allocate" in outcome.refused
+    assert up.check() == Outcome()  # not at every poll
+    later = time.monotonic() + updates.RUNTIME_RETRY_S + 1
+    monkeypatch.setattr(updates, "time", SimpleNamespace(monotonic=lambda: later))
+    outcome = up.check()
+    assert outcome.served is not None and detector.model.ref.version == "2.0.0"
 
 
 def test_a_pointer_read_cut_short_is_read_again(
