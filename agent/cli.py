@@ -68,8 +68,10 @@ def cmd_detect(args: argparse.Namespace) -> int:
             print(f"refused: {exc}", file=sys.stderr)
             failed += 1
             continue
-        if args.out:  # dir1/a.jpg and dir2/a.jpg: the second is named a-<index>.jpg
-            name = path.name if path.name not in names else f"{path.stem}-{i}{path.suffix}"
+        if args.out:  # dir1/a.jpg and dir2/a.jpg: the second is named a-<n>.jpg
+            name, n = path.name, 1
+            while name in names:
+                name, n = f"{path.stem}-{n}{path.suffix}", n + 1
             names.add(name)
             try:
                 write_overlay(overlay_path(args.out, name), decoded, analysis)
@@ -131,11 +133,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _setup_logging(config.log_level)
     from agent.daemon import Agent  # imports the broker and source stacks: run only
 
-    try:
-        code = Agent(config).run()
-    except Exception:  # the daemon logged it, with its traceback, before shutting down
-        code = 1
-    return leave(code)
+    return leave(Agent(config).run())  # a fault at start propagates: main names it, exit 2
 
 
 def leave(code: int) -> int:

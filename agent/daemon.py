@@ -3,9 +3,11 @@ everything down in order on SIGTERM, SIGINT or, with `exit_when_done`, when a fi
 is done (without it the agent idles when a glob or video ends, until it is stopped).
 
 Shutdown order follows the data: stop taking frames, finish the frame in hand, stop the
-health ticker, let the publisher settle acknowledgements, publish `stopped`, disconnect,
-checkpoint the outbox. Every step has a time limit so the whole takes well under 10 s;
-whatever the broker has not acknowledged stays in the outbox for the next start.
+uploader (a finished run first lets S3 and the broker drain, the health ticker feeding the
+watchdog meanwhile), stop the ticker, let the publisher settle acknowledgements, publish
+`stopped`, disconnect, checkpoint the outbox. Every step has a time limit so the whole
+takes well under 10 s; whatever the broker has not acknowledged stays in the outbox for the
+next start.
 """
 
 from __future__ import annotations
@@ -332,6 +334,7 @@ class Agent:
             if part is not None:
                 part.start()
         self.ticker.start()
+        code = 0
         try:
             self.loop.run(self.stop_event)
             if not self.stop_event.is_set() and not self.config.source.exit_when_done:
@@ -343,14 +346,14 @@ class Agent:
         except Exception:  # an outbox that cannot commit: logged before the stop, and the
             log.exception("frame loop failed; stopping")  # stop takes the signal's budget,
             self.stop_event.set()  # not a finished run's long drain (systemd would kill it)
-            raise
+            code = 1
         finally:
             try:
                 self.shutdown()  # our handlers stay: a signal cuts a finished run's drain short
             finally:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
-        return 0
+        return code
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         log.info("%s: stopping", signal.Signals(signum).name)
@@ -376,7 +379,6 @@ class Agent:
             return max(0.1, min(limit, deadline - time.monotonic()))
 
         self.source.close()
-        self.ticker.stop()
         if self.updater is not None:
             self.updater.stop(left(1.0))
         if self.uploader is not None and self.spool is not None:
@@ -405,6 +407,7 @@ class Agent:
                 self._wait(lambda: not link.connected, patience)
                 if link.connected:
                     self._drain(link)
+        self.ticker.stop()  # it fed the watchdog through the drains (WatchdogSec=30s)
         self.notify.stopping()  # the rest is bounded by the signal budget
         if link is not None:
             link.stop("stopped", timeout=left(3.0))

@@ -149,7 +149,7 @@ class Spool:
                     full = exc.errno == errno.ENOSPC and not retry
                     room = self._victims(size, priority, need=size) if full else None
                     if not room:  # counted, and the caller logs the lost capture
-                        self._failed(frame_id, category)
+                        self._failed(category)
                         raise
                     self._evict(room, "disk full")
             with self._db:
@@ -178,10 +178,9 @@ class Spool:
             self._unlink(frame_id)  # a half-written capture is no capture
             raise
 
-    def _failed(self, frame_id: str, category: str) -> None:
+    def _failed(self, category: str) -> None:
         with self._db:
             self._bump(f"failed.{category}")
-        log.error("capture %s (%s) could not be written to %s", frame_id, category, self.dir)
 
     def _evict(self, victims: list[tuple[str, str, int]], why: str) -> None:
         """Rows go in one transaction, then `used`, then the files: a failed COMMIT leaves

@@ -35,7 +35,7 @@ from agent.contract import MANIFEST_FILE, ModelManifest, ModelRef, describe
 from agent.contract.common import semver_order
 from agent.contract.registry import ChannelPointer, RegistryUrl, channel_key, file_key
 from agent.durable import replace_file, sync_dir, write_synced
-from agent.engine.model import ModelError
+from agent.engine.model import ModelError, runtime_fault
 from agent.s3 import describe_error, error_code, s3_client
 from agent.signing import keyring, load_public_key, verify_manifest, verify_pointer
 
@@ -334,14 +334,15 @@ class Updater:
             self._etag = None
             log.error("model not fetched, the current one keeps serving: %s", exc)
             return Outcome(refused=f"{pointer.name} {pointer.version}: {exc}")
-        except (ModelError, ValueError) as exc:
+        except Exception as exc:
             shutil.rmtree(folder, ignore_errors=True)
-            return self._refuse(pointer.manifest_sha256, f"{pointer.name} {pointer.version}: {exc}")
-        except RuntimeError as exc:  # onnxruntime failing a load or the golden samples' run:
-            shutil.rmtree(folder, ignore_errors=True)  # perhaps memory that was short for now
-            self._etag = None  # so the pointer is read again when the retry is due
-            reason = f"{pointer.name} {pointer.version}: onnxruntime: {exc}"
-            return self._refuse(pointer.manifest_sha256, reason, retry_s=RUNTIME_RETRY_S)
+            reason = f"{pointer.name} {pointer.version}: {exc or type(exc).__name__}"
+            if runtime_fault(exc):  # onnxruntime failing a load or the golden samples' run:
+                self._etag = None  # perhaps memory short for now; read again when retry is due
+                return self._refuse(pointer.manifest_sha256, reason, retry_s=RUNTIME_RETRY_S)
+            if isinstance(exc, ValueError):  # ModelError included: a check it failed
+                return self._refuse(pointer.manifest_sha256, reason)
+            raise
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -460,7 +461,9 @@ class Updater:
         current = self.serving()
         try:
             model = self.load(self.store.root / history[-2])
-        except (ModelError, ValueError, RuntimeError) as exc:
+        except Exception as exc:
+            if not (isinstance(exc, ValueError) or runtime_fault(exc)):
+                raise
             return Outcome(refused=f"rollback: the earlier version fails its checks: {exc}")
         try:
             return self._serve(model, skip=current.version, drop=history[-1])

@@ -36,7 +36,7 @@ from agent.contract import (
     RegionScorerSpec,
     SceneSpec,
 )
-from agent.contract.manifest import FeatureSpec
+from agent.contract.manifest import PIXEL_THRESHOLD_RANGE, FeatureSpec
 from agent.engine.features import RGB_FEATURES, FeaturePipeline
 from agent.engine.model import POST_TRANSFORM, TREE_OP, PixelModel, read_tree, sha256_file
 from agent.engine.table import compile_table, save_table
@@ -293,6 +293,12 @@ def export_model(
     onnx_path = out_dir / ONNX_FILE
     onnx_path.write_bytes(to_onnx(booster, len(names)))
     decision = decision or Decision()
+    low, high = PIXEL_THRESHOLD_RANGE
+    if not low <= decision.pixel_threshold <= high:
+        raise ConvertError(
+            f"pixel threshold {decision.pixel_threshold:g} is outside {low:g}..{high:g}, where "
+            "the colour table is proven exact"
+        )
     if objective.kind == "labels" and decision.pixel_threshold != 0.5:
         raise ConvertError("multi:softmax gives labels only: the pixel threshold must be 0.5")
     base: dict[str, Any] = {

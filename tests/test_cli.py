@@ -102,14 +102,19 @@ def test_batch_overlays_never_collide_and_one_unwritable_costs_only_itself(
 def test_detect_same_name_from_two_folders_keeps_both_overlays(
     logistic_model: Path, tmp_path: Path
 ) -> None:
-    for folder, seed in (("deck", 40), ("hull", 41)):
+    images = []
+    for folder, name, seed in (
+        ("deck", "p.jpg", 40),
+        ("hull", "p.jpg", 41),
+        ("top", "p-1.jpg", 42),
+    ):
         (tmp_path / folder).mkdir()
-        (tmp_path / folder / "p.jpg").write_bytes(scene_jpeg(seed))
-    images = [str(tmp_path / "deck" / "p.jpg"), str(tmp_path / "hull" / "p.jpg")]
+        (tmp_path / folder / name).write_bytes(scene_jpeg(seed))
+        images.append(str(tmp_path / folder / name))
     out = tmp_path / "ov"
     assert agent_main(["detect", *images, "--model", str(logistic_model), "--out", str(out)]) == 0
     written = sorted(p.name for p in (out / "overlays").iterdir())
-    assert written == ["p-1.jpg.overlay.jpg", "p.jpg.overlay.jpg"]
+    assert written == ["p-1-1.jpg.overlay.jpg", "p-1.jpg.overlay.jpg", "p.jpg.overlay.jpg"]
 
 
 def test_detect_json_lines_are_detection_messages(

@@ -92,6 +92,15 @@ def test_environment_faults_name_the_variable(
     assert error in str(info.value)
 
 
+def test_a_variable_inside_one_that_sets_its_whole_area_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CORROSION_MQTT__TLS", "null")
+    monkeypatch.setenv("CORROSION_MQTT__TLS__CA_FILE", "/ca.pem")
+    with pytest.raises(ConfigError, match=r"CORROSION_MQTT__TLS__CA_FILE: CORROSION_MQTT__TLS "):
+        AgentConfig.load(write(tmp_path, ""))
+
+
 def test_flags_beat_environment_beats_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write(tmp_path, '[source]\nexit_when_done = false\nkind = "glob"\n')
     monkeypatch.setenv("CORROSION_SOURCE__EXIT_WHEN_DONE", "false")

@@ -83,6 +83,7 @@ def test_finished_run_says_stopping_only_after_its_drains(
     write_frames(tmp_path / "frames", 2)
     settings = agent_settings(tmp_path, logistic_model, 1, tmp_path / "frames")
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    monkeypatch.setenv("WATCHDOG_USEC", "400000")
     agent = AgentProcess(write_config(tmp_path / "a.toml", settings), "--exit-when-done")
     timed: list[tuple[float, str]] = []
     try:
@@ -103,8 +104,10 @@ def test_finished_run_says_stopping_only_after_its_drains(
     draining = next(i for i, line in enumerate(said) if line.startswith("STATUS=source done"))
     stopping = said.index("STOPPING=1")
     assert draining < stopping, said
-    # the broker (port 1) never answered: the run gave it its 1 s before STOPPING=1
+    # the broker (port 1) never answered: the run gave it its 1 s before STOPPING=1 ...
     assert timed[stopping][0] - timed[draining][0] >= 0.9, timed
+    # ... and fed the watchdog meanwhile (WatchdogSec would kill a silent drain)
+    assert "WATCHDOG=1" in said[draining:stopping], said
 
 
 class _Recorder(SdNotify):

@@ -8,9 +8,17 @@ from pathlib import Path
 
 import onnx
 import pytest
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from agent.engine import model as engine_model
-from agent.engine.model import ModelError, PixelModel, sha256_file, verify_file
+from agent.engine.model import (
+    ModelError,
+    PixelModel,
+    RuntimeFaultError,
+    runtime_fault,
+    sha256_file,
+    verify_file,
+)
 from tests.conftest import train_export
 
 
@@ -64,6 +72,28 @@ def test_not_onnx_is_refused(logistic_model: Path, tmp_path: Path) -> None:
     rehash(m)
     with pytest.raises(ModelError, match="not an ONNX model"):
         PixelModel.load(m)
+
+
+def test_onnxruntime_failing_is_told_apart_from_a_bad_model(
+    logistic_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session that cannot be created for want of memory is the device's fault, worth a
+    retry; a graph onnxruntime rejects is the model's, refused for good."""
+    onnx_path = logistic_model.parent / "model.onnx"
+    for error, kind in (
+        (ort_state.RuntimeException("Failed to allocate memory"), RuntimeFaultError),
+        (ort_state.InvalidGraph("[ONNXRuntimeError] : 10 : INVALID_GRAPH"), ModelError),
+        (MemoryError(), RuntimeFaultError),
+    ):
+
+        def refuse(*_: object, error: Exception = error, **__: object) -> None:
+            raise error
+
+        monkeypatch.setattr(engine_model.ort, "InferenceSession", refuse)
+        with pytest.raises(ModelError) as info:
+            engine_model.onnx_session(onnx_path)
+        assert type(info.value) is kind and str(onnx_path) in str(info.value)
+        assert runtime_fault(info.value) == (kind is RuntimeFaultError)
 
 
 def test_labels_declared_as_probabilities_is_refused(softmax_model: Path, tmp_path: Path) -> None:

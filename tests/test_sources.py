@@ -297,22 +297,59 @@ def test_folder_unreadable_file_is_reported_once_and_read_when_it_can_be(
 
 def test_folder_record_forgets_files_long_gone(tmp_path: Path) -> None:
     """The record is bounded by the folder: a gateway whose inbox is emptied by a sync tool
-    does not keep (and hold in memory) every file it ever saw."""
+    does not keep (and hold in memory) every file it ever saw. A file is forgotten only once
+    it has been missing for 30 days, not when one scan misses it (a mount not up yet)."""
     folder, state = tmp_path / "in", tmp_path / "state"
     kept = write(folder / "kept.jpg", jpeg(), time.time() - 60)
     assert names(run_folder(folder, state)) == ["kept.jpg"]
     st = kept.stat()
     month_ago = time.time() - 31 * 86400
     with sqlite3.connect(state / "seen-files.sqlite") as db:
-        db.execute("UPDATE seen SET seen_at = ?", (month_ago,))  # still there: kept
-        db.execute("INSERT INTO seen VALUES ('gone.jpg', 5, 6, ?)", (month_ago,))
-        db.execute("INSERT INTO seen VALUES ('recent.jpg', 5, 6, ?)", (time.time(),))
+        db.execute("UPDATE seen SET gone_at = ?", (month_ago,))  # missed once, back now
+        db.execute("INSERT INTO seen VALUES ('gone.jpg', 5, 6, ?, ?)", (month_ago, month_ago))
+        db.execute("INSERT INTO seen VALUES ('recent.jpg', 5, 6, ?, NULL)", (month_ago,))
     db.close()
     assert run_folder(folder, state) == []
     with sqlite3.connect(state / "seen-files.sqlite") as db:
-        rows = db.execute("SELECT path, size, mtime_ns FROM seen ORDER BY path").fetchall()
+        rows = db.execute("SELECT path, size, mtime_ns, gone_at FROM seen ORDER BY path")
+        recorded = {path: (size, mtime, gone) for path, size, mtime, gone in rows}
     db.close()
-    assert rows == [("kept.jpg", st.st_size, st.st_mtime_ns), ("recent.jpg", 5, 6)]
+    assert set(recorded) == {"kept.jpg", "recent.jpg"}  # gone.jpg: missing for 31 days
+    assert recorded["kept.jpg"] == (st.st_size, st.st_mtime_ns, None)
+    assert recorded["recent.jpg"][2] > time.time() - 60  # missing from now on
+
+    # A folder that cannot be listed (a mount point not up yet) forgets nothing.
+    kept.unlink()
+    folder.rmdir()
+    folder.mkdir()
+    folder.chmod(0)  # root reads it anyway: the listing is made to fail below
+    real_scandir = os.scandir
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "scandir", lambda top: (_ for _ in ()).throw(OSError(5, "EIO")))
+        source = FolderSource(cfg("folder", folder, exit_when_done=True), state_dir=state)
+        Drain(source).finish()
+        source.close()
+    assert os.scandir is real_scandir
+    with sqlite3.connect(state / "seen-files.sqlite") as db:
+        unchanged = db.execute("SELECT path, gone_at FROM seen WHERE path = 'kept.jpg'")
+        assert list(unchanged) == [("kept.jpg", None)]
+    db.close()
+
+
+def test_folder_record_from_before_gone_at_is_upgraded(tmp_path: Path) -> None:
+    folder, state = tmp_path / "in", tmp_path / "state"
+    old = write(folder / "old.jpg", jpeg(), time.time() - 60).stat()
+    state.mkdir()
+    with sqlite3.connect(state / "seen-files.sqlite") as db:
+        db.execute(
+            "CREATE TABLE seen (path TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER "
+            "NOT NULL, seen_at REAL NOT NULL, PRIMARY KEY (path, size, mtime_ns))"
+        )
+        db.execute("INSERT INTO seen VALUES ('old.jpg', ?, ?, 1.0)", (old.st_size, old.st_mtime_ns))
+    db.close()
+    write(folder / "new.jpg", jpeg(), time.time() - 30)
+    assert names(run_folder(folder, state)) == ["new.jpg"]  # old.jpg stays seen
+    assert names(run_folder(folder, state)) == []  # and new.jpg was recorded
 
 
 def test_folder_refuses_symlinks_that_escape(tmp_path: Path) -> None:
@@ -807,8 +844,10 @@ def test_a_file_name_that_is_not_utf8_is_named_and_skipped(
     folder.mkdir()
     with open(os.path.join(os.fsencode(folder), b"Br\xfccke.jpg"), "wb") as fh:
         fh.write(jpeg(90))
+    os.mkdir(os.path.join(os.fsencode(folder), b"Pr\xfcfung"))  # not watched: not reported
     write(folder / "b.jpg", jpeg(60))
     source = FolderSource(cfg("folder", folder, exit_when_done=True), state_dir=tmp_path / "s")
     names = [f.name for f in source.frames(threading.Event()) if isinstance(f, Frame)]
     assert names == ["b.jpg"]
-    assert "is not UTF-8; skipped until renamed" in caplog.text
+    assert caplog.text.count("is not UTF-8; skipped until renamed") == 1
+    assert "Br\\udcfccke.jpg" in caplog.text

@@ -7,12 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xgboost as xgb
-from pydantic import ValidationError
 
 from agent.contract import Decision
 from agent.engine.model import ModelError, PixelModel
 from agent.engine.table import CORRODED, SIZE, check_table, compile_table, load_table, scores_from
-from export.convert import all_colours, export_model
+from export.convert import ConvertError, all_colours, export_model
 from tests.conftest import rust_pixels
 
 CHUNK = 1 << 21
@@ -43,7 +42,7 @@ def test_table_equals_onnxruntime_for_every_colour(
 @pytest.mark.slow
 def test_table_is_exact_at_the_highest_threshold_a_manifest_may_hold(tmp_path: Path) -> None:
     """Nearer 1 than 0.999, float32 probabilities are too coarse for the band the compiler
-    re-checks, so a manifest refuses such thresholds (and, for symmetry, below 0.001, where
+    re-checks, so export refuses such thresholds (and, for symmetry, below 0.001, where
     float32 is fine). The model's margins are shifted (base_score) so that many colours sit
     on both sides of the threshold."""
     threshold, shift = 0.999, 3.0
@@ -59,8 +58,14 @@ def test_table_is_exact_at_the_highest_threshold_a_manifest_may_hold(tmp_path: P
     corroded = (load_table(PixelModel.load(manifest)) >= CORRODED).mean()
     assert 0.001 < corroded < 0.999
     for outside in (0.0009, 0.9991):
-        with pytest.raises(ValidationError, match="pixel_threshold"):
-            Decision(pixel_threshold=outside)
+        with pytest.raises(ConvertError, match=r"outside 0\.001\.\.0\.999"):
+            export_model(
+                booster,
+                tmp_path / "x",
+                name="extreme",
+                version="1.0.0",
+                decision=Decision(pixel_threshold=outside),
+            )
 
 
 def test_scores_keep_the_label_on_its_side_of_128() -> None:

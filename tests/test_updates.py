@@ -13,11 +13,13 @@ from typing import Any
 import pytest
 from botocore.exceptions import EndpointConnectionError
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from onnxruntime.capi.onnxruntime_pybind11_state import RuntimeException
 
 from agent import updater as updates
 from agent.config import ModelConfig
 from agent.engine.classifier import ColourModel, ServingModel
 from agent.engine.detector import Detector
+from agent.engine.model import RuntimeFaultError
 from agent.updater import ModelStore, Outcome, Updater
 from tests.registry_helpers import NAME, Registry, bad_versions, train
 
@@ -205,21 +207,25 @@ def test_an_onnxruntime_failure_is_tried_again_later(
     """onnxruntime failing a verified model (a session that could not allocate) was refused
     until an operator sent pull-model; it is tried again after RUNTIME_RETRY_S."""
     detector = Detector(ColourModel.load(logistic_model))
-    failures = ["Failed to allocate memory for requested buffer of size 50331648"]
+    allocation = "Failed to allocate memory for requested buffer of size 50331648"
+    failures: list[Exception] = [RuntimeException(allocation)]  # as session.run raises it
+    failures.append(RuntimeFaultError(f"model.onnx: onnxruntime failed to load it: {allocation}"))
 
     def load(path: Path) -> ServingModel:
         if failures:
-            raise RuntimeError(failures.pop())
+            raise failures.pop()
         return ColourModel.load(path)
 
     up = updater(registry, tmp_path, detector, load=load)
     registry.publish(train(tmp_path / "v2", "2.0.0", 40).parent)
     registry.point("2.0.0")
-    outcome = up.check()
-    assert outcome.refused is not None and "Failed to allocate" in outcome.refused
-    assert up.check() == Outcome()  # not at every poll
-    later = time.monotonic() + updates.RUNTIME_RETRY_S + 1
-    monkeypatch.setattr(updates, "time", SimpleNamespace(monotonic=lambda: later))
+    now = time.monotonic()
+    for _ in range(2):  # a session that could not be created, then a golden run
+        outcome = up.check()
+        assert outcome.refused is not None and "Failed to allocate" in outcome.refused
+        assert up.check() == Outcome()  # not at every poll
+        now += updates.RUNTIME_RETRY_S + 1
+        monkeypatch.setattr(updates, "time", SimpleNamespace(monotonic=lambda t=now: t))
     outcome = up.check()
     assert outcome.served is not None and detector.model.ref.version == "2.0.0"
 

@@ -134,8 +134,11 @@ def _environment(model: type[BaseModel]) -> dict[str, Any]:
         area: type[BaseModel] | None = model
         node = data
         for depth, name in enumerate(names):
+            if not isinstance(node, dict):
+                whole = _var(names[:depth])
+                raise ConfigError(f"{var}: {whole} sets all of {'.'.join(names[:depth])}")
             field = area.model_fields.get(name) if area else None
-            if field is None or not isinstance(node, dict):
+            if field is None:
                 known = [_var([*names[:depth], f]) for f in area.model_fields] if area else []
                 hint = f"known: {', '.join(known)}" if known else "a value has no parts"
                 raise ConfigError(f"{var}: names no setting ({hint})")

@@ -266,6 +266,8 @@ class SceneSpec(Strict):
 
 
 PIXEL_THRESHOLD_RANGE = (0.001, 0.999)
+"""The pixel thresholds export proves its table exact for; readers accept all of (0, 1),
+as manifests written before this range was set may hold any."""
 
 
 class Decision(OmitsUnset):
@@ -275,10 +277,10 @@ class Decision(OmitsUnset):
 
     pixel_threshold: float = Field(
         default=0.5,
-        ge=PIXEL_THRESHOLD_RANGE[0],
-        le=PIXEL_THRESHOLD_RANGE[1],
-        description="A pixel is corroded when P(corroded) >= this (0.001..0.999: nearer 0 or "
-        "1, float32 probabilities are too coarse for the colour table to be exact)",
+        gt=0.0,
+        lt=1.0,
+        description="A pixel is corroded when P(corroded) >= this (export writes 0.001..0.999: "
+        "nearer 1, float32 probabilities are too coarse for the colour table to be exact)",
     )
     flag_pct: Percent = Field(
         default=5.0,

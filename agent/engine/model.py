@@ -31,6 +31,24 @@ class ModelError(ValueError):
     """A model, manifest or table that must not be served; the message says exactly why."""
 
 
+class RuntimeFaultError(ModelError):
+    """onnxruntime failed on a model for the device's sake (memory short, a thread it could
+    not start), not the model's: worth trying again later."""
+
+
+# onnxruntime's own exception types that say "the runtime failed", not "the model is bad"
+# (those are InvalidGraph, InvalidProtobuf, InvalidArgument, NoSuchFile, NotImplemented...).
+_RUNTIME_FAULTS = frozenset({"RuntimeException", "Fail", "EngineError", "EPFail"})
+
+
+def runtime_fault(exc: BaseException) -> bool:
+    """True for a failure of onnxruntime or of memory rather than of the model."""
+    kind = type(exc)
+    return isinstance(exc, (MemoryError, RuntimeFaultError)) or (
+        kind.__module__.startswith("onnxruntime") and kind.__name__ in _RUNTIME_FAULTS
+    )
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -131,7 +149,10 @@ def onnx_session(
             str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"]
         )
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-        reason = str(exc).splitlines()[0][-300:]
+        reason = str(exc).splitlines()[0][-300:] if str(exc) else type(exc).__name__
+        if runtime_fault(exc):
+            msg = f"{onnx_path}: onnxruntime failed to load it: {reason}"
+            raise RuntimeFaultError(msg) from exc
         raise ModelError(f"{onnx_path}: onnxruntime refuses the model: {reason}") from exc
 
 

@@ -29,13 +29,15 @@ _MAGIC: Final = re.compile(r"[*?[]")
 # A read error may pass (permissions fixed, a flaky mount back): retried with this backoff.
 _RETRY_MIN_S: Final = 2.0
 _RETRY_MAX_S: Final = 300.0
-# Records of files gone from the folder are dropped after this long (a sync tool that puts
-# a file back within it does not have it analysed twice), checked this often.
+# A record of a file absent from the folder at every hourly check for this long is dropped
+# (a sync tool that puts a file back sooner, or a mount that was down, repeats nothing).
 _FORGET_AFTER_S: Final = 30 * 86400.0
 _PRUNE_EVERY_S: Final = 3600.0
 # Keyed by the path relative to the folder, so the record survives a new mount point.
+# gone_at: when a check first missed the file (NULL while it is there).
 _SEEN_SCHEMA: Final = """CREATE TABLE IF NOT EXISTS seen (path TEXT NOT NULL, size INTEGER NOT NULL,
-    mtime_ns INTEGER NOT NULL, seen_at REAL NOT NULL, PRIMARY KEY (path, size, mtime_ns))"""
+    mtime_ns INTEGER NOT NULL, seen_at REAL NOT NULL, gone_at REAL,
+    PRIMARY KEY (path, size, mtime_ns))"""
 
 
 def _read(path: Path) -> bytes:
@@ -138,9 +140,13 @@ class FolderSource(Source):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(_SEEN_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(seen)")}
+            if "gone_at" not in columns:  # a record from before gone_at
+                self._db.execute("ALTER TABLE seen ADD COLUMN gone_at REAL")
             rows = self._db.execute("SELECT path, size, mtime_ns FROM seen")
             self._seen: set[tuple[str, int, int]] = {(p, s, m) for p, s, m in rows}
             self._pruned_at = -float("inf")
+            self._root_listed = True  # the last scan could list the folder itself
         except (OSError, sqlite3.Error) as exc:
             raise SourceError(f"{config.uri}: cannot open the record {record}: {exc}") from exc
 
@@ -194,7 +200,7 @@ class FolderSource(Source):
             else:
                 settling[file.rel] = (file.size, file.mtime_ns, since)
         self._settling = settling
-        if prune:
+        if prune and self._root_listed:  # a folder that cannot be listed says nothing is gone
             self._pruned_at = now
             self._forget_gone(present)
         return sorted(ready, key=lambda f: (f.mtime_ns, f.rel)), bool(settling)
@@ -203,27 +209,31 @@ class FolderSource(Source):
         """Every candidate image; os.scandir, one stat per plain file: an inbox of thousands
         of analysed photos is rescanned every poll_s, and this is its whole idle cost."""
         stack = [(str(self._root), "")]
+        was_listed, self._root_listed = self._root_listed, False
         while stack:
             top, prefix = stack.pop()
             try:
                 entries = list(os.scandir(top))
-            except OSError:  # removed or unreadable since it was listed
+            except OSError as exc:  # removed or unreadable since it was listed
+                if not prefix and was_listed:  # once per outage, not every poll
+                    log.warning("%s: cannot list the folder: %s", self.uri, exc)
                 continue
+            self._root_listed = self._root_listed or not prefix
             for entry in entries:
                 name = entry.name
-                if name.startswith("."):
+                folder = entry.is_dir(follow_symlinks=False)
+                if name.startswith(".") or (folder and not self._config.recursive):
                     continue
                 if not _utf8(name):  # the seen record and every message carry names as UTF-8
                     if name not in self._misnamed:
                         self._misnamed.add(name)
-                        log.error("%s: file name %r is not UTF-8; skipped until renamed",
+                        log.error("%s: name %r is not UTF-8; skipped until renamed",
                                   self.uri, name)  # fmt: skip
                     continue
-                file = self._file(entry, prefix + name)
-                if file is not None:
-                    yield file
-                elif self._config.recursive and entry.is_dir(follow_symlinks=False):
+                if folder:
                     stack.append((entry.path, f"{prefix}{name}/"))
+                elif (file := self._file(entry, prefix + name)) is not None:
+                    yield file
 
     def _file(self, entry: os.DirEntry[str], rel: str) -> _File | None:
         """A candidate image, or None (wrong suffix, partial, gone, FIFO, broken link...)."""
@@ -272,15 +282,30 @@ class FolderSource(Source):
         return None
 
     def _forget_gone(self, present: set[tuple[str, int, int]]) -> None:
-        """Bound the record (and this set) by what the folder holds, not all it ever held."""
+        """Bound the record (and this set) by what the folder holds, not all it ever held:
+        a file missing at every check for _FORGET_AFTER_S is forgotten."""
+        now = time.time()
+        where = "path=? AND size=? AND mtime_ns=?"
         try:
-            old = self._db.execute(
-                "SELECT path, size, mtime_ns FROM seen WHERE seen_at < ?",
-                (time.time() - _FORGET_AFTER_S,),
+            self._db.execute("BEGIN IMMEDIATE")
+            missed = self._db.execute(
+                "SELECT path, size, mtime_ns FROM seen WHERE gone_at NOT NULL"
+            )
+            back = [key for key in map(tuple, missed) if key in present]
+            self._db.executemany(f"UPDATE seen SET gone_at=NULL WHERE {where}", back)
+            self._db.executemany(
+                f"UPDATE seen SET gone_at=? WHERE {where} AND gone_at IS NULL",
+                ((now, *key) for key in self._seen - present),
+            )
+            cutoff = (now - _FORGET_AFTER_S,)
+            gone = self._db.execute(
+                "SELECT path, size, mtime_ns FROM seen WHERE gone_at < ?", cutoff
             ).fetchall()
-            gone = [key for key in map(tuple, old) if key not in present]
-            self._db.executemany("DELETE FROM seen WHERE path=? AND size=? AND mtime_ns=?", gone)
+            self._db.execute("DELETE FROM seen WHERE gone_at < ?", cutoff)
+            self._db.execute("COMMIT")
         except sqlite3.Error as exc:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             log.error("%s: cannot prune the record of seen files: %s", self.uri, exc)
             return
         self._seen.difference_update(gone)
@@ -291,7 +316,8 @@ class FolderSource(Source):
         self._seen.add(file.key)
         try:
             self._db.execute(
-                "INSERT OR IGNORE INTO seen VALUES (?, ?, ?, ?)", (*file.key, time.time())
+                "INSERT OR IGNORE INTO seen (path, size, mtime_ns, seen_at) VALUES (?, ?, ?, ?)",
+                (*file.key, time.time()),
             )
         except sqlite3.Error as exc:  # e.g. disk full: still skipped until restart
             log.error("%s: cannot record %s as seen: %s", self.uri, file.rel, exc)
