@@ -135,7 +135,8 @@ def test_a_threshold_command_mid_frame_waits_for_the_next_frame() -> None:
 
     class Ruled:
         manifest = SimpleNamespace(
-            decision=SimpleNamespace(image_rule=SimpleNamespace(threshold=0.5), flag_pct=5.0)
+            decision=SimpleNamespace(image_rule=SimpleNamespace(threshold=0.5), flag_pct=5.0),
+            features=None,
         )
         regions = None
         ref = ModelRef(name="m", version="1.0.0", sha256="0" * 64)
