@@ -21,7 +21,12 @@ photos, does a pretrained backbone: EfficientNet-Lite0's feature maps (the scene
 candidate, less the frame's mean (and less a ring around it), projected on 3 to 10 principal
 components of the training candidates and added to the 25 features, gave 0.158 to 0.176
 against 0.169 for the same runs without them (two sets of out-of-fold maps, three fold splits
-each). The shipped figure is `make evaluate`'s nested CV (bench/ACCURACY.md).
+each). A later round on the shipped protocol's own folds found nothing outside the noise
+either (the scorer's seed alone moves AP@0.5 from 0.171 to 0.180, a second fold split gives
+0.160 to 0.178): dense sliding windows (pool recall 56 % -> 85 %, AP 0.154), the backbone's
+7x7 and 14x14 maps at 224 px (0.170 to 0.188), offset regression (0.145 to 0.164), a nested
+choice of label and NMS (0.176) or of regularisation (0.144 to 0.186), a second-stage rescoring
+(0.164 to 0.172). The shipped figure is `make evaluate`'s nested CV (bench/ACCURACY.md).
 """
 
 from __future__ import annotations
