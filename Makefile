@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO := demo
 DATA ?= ../shared/data
 
-PHONY_EXTRA := run-batch config bench-daemon bench-updates docker-test
+PHONY_EXTRA := run-batch config bench-daemon bench-updates bench-folder docker-test
 .PHONY: $(PHONY_EXTRA) run test lint bench bench-classify bench-resolution demo schemas system-deps clean
 .PHONY: model evaluate bench-features
 
@@ -63,7 +63,7 @@ lint: $(STAMP)
 schemas: $(STAMP)
 	$(VENV)/bin/corrosion-agent schemas --out docs/schemas
 
-bench: bench-classify bench-resolution bench-daemon bench-updates
+bench: bench-classify bench-resolution bench-daemon bench-updates bench-folder
 
 ## Pixel engine against xgboost and onnxruntime on the same frames (reads $(DATA) for the AWS model).
 bench-classify: $(STAMP)
@@ -79,6 +79,10 @@ bench-daemon: $(STAMP) system-deps demo
 ## Model swap time (promote -> first frame on the new model) and capture uploads/s, local S3.
 bench-updates: $(STAMP) demo
 	PYTHONPATH=. $(PY) bench/updates.py --data $(DATA)
+
+## CPU per rescan of a watched folder full of analysed photos: ours against the os.walk scan.
+bench-folder: $(STAMP)
+	PYTHONPATH=. $(PY) bench/folder.py
 
 ## Corrosion % error and decode time of reduced-size JPEG decoding on the real photos.
 bench-resolution: $(STAMP)

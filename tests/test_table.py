@@ -45,10 +45,10 @@ def test_table_is_exact_at_the_highest_threshold_a_manifest_may_hold(tmp_path: P
     re-checks, so export refuses such thresholds (and, for symmetry, below 0.001, where
     float32 is fine). The model's margins are shifted (base_score) so that many colours sit
     on both sides of the threshold."""
-    threshold, shift = 0.999, 3.0
+    threshold, shift = 0.999, 5.0
     x, y = rust_pixels()
     params = {"objective": "binary:logistic", "max_depth": 4, "eta": 0.3, "nthread": 2}
-    booster = xgb.train(params, xgb.DMatrix(x, label=y), 20)
+    booster = xgb.train(params, xgb.DMatrix(x, label=y), 8)
     base = float(y.mean())
     booster.set_param({"base_score": 1 / (1 + np.exp(-(np.log(base / (1 - base)) + shift)))})
     decision = Decision(pixel_threshold=threshold, flag_pct=2.0)
