@@ -352,6 +352,38 @@ def test_folder_record_from_before_gone_at_is_upgraded(tmp_path: Path) -> None:
     assert names(run_folder(folder, state)) == []  # and new.jpg was recorded
 
 
+def test_a_quiet_folder_is_not_walked_at_every_poll(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An inbox of analysed photos was walked, one stat per file, at every poll. Now a folder
+    whose mtime has not moved is listed only every _QUIET_WALK_S; a new photo changes the
+    folder's mtime and is found at the next poll, a photo rewritten in place at the next walk."""
+    folder, state = tmp_path / "in", tmp_path / "state"
+    for i in range(3):
+        write(folder / f"old{i}.jpg", jpeg(), time.time() - 100 + i)
+    assert len(run_folder(folder, state)) == 3
+    listings = []
+    real = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda top: listings.append(top) or real(top))
+    source = FolderSource(cfg("folder", folder), state_dir=state)
+    drain = Drain(source)
+    time.sleep(0.5)  # about 10 polls of 0.05 s
+    assert len(listings) <= 2, listings  # the first walk (and the hourly prune's)
+    write(folder / "new.jpg", jpeg(), time.time() - 5)
+    drain.wait(lambda items: len(items) == 1)
+    assert names(drain.items) == ["new.jpg"]
+    mtime = folder.stat().st_mtime_ns
+    write(folder / "old0.jpg", jpeg(level=40))  # rewritten in place: the folder's mtime stays
+    assert folder.stat().st_mtime_ns == mtime
+    time.sleep(0.3)
+    assert len(drain.items) == 1  # not seen before the next full walk ...
+    monkeypatch.setattr("agent.sources.files._QUIET_WALK_S", 0.2)
+    drain.wait(lambda items: len(items) == 2)  # ... which finds it
+    drain.stopped()
+    source.close()
+    assert names(drain.items) == ["new.jpg", "old0.jpg"]
+
+
 def test_folder_refuses_symlinks_that_escape(tmp_path: Path) -> None:
     folder, now = tmp_path / "in", time.time()
     outside = write(tmp_path / "secret.jpg", jpeg())
