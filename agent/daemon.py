@@ -407,7 +407,7 @@ class Agent:
                 self._wait(lambda: not link.connected, patience)
                 if link.connected:
                     self._drain(link)
-        self.ticker.stop()  # it fed the watchdog through the drains (WatchdogSec=30s)
+        self.ticker.stop(left(1.0))  # it fed the watchdog through the drains (WatchdogSec)
         self.notify.stopping()  # the rest is bounded by the signal budget
         if link is not None:
             link.stop("stopped", timeout=left(3.0))

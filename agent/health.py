@@ -198,9 +198,9 @@ class HealthTicker:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout)
 
     def metrics(self, interval_s: float, dropped: int) -> MetricsMessage:
         total = self.stats.total

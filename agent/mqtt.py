@@ -16,6 +16,7 @@ import logging
 import queue
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,10 @@ log = logging.getLogger(__name__)
 # so that a sender cannot fill the outbox with them (beyond: the default topic, no data).
 MAX_RESPONSE_TOPIC = 256
 MAX_CORRELATION = 256
+# publish() results after which paho holds a QoS 1 message and sends it once (re)connected:
+# not connected yet, or the socket broke during this very write (the loop runs on our
+# thread, so the write and its EPIPE happen inside publish). Neither is a refusal.
+_KEPT_OFFLINE = frozenset({MQTTErrorCode.MQTT_ERR_NO_CONN, MQTTErrorCode.MQTT_ERR_CONN_LOST})
 
 
 def make_client(config: MqttConfig, client_id: str) -> paho.Client:
@@ -352,14 +357,16 @@ class MqttLink:
                 log.error("cannot publish to %s: %s; dropped (counted)", message.topic[:200], exc)
                 self.outbox.refuse([message.id])
                 continue
-            if message.qos == 0 and info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+            offline = info.rc in _KEPT_OFFLINE  # paho queued a QoS 1 message to send again
+            if message.qos == 0 and offline:
                 return  # paho keeps no QoS 0 message offline: hand it again after reconnect
-            if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS and not offline:
                 log.error("cannot publish to %s: %s", message.topic, paho.error_string(info.rc))
                 self.outbox.refuse([message.id])
                 continue
             self._handed[info.mid] = message.id
             self._last_id = message.id
+            self.outbox.handed_through(message.id)
             if message.qos == 0:  # no PUBACK will come: handed is as far as it goes
                 self._acks.put((info.mid, ReasonCode(PacketTypes.PUBACK)))
                 self._wake.set()
@@ -393,10 +400,10 @@ class MqttLink:
     # ------------------------------------------------------------------ shutdown
 
     def stop(self, final_status: AgentState | None = "stopped", timeout: float = 3.0) -> None:
-        """Publish the final status if connected, disconnect cleanly (no LWT), join threads.
-
-        Messages still unacknowledged stay in the outbox for the next start.
-        """
+        """Publish the final status if connected, disconnect cleanly (no LWT), join threads,
+        all within `timeout`. Messages still unacknowledged stay in the outbox for the next
+        start."""
+        deadline = time.monotonic() + timeout
         info = None
         with self._state_lock:
             self._stopping = True
@@ -413,6 +420,6 @@ class MqttLink:
         self._client.disconnect()
         self._wake.set()
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(max(0.1, deadline - time.monotonic()))
         if not any(t.is_alive() for t in self._threads):  # else the publisher still owns them
             self._settle_acks()

@@ -61,6 +61,10 @@ ROW_BYTES = "(LENGTH(payload) + LENGTH(CAST(topic AS BLOB)) + COALESCE(LENGTH(co
 """What a row costs against `max_bytes`: the caller of a command sets its topic and data."""
 
 
+class _AllInFlightError(Exception):
+    """drop_oldest found only messages in flight to evict."""
+
+
 class Outbox:
     """SQLite-backed FIFO of outgoing messages; safe to use from several threads."""
 
@@ -70,6 +74,7 @@ class Outbox:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._listeners: list[Callable[[], None]] = []
+        self._handed_through = 0  # rows up to this id were handed to the broker link
         self._db = self._open()
         depth, size = self._db.execute(
             f"SELECT COUNT(*), COALESCE(SUM({ROW_BYTES}), 0) FROM messages"
@@ -131,17 +136,22 @@ class Outbox:
         with self._lock:
             over = self._depth + 1 > cfg.max_messages or self._bytes + size > cfg.max_bytes
             if over and (cfg.when_full == "drop_newest" or size > cfg.max_bytes):
-                self._count_dropped(1)
+                why = "policy drop_newest" if size <= cfg.max_bytes else "larger than max_bytes"
+                self._count_dropped(1, why)
                 return None
             evicted, freed = 0, 0
-            with self._transaction():
-                if over:
-                    evicted, freed = self._evict_oldest(size)
-                row = self._db.execute(
-                    "INSERT INTO messages (topic, payload, qos, retain, correlation, created) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (topic, payload, qos, int(retain), correlation, time.time()),
-                ).lastrowid
+            try:
+                with self._transaction():
+                    if over:
+                        evicted, freed = self._evict_oldest(size)
+                    row = self._db.execute(
+                        "INSERT INTO messages (topic, payload, qos, retain, correlation, "
+                        "created) VALUES (?, ?, ?, ?, ?, ?)",
+                        (topic, payload, qos, int(retain), correlation, time.time()),
+                    ).lastrowid
+            except _AllInFlightError:  # evicting them would count as dropped what gets delivered
+                self._count_dropped(1, "drop_oldest, all older messages in flight")
+                return None
             # Counters move only once the transaction is in: a failed commit changes nothing.
             self._depth += 1 - evicted
             self._bytes += size - freed
@@ -158,6 +168,11 @@ class Outbox:
         """Call `listener` after every committed put (the publisher wakes on it)."""
         self._listeners.append(listener)
 
+    def handed_through(self, row: int) -> None:
+        """The publisher gave the broker link every row up to `row`: until acknowledged they
+        are in flight, and paho delivers them even if their rows go, so none is evicted."""
+        self._handed_through = max(self._handed_through, row)
+
     @contextmanager
     def _transaction(self) -> Iterator[None]:
         """One commit (one fsync under synchronous=full) per call; the caller holds the lock."""
@@ -165,13 +180,14 @@ class Outbox:
         try:
             yield
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:  # SQLite rolls back by itself on a full disk
+                self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
 
     def _evict_oldest(self, incoming: int) -> tuple[int, int]:
-        """Inside the put's transaction: delete from the head until the new message fits;
-        returns (messages, bytes) deleted."""
+        """Inside the put's transaction: delete from the head (past what is in flight) until
+        the new message fits; returns (messages, bytes) deleted. _AllInFlightError if it cannot."""
         cfg = self.config
         evicted = freed = 0
         while (
@@ -179,10 +195,11 @@ class Outbox:
             or self._bytes - freed + incoming > cfg.max_bytes
         ):
             row = self._db.execute(
-                f"SELECT id, {ROW_BYTES} FROM messages ORDER BY id LIMIT 1"
+                f"SELECT id, {ROW_BYTES} FROM messages WHERE id > ? ORDER BY id LIMIT 1",
+                (self._handed_through,),
             ).fetchone()
             if row is None:
-                break
+                raise _AllInFlightError
             self._db.execute("DELETE FROM messages WHERE id=?", (row[0],))
             evicted += 1
             freed += int(row[1])
@@ -190,10 +207,10 @@ class Outbox:
             self._db.execute(BUMP_COUNTER, ("dropped", evicted))
         return evicted, freed
 
-    def _count_dropped(self, n: int) -> None:
+    def _count_dropped(self, n: int, why: str) -> None:
         with self._transaction():
             self._bump("dropped", n)
-        log.warning("outbox full: refused a new message (policy drop_newest)")
+        log.warning("outbox full: refused a new message (%s)", why)
 
     def _bump(self, name: str, n: int) -> None:
         self._db.execute(BUMP_COUNTER, (name, n))

@@ -249,6 +249,11 @@ class Spool:
                 (time.time() + delay_s, frame_id),
             )
 
+    def due_now(self) -> None:
+        """Every capture is due again (S3 is back: what waited out the outage goes now)."""
+        with self._lock, self._db:
+            self._db.execute("UPDATE captures SET next_try = 0 WHERE next_try > 0")
+
     def done(self, frame_id: str, category: str) -> None:
         """Uploaded: forget it (row first, so a crash leaves orphans, never a lost capture)."""
         self._remove(frame_id, f"uploaded.{category}")

@@ -169,15 +169,22 @@ class Uploader:
                 continue
             except S3_ERRORS as exc:
                 delay = full_jitter(attempt, 1.0, self.config.retry_max_s)
-                if self.reachable or attempt == 0:
-                    log.warning(
-                        "S3 %s: %s; %d capture(s) wait in the spool, retrying in %.0f s",
-                        self.config.bucket,
-                        describe_error(exc),
-                        self.spool.depth,
-                        delay,
-                    )
-                self.reachable = False
+                if capture is not None:  # the next capture goes first: one that fails every
+                    later = full_jitter(capture.attempts, 1.0, self.config.retry_max_s)
+                    self.spool.retry_later(capture.frame_id, later)  # time blocks no other
+                if isinstance(exc, OSError) and exc.filename is not None:  # our disk, not S3
+                    log.error("capture upload: %s: %s; retrying in %.0f s",
+                              exc.filename, exc.strerror or exc, delay)  # fmt: skip
+                else:
+                    if self.reachable or attempt == 0:
+                        log.warning(
+                            "S3 %s: %s; %d capture(s) wait in the spool, retrying in %.0f s",
+                            self.config.bucket,
+                            describe_error(exc),
+                            self.spool.depth,
+                            delay,
+                        )
+                    self.reachable = False
                 attempt = self._back_off(attempt, delay)
                 continue
             except Exception:  # a bug or an outbox error must not end uploads for good
@@ -186,6 +193,7 @@ class Uploader:
                 continue
             if not self.reachable:
                 log.info("S3 %s reachable again", self.config.bucket)
+                self.spool.due_now()
             self.reachable, attempt = True, 0
             if capture is None:
                 self._wake.wait(1.0)

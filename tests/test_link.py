@@ -4,7 +4,9 @@ delivery, and a stopped agent must not read as online."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -224,3 +226,40 @@ def test_a_refused_command_subscription_is_logged(
     device.link._on_subscribe(device.link._client, None, 1, [refused], None)
     assert "refused the command subscription" in caplog.text
     assert f"{device.prefix}cmd/+" in caplog.text
+
+
+def test_a_write_that_breaks_the_connection_keeps_the_message(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """publish() writes on the publisher's thread; when that write finds the connection
+    broken, paho says CONN_LOST but keeps the message and sends it after reconnecting. The
+    row was deleted as refused: lost for good if the agent restarted before reconnecting."""
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    retained = Retained(status=lambda s: json.dumps({"state": s}).encode(), model=lambda: None)
+    link = MqttLink(
+        MqttConfig(host="127.0.0.1", port=broker.port),
+        client_id="conn-lost",
+        topics=Topics("corrosion/conn-lost/"),
+        outbox=outbox,
+        retained=retained,
+        commands=Commands("conn-lost", 65536),
+    )
+    sub = Subscriber(broker.port, ["corrosion/conn-lost/detections"], client_id="conn-lost-sub")
+    client = link._client  # the network thread's work, done here so the break is exact
+    client.connect("127.0.0.1", broker.port, 30)
+    while not link.connected:
+        client.loop(0.1)
+    client.socket().shutdown(socket.SHUT_WR)  # the connection breaks under the next write
+    outbox.put("corrosion/conn-lost/detections", b'{"frame": 1}')
+    link._publish_some()
+    assert (outbox.depth, outbox.dropped_total) == (1, 0)  # kept, not refused
+    client.reconnect()
+    deadline = time.monotonic() + 10
+    while outbox.acked < 1 or not sub.payloads("/detections"):
+        assert time.monotonic() < deadline, "not delivered after the reconnect"
+        client.loop(0.05)
+        link._publish_some()  # settles the PUBACK
+    assert (outbox.depth, outbox.acked, outbox.dropped_total) == (0, 1, 0)
+    assert len(sub.payloads("/detections")) == 1
+    client.disconnect()
+    sub.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,32 @@ def test_drop_oldest_is_counted_and_persists(
     assert "drop_oldest" in caplog.text
     box.close()
     assert Outbox(tmp_path / "o.sqlite", OutboxConfig(max_messages=10)).dropped_total == 5
+
+
+def test_drop_oldest_never_evicts_what_is_in_flight(tmp_path: Path) -> None:
+    """The oldest rows of a stalled broker are the ones paho holds and will deliver: evicting
+    them counted as dropped what arrived (28 delivered + dropped of 20 put)."""
+    box = Outbox(tmp_path / "o.sqlite", OutboxConfig(max_messages=10))
+    for i in range(10):
+        box.put("t", str(i).encode())
+    box.handed_through(8)  # rows 1..8 are with the broker link
+    assert box.put("t", b"10") and box.put("t", b"11")  # evict rows 9 and 10, not 1..8
+    assert [int(p) for p in payloads(box)] == [0, 1, 2, 3, 4, 5, 6, 7, 10, 11]
+    box.handed_through(12)
+    assert box.put("t", b"12") is None  # everything older is in flight: the new one goes
+    assert box.dropped_total == 3 and box.depth == 10
+
+
+def test_a_full_disk_is_named_as_such(tmp_path: Path) -> None:
+    """SQLite rolls a transaction back by itself on SQLITE_FULL; our ROLLBACK then raised
+    'cannot rollback - no transaction is active' in place of the real error."""
+    box = Outbox(tmp_path / "o.sqlite")
+    pages = box._db.execute("PRAGMA page_count").fetchone()[0]
+    box._db.execute(f"PRAGMA max_page_count = {pages + 1}")
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        for _ in range(50):
+            box.put("t", b"x" * 20_000)
+    assert box.depth == len(payloads(box))  # the count matches what was committed
 
 
 def test_drop_newest_refuses_and_counts(tmp_path: Path) -> None:

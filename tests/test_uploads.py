@@ -387,3 +387,57 @@ def test_an_unreadable_sidecar_drops_its_capture_and_uploads_go_on(
     assert f"capture {sidecars[0].stem} unusable" in again.text()
     assert len(keys(target.client, target.bucket, ".json")) == 3
     assert spool_rows(tmp_path / "state") == 0
+
+
+def test_a_capture_that_always_fails_holds_up_no_other(
+    tmp_path: Path, logistic_model: Path, broker: Broker, target: S3,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The spool hands out the most important, oldest capture first; one S3 refused every
+    time (a key a bucket policy denies) was retried at the head of the queue forever."""
+    from botocore.exceptions import ClientError
+
+    from agent.config import UploadConfig
+    from agent.contract.messages import Topics
+    from agent.outbox import Outbox
+    from agent.spool import Spool
+    from agent.uploader import Uploader
+
+    write_frames(tmp_path / "frames", 4)
+    proxy = Proxy(target.port)
+    proxy.cut()  # the agent only spools
+    settings = agent_settings(
+        tmp_path, logistic_model, broker.port, tmp_path / "frames", device="hol-dev",
+        upload=upload_settings(target.bucket, proxy.url),
+    )  # fmt: skip
+    try:
+        first = AgentProcess(write_config(tmp_path / "a.toml", settings), "--exit-when-done")
+        assert first.wait(60) == 0, first.text()
+    finally:
+        proxy.close()
+    state = tmp_path / "state"
+    spool = Spool(state / "spool", 1 << 30)
+    poison = spool.next()
+    assert poison is not None and spool.depth == 4
+    real_put = Uploader._put
+
+    def put(self: Uploader, path: Path, key: str, *args: Any) -> None:
+        if poison.frame_id in key:
+            denied = {"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}
+            raise ClientError(denied, "PutObject")
+        real_put(self, path, key, *args)
+
+    monkeypatch.setattr(Uploader, "_put", put)
+    config = UploadConfig(**upload_settings(target.bucket, f"http://127.0.0.1:{target.port}"))
+    outbox = Outbox(state / "outbox.sqlite")
+    uploader = Uploader(
+        config, device_id="hol-dev", spool=spool, outbox=outbox, topics=Topics("corrosion/hol/")
+    )
+    uploader.start()
+    try:
+        assert wait(lambda: len(keys(target.client, target.bucket, ".json")) >= 3, 30)
+    finally:
+        assert uploader.stop(5)
+    assert spool.depth == 1 and spool.next() is None  # the poison waits its turn
+    spool.close()
+    outbox.close()
