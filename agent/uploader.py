@@ -133,6 +133,7 @@ class Uploader:
         self._frame_ids: dict[Path, set[str]] = {}  # of each hour's file, once read
         self._manifest_at = 0.0
         self.reachable = True
+        self._outage = False  # S3 gave no answer at all since the last one it took
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="uploader", daemon=True)
@@ -162,6 +163,7 @@ class Uploader:
                 capture = self.spool.next()
                 if capture is not None:
                     self._upload(capture)
+                talked = capture is not None or bool(self._dirty)  # did S3 answer anything?
                 if time.monotonic() - self._manifest_at > MANIFEST_EVERY_S or capture is None:
                     self._flush_manifests()
             except FileNotFoundError as exc:  # evicted or cleaned away under us: not S3's fault
@@ -169,35 +171,47 @@ class Uploader:
                 continue
             except S3_ERRORS as exc:
                 delay = full_jitter(attempt, 1.0, self.config.retry_max_s)
-                if capture is not None:  # the next capture goes first: one that fails every
-                    later = full_jitter(capture.attempts, 1.0, self.config.retry_max_s)
-                    self.spool.retry_later(capture.frame_id, later)  # time blocks no other
-                if isinstance(exc, OSError) and exc.filename is not None:  # our disk, not S3
-                    log.error("capture upload: %s: %s; retrying in %.0f s",
-                              exc.filename, exc.strerror or exc, delay)  # fmt: skip
-                else:
-                    if self.reachable or attempt == 0:
-                        log.warning(
-                            "S3 %s: %s; %d capture(s) wait in the spool, retrying in %.0f s",
-                            self.config.bucket,
-                            describe_error(exc),
-                            self.spool.depth,
-                            delay,
-                        )
-                    self.reachable = False
+                if capture is not None:  # past the back-off, the next capture goes first:
+                    later = delay + full_jitter(capture.attempts, 1.0, self.config.retry_max_s)
+                    self.spool.retry_later(capture.frame_id, later)  # one S3 refuses every
+                self._failed(exc, delay, first=attempt == 0)  # time blocks no other
                 attempt = self._back_off(attempt, delay)
                 continue
             except Exception:  # a bug or an outbox error must not end uploads for good
                 log.exception("upload failed; retrying")
                 attempt = self._back_off(attempt)
                 continue
-            if not self.reachable:
-                log.info("S3 %s reachable again", self.config.bucket)
-                self.spool.due_now()
-            self.reachable, attempt = True, 0
+            if talked:  # nothing due and nothing to flush proves nothing about S3
+                self._answered()
+                attempt = 0
             if capture is None:
                 self._wake.wait(1.0)
                 self._wake.clear()
+
+    def _failed(self, exc: Exception, delay: float, *, first: bool) -> None:
+        if isinstance(exc, OSError) and exc.filename is not None:  # our disk, not S3
+            log.error("capture upload: %s: %s; retrying in %.0f s",
+                      exc.filename, exc.strerror or exc, delay)  # fmt: skip
+            return
+        if self.reachable or first:
+            log.warning(
+                "S3 %s: %s; %d capture(s) wait in the spool, retrying in %.0f s",
+                self.config.bucket,
+                describe_error(exc),
+                self.spool.depth,
+                delay,
+            )
+        self.reachable = False
+        # No answer at all (not an error reply to one object): captures wait it out.
+        self._outage = self._outage or not isinstance(exc, ClientError | S3UploadFailedError)
+
+    def _answered(self) -> None:
+        """S3 took a request: after an outage, what waited it out goes now."""
+        if self._outage:
+            log.info("S3 %s reachable again", self.config.bucket)
+            self.spool.due_now()
+            self._outage = False
+        self.reachable = True
 
     def _back_off(self, attempt: int, delay: float | None = None) -> int:
         """Wait before the next try (a stop cuts it short); the next attempt number."""

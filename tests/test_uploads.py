@@ -7,6 +7,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import logging
 import signal
 import sqlite3
 import time
@@ -390,8 +391,8 @@ def test_an_unreadable_sidecar_drops_its_capture_and_uploads_go_on(
 
 
 def test_a_capture_that_always_fails_holds_up_no_other(
-    tmp_path: Path, logistic_model: Path, broker: Broker, target: S3,
-    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, logistic_model: Path, broker: Broker, target: S3, *,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
     """The spool hands out the most important, oldest capture first; one S3 refused every
     time (a key a bucket policy denies) was retried at the head of the queue forever."""
@@ -439,5 +440,17 @@ def test_a_capture_that_always_fails_holds_up_no_other(
     finally:
         assert uploader.stop(5)
     assert spool.depth == 1 and spool.next() is None  # the poison waits its turn
+    # S3 down with that one capture left: between its tries none is due, which is no sign of
+    # S3 being back (it read as one, reset the back-off and logged it at every try).
+    spool.due_now()
+    dead = UploadConfig(**upload_settings(target.bucket, "http://127.0.0.1:9", max_attempts=1))
+    uploader = Uploader(
+        dead, device_id="hol-dev", spool=spool, outbox=outbox, topics=Topics("corrosion/hol/")
+    )
+    with caplog.at_level(logging.INFO, logger="agent.uploader"):
+        uploader.start()
+        time.sleep(3.0)
+        assert uploader.stop(5)
+    assert not uploader.reachable and "reachable again" not in caplog.text
     spool.close()
     outbox.close()
