@@ -383,13 +383,13 @@ class Agent:
             self.updater.stop(left(1.0))
         if self.uploader is not None and self.spool is not None:
             spool, uploader = self.spool, self.uploader
-            if finished and spool.depth and uploader.reachable:  # let S3 have the captures
+            if finished and spool.depth and uploader.draining:  # let S3 have the captures
                 log.info(
                     "source done: up to %.0f s for S3 to take %d capture(s); SIGTERM cuts it short",
                     UPLOAD_DRAIN_S,
                     spool.depth,
                 )
-                self._wait(lambda: spool.depth > 0 and uploader.reachable, UPLOAD_DRAIN_S)
+                self._wait(lambda: uploader.draining, UPLOAD_DRAIN_S)
                 deadline = time.monotonic() + STOP_BUDGET_S
             if uploader.stop(left(2.0)) and draining():
                 uploader.flush()  # on a signal the manifests wait for the next start

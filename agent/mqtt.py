@@ -340,7 +340,7 @@ class MqttLink:
         room = self._window - len(self._handed)
         if room <= 0:
             return
-        for message in self.outbox.after(self._last_id, room):
+        for message in self.outbox.take(self._last_id, room):
             props = None
             if self._v5 and message.correlation is not None:
                 props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
@@ -366,7 +366,6 @@ class MqttLink:
                 continue
             self._handed[info.mid] = message.id
             self._last_id = message.id
-            self.outbox.handed_through(message.id)
             if message.qos == 0:  # no PUBACK will come: handed is as far as it goes
                 self._acks.put((info.mid, ReasonCode(PacketTypes.PUBACK)))
                 self._wake.set()
@@ -413,7 +412,7 @@ class MqttLink:
                 )
         if info is not None:
             try:
-                info.wait_for_publish(timeout)
+                info.wait_for_publish(max(0.1, deadline - time.monotonic()))
             except (RuntimeError, ValueError) as exc:
                 log.warning("could not publish %s status: %s", final_status, exc)
         self._stop.set()

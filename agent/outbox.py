@@ -74,7 +74,7 @@ class Outbox:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._listeners: list[Callable[[], None]] = []
-        self._handed_through = 0  # rows up to this id were handed to the broker link
+        self._handed_through = 0  # rows up to this id were taken by the broker link
         self._db = self._open()
         depth, size = self._db.execute(
             f"SELECT COUNT(*), COALESCE(SUM({ROW_BYTES}), 0) FROM messages"
@@ -168,11 +168,6 @@ class Outbox:
         """Call `listener` after every committed put (the publisher wakes on it)."""
         self._listeners.append(listener)
 
-    def handed_through(self, row: int) -> None:
-        """The publisher gave the broker link every row up to `row`: until acknowledged they
-        are in flight, and paho delivers them even if their rows go, so none is evicted."""
-        self._handed_through = max(self._handed_through, row)
-
     @contextmanager
     def _transaction(self) -> Iterator[None]:
         """One commit (one fsync under synchronous=full) per call; the caller holds the lock."""
@@ -219,12 +214,23 @@ class Outbox:
 
     def after(self, last_id: int, limit: int) -> list[Pending]:
         """The next `limit` messages with id > last_id, oldest first."""
+        return self._after(last_id, limit, take=False)
+
+    def take(self, last_id: int, limit: int) -> list[Pending]:
+        """`after`, for the broker link: the rows go in flight in the same step (paho delivers
+        them even if their rows go), so drop_oldest never evicts them, not even a put that
+        lands while the link is still handing them over."""
+        return self._after(last_id, limit, take=True)
+
+    def _after(self, last_id: int, limit: int, *, take: bool) -> list[Pending]:
         with self._lock:
             rows = self._db.execute(
                 "SELECT id, topic, payload, qos, retain, correlation FROM messages "
                 "WHERE id > ? ORDER BY id LIMIT ?",
                 (last_id, limit),
             ).fetchall()
+            if take and rows:
+                self._handed_through = max(self._handed_through, rows[-1][0])
         return [Pending(r[0], r[1], bytes(r[2]), r[3], bool(r[4]), r[5]) for r in rows]
 
     def ack(self, ids: Iterable[int]) -> None:

@@ -249,6 +249,14 @@ class Spool:
                 (time.time() + delay_s, frame_id),
             )
 
+    def due(self) -> int:
+        """Captures due for an attempt now."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM captures WHERE next_try <= ?", (time.time(),)
+            ).fetchone()
+        return int(row[0])
+
     def due_now(self) -> None:
         """Every capture is due again (S3 is back: what waited out the outage goes now)."""
         with self._lock, self._db:

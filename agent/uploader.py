@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 import threading
 import time
 from datetime import UTC, datetime
@@ -50,6 +51,24 @@ MANIFEST_EVERY_S = 30.0
 # What S3 or the link can answer an upload with: boto3 wraps an error reply to upload_file
 # in S3UploadFailedError, which is neither a ClientError nor a BotoCoreError.
 S3_ERRORS = (BotoCoreError, ClientError, S3UploadFailedError, OSError)
+
+
+# Error replies that speak for the whole bucket or link, not the one object: S3 in trouble,
+# or credentials and the clock (a device without NTP) wrong. Captures wait these out.
+_BUCKET_WIDE = frozenset({
+    "SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeTooSkewed", "ExpiredToken",
+    "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket", "RequestTimeout",
+})  # fmt: skip
+
+
+def _outage(exc: Exception) -> bool:
+    """No answer at all, or an answer about the bucket or the link rather than one object."""
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return error_code(exc) in _BUCKET_WIDE or int(status) >= 500
+    if isinstance(exc, S3UploadFailedError):  # an error reply, its code only in the text
+        return any(code in str(exc) for code in _BUCKET_WIDE)
+    return True
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
@@ -139,6 +158,7 @@ class Uploader:
         self._thread = threading.Thread(target=self._run, name="uploader", daemon=True)
 
     def start(self) -> None:
+        self.spool.due_now()  # a new start is a new chance: put-back captures go first thing
         self._thread.start()
 
     def wake(self) -> None:
@@ -161,9 +181,8 @@ class Uploader:
             capture = None
             try:
                 capture = self.spool.next()
-                if capture is not None:
-                    self._upload(capture)
-                talked = capture is not None or bool(self._dirty)  # did S3 answer anything?
+                talked = capture is not None and self._upload(capture)  # did S3 answer?
+                talked = talked or bool(self._dirty)
                 if time.monotonic() - self._manifest_at > MANIFEST_EVERY_S or capture is None:
                     self._flush_manifests()
             except FileNotFoundError as exc:  # evicted or cleaned away under us: not S3's fault
@@ -173,8 +192,8 @@ class Uploader:
                 delay = full_jitter(attempt, 1.0, self.config.retry_max_s)
                 if capture is not None:  # past the back-off, the next capture goes first:
                     later = delay + full_jitter(capture.attempts, 1.0, self.config.retry_max_s)
-                    self.spool.retry_later(capture.frame_id, later)  # one S3 refuses every
-                self._failed(exc, delay, first=attempt == 0)  # time blocks no other
+                    self._put_back(capture, later)  # one S3 refuses every time blocks no other
+                self._failed(exc, delay, first=attempt == 0)
                 attempt = self._back_off(attempt, delay)
                 continue
             except Exception:  # a bug or an outbox error must not end uploads for good
@@ -202,16 +221,29 @@ class Uploader:
                 delay,
             )
         self.reachable = False
-        # No answer at all (not an error reply to one object): captures wait it out.
-        self._outage = self._outage or not isinstance(exc, ClientError | S3UploadFailedError)
+        self._outage = self._outage or _outage(exc)
 
     def _answered(self) -> None:
         """S3 took a request: after an outage, what waited it out goes now."""
         if self._outage:
             log.info("S3 %s reachable again", self.config.bucket)
-            self.spool.due_now()
+            try:
+                self.spool.due_now()
+            except sqlite3.Error as exc:  # they come as their own retries fall due
+                log.error("spool: cannot make waiting captures due: %s", exc)
             self._outage = False
         self.reachable = True
+
+    def _put_back(self, capture: Spooled, delay_s: float) -> None:
+        try:
+            self.spool.retry_later(capture.frame_id, delay_s)
+        except sqlite3.Error as exc:  # a full disk must not end uploads: it is tried next
+            log.error("spool: cannot put capture %s back: %s", capture.frame_id, exc)
+
+    @property
+    def draining(self) -> bool:
+        """A finished run may wait for uploads: a capture is due and S3 is not in an outage."""
+        return not self._outage and self.spool.due() > 0
 
     def _back_off(self, attempt: int, delay: float | None = None) -> int:
         """Wait before the next try (a stop cuts it short); the next attempt number."""
@@ -239,18 +271,19 @@ class Uploader:
                 )
                 log.info("aborted an unfinished upload of %s", upload["Key"])
 
-    def _upload(self, capture: Spooled) -> None:
+    def _upload(self, capture: Spooled) -> bool:
+        """Upload one capture; False if it was dropped without asking S3 anything."""
         image, sidecar_path, mask = self.spool.paths(capture.frame_id)
         needed = [image, sidecar_path] + ([mask] if capture.has_mask else [])
         if not all(path.is_file() for path in needed):
             self.spool.lost(capture.frame_id, capture.category)
-            return
+            return False
         try:
             sidecar = CaptureSidecar.model_validate_json(sidecar_path.read_bytes())
         except ValueError as exc:  # a sidecar this version cannot read: never retried
             log.error("capture %s unusable: %s", capture.frame_id, exc)
             self.spool.lost(capture.frame_id, capture.category)
-            return
+            return False
         stem = capture_stem(
             self.config.prefix, self.device_id, capture.captured_at, capture.frame_id
         )
@@ -283,6 +316,7 @@ class Uploader:
         )
         self.outbox.put(self.topics.uploads, notice.model_dump_json().encode())
         self.spool.done(capture.frame_id, capture.category)
+        return True
 
     def _put(self, path: Path, key: str, content_type: str, metadata: dict[str, str]) -> None:
         self.s3.upload_file(

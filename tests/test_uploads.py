@@ -443,6 +443,8 @@ def test_a_capture_that_always_fails_holds_up_no_other(
     # S3 down with that one capture left: between its tries none is due, which is no sign of
     # S3 being back (it read as one, reset the back-off and logged it at every try).
     spool.due_now()
+    for manifest in (state / "spool" / "manifests").glob("*"):  # nothing left to flush
+        manifest.unlink()
     dead = UploadConfig(**upload_settings(target.bucket, "http://127.0.0.1:9", max_attempts=1))
     uploader = Uploader(
         dead, device_id="hol-dev", spool=spool, outbox=outbox, topics=Topics("corrosion/hol/")
