@@ -61,6 +61,9 @@ ROW_BYTES = "(LENGTH(payload) + LENGTH(CAST(topic AS BLOB)) + COALESCE(LENGTH(co
 """What a row costs against `max_bytes`: the caller of a command sets its topic and data."""
 
 
+FULL_WARNING_EVERY_S = 60.0
+
+
 class _AllInFlightError(Exception):
     """drop_oldest found only messages in flight to evict."""
 
@@ -75,6 +78,8 @@ class Outbox:
         self._lock = threading.Lock()
         self._listeners: list[Callable[[], None]] = []
         self._handed_through = 0  # rows up to this id were taken by the broker link
+        self._warned_at = -float("inf")
+        self._unlogged = 0  # dropped since the last "outbox full" line
         self._db = self._open()
         depth, size = self._db.execute(
             f"SELECT COUNT(*), COALESCE(SUM({ROW_BYTES}), 0) FROM messages"
@@ -157,9 +162,7 @@ class Outbox:
             self._bytes += size - freed
             if evicted:
                 self.dropped_total += evicted
-                log.warning(
-                    "outbox full: dropped the %d oldest message(s) (policy drop_oldest)", evicted
-                )
+                self._warn_full(evicted, "dropped the oldest (policy drop_oldest)")
         for listener in self._listeners:
             listener()
         return row
@@ -205,7 +208,17 @@ class Outbox:
     def _count_dropped(self, n: int, why: str) -> None:
         with self._transaction():
             self._bump("dropped", n)
-        log.warning("outbox full: refused a new message (%s)", why)
+        self._warn_full(n, f"refused the new one ({why})")
+
+    def _warn_full(self, n: int, what: str) -> None:
+        """A warning at the first drop, then one a minute with the count: a full outbox
+        during an outage drops a message per frame, and a line each would flood the log."""
+        self._unlogged += n
+        now = time.monotonic()
+        if now - self._warned_at >= FULL_WARNING_EVERY_S:
+            log.warning("outbox full: %s; %d message(s) dropped since the last such line",
+                        what, self._unlogged)  # fmt: skip
+            self._warned_at, self._unlogged = now, 0
 
     def _bump(self, name: str, n: int) -> None:
         self._db.execute(BUMP_COUNTER, (name, n))

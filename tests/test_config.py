@@ -29,6 +29,7 @@ def write(tmp_path: Path, text: str) -> Path:
         ('[source]\nkind = "webcam"\n', "source.kind: Input should be 'camera', 'stream'"),
         ("[mqtt.tls]\nenabled = 3\n", "mqtt.tls.enabled: Input should be a valid boolean"),
         ("[outbox]\nmax_messages = 1\n", "outbox.max_messages: Input should be greater than"),
+        ("[outbox]\nmax_messages = 20\n", "outbox.max_messages (20) must exceed mqtt.inflight"),
         ('[mqtt]\ntopic_prefix = "a/#/"\n', "mqtt.topic_prefix: String should match pattern"),
         (
             "[classifier]\nmin_region_score = 1.5\n",

@@ -82,6 +82,7 @@ def test_drop_oldest_is_counted_and_persists(
     assert [int(p) for p in payloads(box)] == list(range(5, 15))
     assert box.dropped_total == 5
     assert "drop_oldest" in caplog.text
+    assert caplog.text.count("outbox full") == 1  # one line a minute, not one a message
     box.close()
     assert Outbox(tmp_path / "o.sqlite", OutboxConfig(max_messages=10)).dropped_total == 5
 

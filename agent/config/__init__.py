@@ -16,7 +16,7 @@ import types
 from pathlib import Path
 from typing import Any, Final, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agent.config.areas import Area, ClassifierConfig, HealthConfig, SourceConfig, SourceKind
 from agent.config.cloud import CategoryLimits, ModelConfig, RateLimit, UploadConfig
@@ -74,6 +74,18 @@ class AgentConfig(BaseModel):
     outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="Durable outbox")
     health: HealthConfig = Field(default_factory=HealthConfig, description="Health")
     upload: UploadConfig = Field(default_factory=UploadConfig, description="Uploads to S3")
+
+    @model_validator(mode="after")
+    def _outbox_outlasts_the_window(self) -> AgentConfig:
+        """Messages in flight are never evicted: an outbox no larger than the window would
+        be all in flight after a disconnect and refuse every new message until reconnect."""
+        box, window = self.outbox, self.mqtt.inflight
+        if box.when_full == "drop_oldest" and box.max_messages <= window:
+            raise ValueError(
+                f"outbox.max_messages ({box.max_messages}) must exceed mqtt.inflight "
+                f"({window}) with when_full = drop_oldest"
+            )
+        return self
 
     @classmethod
     def load(cls, path: Path | None, **overrides: Any) -> AgentConfig:
