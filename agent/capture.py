@@ -91,6 +91,11 @@ class Capturer:
         self.on_stored()
         return message
 
+    def withdraw(self, message: DetectionMessage) -> None:
+        """Take back the capture `consider` spooled for `message`, if it did."""
+        if message.upload_key is not None:
+            self.spool.withdraw(message.message_id)
+
     def _image(self, frame: Frame) -> tuple[bytes, Literal["image/jpeg"], bool]:
         data = frame.data
         if data is not None and data.startswith(JPEG_MAGIC):

@@ -97,7 +97,15 @@ class FrameLoop:
             except (OSError, ValueError, sqlite3.Error) as exc:  # a full disk must not stop
                 # the detections: the capture is lost (and counted where the disk allows)
                 log.error("capture of %s failed: %s", frame.name, exc)
-        self.outbox.put(self.topics.detections, message.model_dump_json().encode())
+        try:
+            self.outbox.put(self.topics.detections, message.model_dump_json().encode())
+        except BaseException:  # no detection, no capture: it would upload under an id never
+            if self.capturer is not None:  # published, and the frame comes again anyway
+                try:
+                    self.capturer.withdraw(message)
+                except (OSError, sqlite3.Error) as exc:
+                    log.error("capture of %s not taken back: %s", frame.name, exc)
+            raise
         self.stats.frame(message.latency_ms, analysis.flagged)
         return message
 

@@ -271,7 +271,12 @@ class Spool:
         log.error("capture %s: files missing from %s; dropped (counted)", frame_id, self.dir)
         self._remove(frame_id, f"lost.{category}")
 
-    def _remove(self, frame_id: str, counter: str) -> None:
+    def withdraw(self, frame_id: str) -> None:
+        """Its detection was never committed: the capture goes too, uncounted (the frame
+        comes again, and with it a capture under a new id)."""
+        self._remove(frame_id, None)
+
+    def _remove(self, frame_id: str, counter: str | None) -> None:
         with self._lock:
             row = self._db.execute(
                 "SELECT bytes FROM captures WHERE frame_id=?", (frame_id,)
@@ -282,7 +287,8 @@ class Spool:
                 return
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("DELETE FROM captures WHERE frame_id=?", (frame_id,))
-            self._bump(counter)
+            if counter is not None:
+                self._bump(counter)
             self._db.execute("COMMIT")
             self.used -= int(row[0])
         self._unlink(frame_id)

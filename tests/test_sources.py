@@ -829,12 +829,16 @@ def test_a_detection_the_outbox_refuses_leaves_its_file_unseen(
 ) -> None:
     """An outbox error (locked past its wait, disk full) was counted as a bad frame and the
     folder then marked the file seen: its detection was lost for good."""
+    from agent.capture import Capturer
+    from agent.config import CategoryLimits, RateLimit, UploadConfig
     from agent.contract.messages import Topics
     from agent.engine.classifier import ColourModel
     from agent.engine.detector import Detector
     from agent.health import FrameStats, Heartbeat, SdNotify
     from agent.outbox import Outbox
     from agent.pipeline import FrameLoop
+    from agent.policy import Policy
+    from agent.spool import Spool
 
     folder, state = tmp_path / "in", tmp_path / "state"
     folder.mkdir()
@@ -856,12 +860,26 @@ def test_a_detection_the_outbox_refuses_leaves_its_file_unseen(
     def locked(*_: Any, **__: Any) -> None:
         raise sqlite3.OperationalError("database is locked")
 
+    free = RateLimit()
+    upload = UploadConfig(
+        enabled=True,
+        bucket="captures",
+        sample_fraction=1.0,
+        dedupe_diff=0.0,
+        limits=CategoryLimits(snapshot=free, flagged=free, near_threshold=free, sample=free),
+    )
+    spool = Spool(tmp_path / "spool", 1 << 30)
     failing = FolderSource(cfg("folder", folder, exit_when_done=True), state_dir=state)
     broken = loop(failing)
+    broken.capturer = Capturer(
+        upload, device_id="d", policy=Policy(upload), spool=spool, on_stored=lambda: None
+    )
     broken.outbox = cast(Outbox, type("Locked", (), {"put": staticmethod(locked)})())
     with pytest.raises(sqlite3.OperationalError):
         broken.run(threading.Event())
     failing.close()
+    # its capture went with it: it would have uploaded under an id never published
+    assert spool.depth == 0 and not list((tmp_path / "spool").glob("*.jpg"))
     again = FolderSource(cfg("folder", folder, exit_when_done=True), state_dir=state)
     loop(again).run(threading.Event())  # after a restart: the same file, committed now
     assert outbox.depth == 1
