@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 # so that a sender cannot fill the outbox with them (beyond: the default topic, no data).
 MAX_RESPONSE_TOPIC = 256
 MAX_CORRELATION = 256
+QUOTA_EXCEEDED = 0x97  # PUBACK: over the broker's rate or quota, not a refusal of the message
+QUOTA_WAIT_MIN_S = 1.0
+QUOTA_WAIT_MAX_S = 60.0
 # publish() results after which paho holds a QoS 1 message and sends it once (re)connected:
 # not connected yet, or the socket broke during this very write (the loop runs on our
 # thread, so the write and its EPIPE happen inside publish). Neither is a refusal.
@@ -132,6 +135,9 @@ class MqttLink:
         self._handed: dict[int, int] = {}  # paho mid -> outbox row id; publisher thread only
         self._owed: tuple[list[int], list[int]] = ([], [])  # acked, refused: not yet committed
         self._last_id = 0
+        self._again: list[int] = []  # rows the broker throttled (0x97): sent first once due
+        self._quota_until = 0.0  # monotonic; no publishing before it
+        self._quota_wait = QUOTA_WAIT_MIN_S
         self._window = config.inflight  # in flight at most: ours, or the broker's lower one
         self._ever_connected = False
         self._connected_ok = False  # set by on_connect: the backoff starts over
@@ -333,14 +339,16 @@ class MqttLink:
                 self._stop.wait(1.0)
 
     def _publish_some(self) -> None:
-        """Settle PUBACKs, then hand paho the next rows that fit in the in-flight window."""
+        """Settle PUBACKs, then hand paho the next rows that fit in the in-flight window:
+        first any the broker throttled, once their wait is over."""
         self._settle_acks()
-        if not self._connected.is_set():
+        if not self._connected.is_set() or time.monotonic() < self._quota_until:
             return
         room = self._window - len(self._handed)
         if room <= 0:
             return
-        for message in self.outbox.take(self._last_id, room):
+        again, self._again = self._again[:room], self._again[room:]
+        for message in self.outbox.rows(again) + self.outbox.take(self._last_id, room - len(again)):
             props = None
             if self._v5 and message.correlation is not None:
                 props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
@@ -365,7 +373,7 @@ class MqttLink:
                 self.outbox.refuse([message.id])
                 continue
             self._handed[info.mid] = message.id
-            self._last_id = message.id
+            self._last_id = max(self._last_id, message.id)
             if message.qos == 0:  # no PUBACK will come: handed is as far as it goes
                 self._acks.put((info.mid, ReasonCode(PacketTypes.PUBACK)))
                 self._wake.set()
@@ -382,10 +390,13 @@ class MqttLink:
             row = self._handed.pop(mid, None)
             if row is None:
                 continue
-            if reason.is_failure:
+            if reason.value == QUOTA_EXCEEDED:  # throttled: the row stays, sent again later
+                self._throttled(row)
+            elif reason.is_failure:
                 log.error("broker refused message %d: %s; dropped (counted)", row, reason)
                 refused.append(row)
             else:
+                self._quota_wait = QUOTA_WAIT_MIN_S
                 done.append(row)
         self.outbox.ack(done)
         settled = list(done)
@@ -395,6 +406,15 @@ class MqttLink:
         if self.on_ack is not None:
             for row in settled:
                 self.on_ack(row)
+
+    def _throttled(self, row: int) -> None:
+        """A broker's quota (AWS IoT Core's publish rate, say, when a backlog replays): the
+        row is no refusal; publishing pauses, doubling the pause while it lasts."""
+        if time.monotonic() >= self._quota_until:
+            log.warning("broker quota exceeded: publishing paused for %.0f s", self._quota_wait)
+            self._quota_until = time.monotonic() + self._quota_wait
+            self._quota_wait = min(QUOTA_WAIT_MAX_S, 2 * self._quota_wait)
+        self._again.append(row)
 
     # ------------------------------------------------------------------ shutdown
 

@@ -229,6 +229,13 @@ class Outbox:
         """The next `limit` messages with id > last_id, oldest first."""
         return self._after(last_id, limit, take=False)
 
+    def rows(self, ids: list[int]) -> list[Pending]:
+        """These messages, those still here, oldest first (the broker link sends them again)."""
+        if not ids:
+            return []
+        with self._lock:
+            return self._select(f"id IN ({','.join('?' * len(ids))}) ORDER BY id", ids)
+
     def take(self, last_id: int, limit: int) -> list[Pending]:
         """`after`, for the broker link: the rows go in flight in the same step (paho delivers
         them even if their rows go), so drop_oldest never evicts them, not even a put that
@@ -237,13 +244,16 @@ class Outbox:
 
     def _after(self, last_id: int, limit: int, *, take: bool) -> list[Pending]:
         with self._lock:
-            rows = self._db.execute(
-                "SELECT id, topic, payload, qos, retain, correlation FROM messages "
-                "WHERE id > ? ORDER BY id LIMIT ?",
-                (last_id, limit),
-            ).fetchall()
+            rows = self._select("id > ? ORDER BY id LIMIT ?", [last_id, limit])
             if take and rows:
-                self._handed_through = max(self._handed_through, rows[-1][0])
+                self._handed_through = max(self._handed_through, rows[-1].id)
+        return rows
+
+    def _select(self, where: str, params: list[int]) -> list[Pending]:
+        rows = self._db.execute(
+            f"SELECT id, topic, payload, qos, retain, correlation FROM messages WHERE {where}",
+            params,
+        ).fetchall()
         return [Pending(r[0], r[1], bytes(r[2]), r[3], bool(r[4]), r[5]) for r in rows]
 
     def ack(self, ids: Iterable[int]) -> None:

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -263,3 +264,54 @@ def test_a_write_that_breaks_the_connection_keeps_the_message(
     assert len(sub.payloads("/detections")) == 1
     client.disconnect()
     sub.close()
+
+
+class _Recording:
+    """paho's publish, recorded: every call succeeds with a new mid."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def publish(self, topic: str, payload: bytes, **_: Any) -> paho.MQTTMessageInfo:
+        self.sent.append(payload)
+        info = paho.MQTTMessageInfo(len(self.sent))
+        info.rc = paho.MQTT_ERR_SUCCESS
+        return info
+
+
+def test_a_throttled_message_is_sent_again_after_a_pause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PUBACK 0x97 (quota exceeded: AWS IoT Core's publish rate, when a backlog replays
+    after an outage) deleted the detection as refused. It is a pause, not a refusal."""
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    link = MqttLink(
+        MqttConfig(host="127.0.0.1", port=1),
+        client_id="quota",
+        topics=Topics("corrosion/quota/"),
+        outbox=outbox,
+        retained=Retained(status=lambda s: b"{}", model=lambda: None),
+        commands=Commands("quota", 65536),
+    )
+    client = _Recording()
+    link._client = client  # type: ignore[assignment]
+    link._connected.set()
+    for i in range(3):
+        outbox.put("corrosion/quota/detections", b"%d" % i)
+    link._publish_some()
+    assert client.sent == [b"0", b"1", b"2"]
+    ok, quota = ReasonCode(PacketTypes.PUBACK), ReasonCode(PacketTypes.PUBACK, identifier=0x97)
+    for mid, reason in ((1, ok), (2, quota), (3, ok)):
+        link._acks.put((mid, reason))
+    outbox.put("corrosion/quota/detections", b"3")
+    link._publish_some()
+    assert client.sent == [b"0", b"1", b"2"]  # paused
+    assert (outbox.depth, outbox.acked, outbox.dropped_total) == (2, 2, 0)
+    later = time.monotonic() + 2
+    monkeypatch.setattr("agent.mqtt.time", SimpleNamespace(monotonic=lambda: later))
+    link._publish_some()
+    assert client.sent[3:] == [b"1", b"3"]  # the throttled one first
+    link._acks.put((4, ok))
+    link._acks.put((5, ok))
+    link._publish_some()
+    assert (outbox.depth, outbox.acked, outbox.dropped_total) == (0, 4, 0)
