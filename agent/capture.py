@@ -55,7 +55,8 @@ class Capturer:
     def consider(
         self, frame: Frame, analysis: Analysis, message: DetectionMessage
     ) -> DetectionMessage:
-        """Spool the frame if the policy wants it; the message then names its future key."""
+        """Spool the frame, held, if the policy wants it; the message then names its future
+        key. The caller releases it once the message is committed, or withdraws it."""
         decision = self.policy.decide(analysis, frame.image)
         if decision is None:
             return message
@@ -86,13 +87,22 @@ class Capturer:
             captured_at=message.captured_at,
         )
         files = CaptureFiles(image, sidecar.model_dump_json(indent=1).encode(), mask)
-        if not self.spool.add(message.message_id, decision.category, message.captured_at, files):
+        spooled = self.spool.add(
+            message.message_id, decision.category, message.captured_at, files, held=True
+        )
+        if not spooled:
             return message.model_copy(update={"upload_key": None})
-        self.on_stored()
         return message
 
+    def release(self, message: DetectionMessage) -> None:
+        """`message` is committed: its capture (held until now, so the uploader cannot send
+        one whose detection never goes out) may go up."""
+        if message.upload_key is not None:
+            self.spool.release(message.message_id)
+            self.on_stored()
+
     def withdraw(self, message: DetectionMessage) -> None:
-        """Take back the capture `consider` spooled for `message`, if it did."""
+        """Take back the capture `consider` held for `message`, if it did."""
         if message.upload_key is not None:
             self.spool.withdraw(message.message_id)
 

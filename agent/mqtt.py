@@ -347,8 +347,13 @@ class MqttLink:
         room = self._window - len(self._handed)
         if room <= 0:
             return
-        again, self._again = self._again[:room], self._again[room:]
-        for message in self.outbox.rows(again) + self.outbox.take(self._last_id, room - len(again)):
+        found = self.outbox.rows(self._again[:room])
+        present = {m.id for m in found}
+        cut = set(self._again[:room]) - present  # acked or evicted meanwhile: nothing to send
+        self._again = [row for row in self._again if row not in cut]
+        for message in found + self.outbox.take(self._last_id, room - len(found)):
+            if message.id in present:  # off the list only once handed or refused: an error
+                self._again.remove(message.id)  # below leaves the rest for the next pass
             props = None
             if self._v5 and message.correlation is not None:
                 props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]

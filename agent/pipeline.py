@@ -106,6 +106,11 @@ class FrameLoop:
                 except (OSError, sqlite3.Error) as exc:
                     log.error("capture of %s not taken back: %s", frame.name, exc)
             raise
+        if self.capturer is not None:
+            try:
+                self.capturer.release(message)
+            except sqlite3.Error as exc:  # it goes up at the next start
+                log.error("capture of %s held until the next start: %s", frame.name, exc)
         self.stats.frame(message.latency_ms, analysis.flagged)
         return message
 

@@ -42,6 +42,7 @@ CREATE INDEX IF NOT EXISTS captures_order ON captures (priority DESC, created);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 SIDECAR = ".json"
+HOLD_S = 86400.0  # a held capture's wait; a crash before its release: the next start frees it
 
 
 @dataclass(frozen=True)
@@ -121,9 +122,16 @@ class Spool:
         )
 
     def add(
-        self, frame_id: str, category: Category, captured_at: datetime, files: CaptureFiles
+        self,
+        frame_id: str,
+        category: Category,
+        captured_at: datetime,
+        files: CaptureFiles,
+        *,
+        held: bool = False,
     ) -> bool:
-        """Store a capture within the budget; False if it had to be refused (counted)."""
+        """Store a capture within the budget; False if it had to be refused (counted). A held
+        capture is not uploaded until `release` (its detection is not committed yet)."""
         size = files.size
         priority = CATEGORY_PRIORITY[category]
         with self._lock:
@@ -155,7 +163,7 @@ class Spool:
             with self._db:
                 self._db.execute(
                     "INSERT INTO captures (frame_id, category, priority, captured_at, created, "
-                    "bytes, has_mask) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "bytes, has_mask, next_try) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         frame_id,
                         category,
@@ -164,6 +172,7 @@ class Spool:
                         time.time(),
                         size,
                         files.mask is not None,
+                        time.time() + HOLD_S if held else 0.0,
                     ),
                 )
             self.used += size
@@ -256,6 +265,11 @@ class Spool:
                 "SELECT COUNT(*) FROM captures WHERE next_try <= ?", (time.time(),)
             ).fetchone()
         return int(row[0])
+
+    def release(self, frame_id: str) -> None:
+        """A held capture's detection is committed: it may go up now."""
+        with self._lock, self._db:
+            self._db.execute("UPDATE captures SET next_try = 0 WHERE frame_id=?", (frame_id,))
 
     def due_now(self) -> None:
         """Every capture is due again (S3 is back: what waited out the outage goes now)."""

@@ -158,7 +158,7 @@ class Uploader:
         self._thread = threading.Thread(target=self._run, name="uploader", daemon=True)
 
     def start(self) -> None:
-        self.spool.due_now()  # a new start is a new chance: put-back captures go first thing
+        self._all_due()  # a new start is a new chance: put-back captures go first thing
         self._thread.start()
 
     def wake(self) -> None:
@@ -182,9 +182,8 @@ class Uploader:
             try:
                 capture = self.spool.next()
                 talked = capture is not None and self._upload(capture)  # did S3 answer?
-                talked = talked or bool(self._dirty)
                 if time.monotonic() - self._manifest_at > MANIFEST_EVERY_S or capture is None:
-                    self._flush_manifests()
+                    talked = self._flush_manifests() or talked
             except FileNotFoundError as exc:  # evicted or cleaned away under us: not S3's fault
                 log.warning("capture file gone during upload: %s", exc.filename)
                 continue
@@ -227,12 +226,15 @@ class Uploader:
         """S3 took a request: after an outage, what waited it out goes now."""
         if self._outage:
             log.info("S3 %s reachable again", self.config.bucket)
-            try:
-                self.spool.due_now()
-            except sqlite3.Error as exc:  # they come as their own retries fall due
-                log.error("spool: cannot make waiting captures due: %s", exc)
+            self._all_due()
             self._outage = False
         self.reachable = True
+
+    def _all_due(self) -> None:
+        try:
+            self.spool.due_now()
+        except sqlite3.Error as exc:  # a full disk: they come as their own retries fall due
+            log.error("spool: cannot make waiting captures due: %s", exc)
 
     def _put_back(self, capture: Spooled, delay_s: float) -> None:
         try:
@@ -363,9 +365,11 @@ class Uploader:
         ids.add(sidecar.frame_id)
         self._dirty.add(path)
 
-    def _flush_manifests(self) -> None:
-        """Upload each changed hour's manifest whole; drop local files of finished hours."""
+    def _flush_manifests(self) -> bool:
+        """Upload each changed hour's manifest whole; drop local files of finished hours.
+        True if S3 took one (it answered)."""
         self._manifest_at = time.monotonic()
+        flushed = bool(self._dirty)
         current = f"{datetime.now(UTC):%Y%m%d%H}"
         for path in sorted(self._dirty):
             hour = datetime.strptime(path.stem, "%Y%m%d%H").replace(tzinfo=UTC)
@@ -385,6 +389,7 @@ class Uploader:
             if path.stem < current and path not in self._dirty:
                 path.unlink(missing_ok=True)
                 self._frame_ids.pop(path, None)
+        return flushed
 
     def flush(self) -> None:
         """At shutdown: the manifests of what was uploaded, if S3 is there."""

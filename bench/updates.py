@@ -172,7 +172,7 @@ def bench_uploads(tmp: Path, endpoint: str, model: Path, jpegs: list[bytes]) -> 
         message = analysis.message(
             device_id="bench", source="bench", frame_index=i, captured_at=frame.captured_at
         )
-        capturer.consider(frame, analysis, message)
+        capturer.release(capturer.consider(frame, analysis, message))  # as the frame loop does
     mb = spool.used / 1e6
     uploader = Uploader(config, device_id="bench", spool=spool, outbox=outbox, topics=topics)
     start = time.perf_counter()

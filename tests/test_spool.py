@@ -135,3 +135,17 @@ def test_failed_eviction_commit_keeps_rows_and_count(tmp_path: Path) -> None:
     assert s.used == 400 == spool_bytes(tmp_path) and s.depth == 2  # as before, both kept
     assert s.add(fid(9), "flagged", NOW, files(197))  # and it works once the disk does
     assert s.used == 400 and s.counters() == {"evicted.sample": 1}
+
+
+def test_a_held_capture_waits_for_its_release(tmp_path: Path) -> None:
+    """A capture goes up only once its detection is committed: one the outbox then refuses
+    is withdrawn, uncounted, before the uploader could send it under an unpublished id."""
+    s = Spool(tmp_path, 10_000)
+    assert s.add(fid(1), "flagged", NOW, files(10), held=True)
+    assert s.add(fid(2), "flagged", NOW, files(10), held=True)
+    assert s.next() is None
+    s.release(fid(1))
+    taken = s.next()
+    assert taken is not None and taken.frame_id == fid(1)
+    s.withdraw(fid(2))
+    assert s.depth == 1 and s.counters() == {} and spool_bytes(tmp_path) == s.used == 13
