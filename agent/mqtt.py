@@ -31,7 +31,7 @@ from agent.backoff import full_jitter
 from agent.commands import Commands
 from agent.config import ConfigError, MqttConfig, TlsConfig
 from agent.contract.messages import AgentState, Topics
-from agent.outbox import Outbox
+from agent.outbox import Outbox, Pending
 
 log = logging.getLogger(__name__)
 
@@ -352,36 +352,42 @@ class MqttLink:
         cut = set(self._again[:room]) - present  # acked or evicted meanwhile: nothing to send
         self._again = [row for row in self._again if row not in cut]
         for message in found + self.outbox.take(self._last_id, room - len(found)):
+            if not self._hand(message):
+                return
             if message.id in present:  # off the list only once handed or refused: an error
-                self._again.remove(message.id)  # below leaves the rest for the next pass
-            props = None
-            if self._v5 and message.correlation is not None:
-                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-                props.CorrelationData = message.correlation
-            try:
-                info = self._client.publish(
-                    message.topic,
-                    message.payload,
-                    qos=message.qos,
-                    retain=message.retain,
-                    properties=props,
-                )
-            except ValueError as exc:  # a row paho can never send: it must not block the rest
-                log.error("cannot publish to %s: %s; dropped (counted)", message.topic[:200], exc)
-                self.outbox.refuse([message.id])
-                continue
-            offline = info.rc in _KEPT_OFFLINE  # paho queued a QoS 1 message to send again
-            if message.qos == 0 and offline:
-                return  # paho keeps no QoS 0 message offline: hand it again after reconnect
-            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS and not offline:
-                log.error("cannot publish to %s: %s", message.topic, paho.error_string(info.rc))
-                self.outbox.refuse([message.id])
-                continue
-            self._handed[info.mid] = message.id
-            self._last_id = max(self._last_id, message.id)
-            if message.qos == 0:  # no PUBACK will come: handed is as far as it goes
-                self._acks.put((info.mid, ReasonCode(PacketTypes.PUBACK)))
-                self._wake.set()
+                self._again.remove(message.id)  # in _hand leaves it for the next pass
+
+    def _hand(self, message: Pending) -> bool:
+        """Publish one row (or refuse it for good); False if it must wait for a connection."""
+        props = None
+        if self._v5 and message.correlation is not None:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.CorrelationData = message.correlation
+        try:
+            info = self._client.publish(
+                message.topic,
+                message.payload,
+                qos=message.qos,
+                retain=message.retain,
+                properties=props,
+            )
+        except ValueError as exc:  # a row paho can never send: it must not block the rest
+            log.error("cannot publish to %s: %s; dropped (counted)", message.topic[:200], exc)
+            self.outbox.refuse([message.id])
+            return True
+        offline = info.rc in _KEPT_OFFLINE  # paho queued a QoS 1 message to send again
+        if message.qos == 0 and offline:
+            return False  # paho keeps no QoS 0 message offline: hand it again after reconnect
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS and not offline:
+            log.error("cannot publish to %s: %s", message.topic, paho.error_string(info.rc))
+            self.outbox.refuse([message.id])
+            return True
+        self._handed[info.mid] = message.id
+        self._last_id = max(self._last_id, message.id)
+        if message.qos == 0:  # no PUBACK will come: handed is as far as it goes
+            self._acks.put((info.mid, ReasonCode(PacketTypes.PUBACK)))
+            self._wake.set()
+        return True
 
     def _settle_acks(self) -> None:
         """Commit the broker's answers; rows stay owed (`_owed`) until the outbox took them,
