@@ -42,7 +42,7 @@ CREATE INDEX IF NOT EXISTS captures_order ON captures (priority DESC, created);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 SIDECAR = ".json"
-HOLD_S = 86400.0  # a held capture's wait; a crash before its release: the next start frees it
+HELD = 1e18  # next_try of a held capture: due only on release (or at the next start)
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ class Spool:
                         time.time(),
                         size,
                         files.mask is not None,
-                        time.time() + HOLD_S if held else 0.0,
+                        HELD if held else 0.0,
                     ),
                 )
             self.used += size
@@ -271,10 +271,15 @@ class Spool:
         with self._lock, self._db:
             self._db.execute("UPDATE captures SET next_try = 0 WHERE frame_id=?", (frame_id,))
 
-    def due_now(self) -> None:
-        """Every capture is due again (S3 is back: what waited out the outage goes now)."""
+    def due_now(self, *, held: bool = False) -> None:
+        """Every capture put back is due again (S3 is back: what waited out the outage goes
+        now); with `held`, those held too (a new start: a crash left them unreleased, and
+        their frames' detections may or may not have gone out)."""
+        limit = float("inf") if held else HELD
         with self._lock, self._db:
-            self._db.execute("UPDATE captures SET next_try = 0 WHERE next_try > 0")
+            self._db.execute(
+                "UPDATE captures SET next_try = 0 WHERE next_try > 0 AND next_try < ?", (limit,)
+            )
 
     def done(self, frame_id: str, category: str) -> None:
         """Uploaded: forget it (row first, so a crash leaves orphans, never a lost capture)."""

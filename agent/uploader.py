@@ -158,7 +158,7 @@ class Uploader:
         self._thread = threading.Thread(target=self._run, name="uploader", daemon=True)
 
     def start(self) -> None:
-        self._all_due()  # a new start is a new chance: put-back captures go first thing
+        self._all_due(held=True)  # a new start is a new chance: put-back captures go first
         self._thread.start()
 
     def wake(self) -> None:
@@ -230,9 +230,9 @@ class Uploader:
             self._outage = False
         self.reachable = True
 
-    def _all_due(self) -> None:
+    def _all_due(self, *, held: bool = False) -> None:
         try:
-            self.spool.due_now()
+            self.spool.due_now(held=held)
         except sqlite3.Error as exc:  # a full disk: they come as their own retries fall due
             log.error("spool: cannot make waiting captures due: %s", exc)
 
