@@ -152,7 +152,7 @@ class Uploader:
         self._frame_ids: dict[Path, set[str]] = {}  # of each hour's file, once read
         self._manifest_at = 0.0
         self.reachable = True
-        self._outage = False  # S3 gave no answer at all since the last one it took
+        self._outage = False  # no answer, or one about the bucket, since the last it took
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="uploader", daemon=True)
