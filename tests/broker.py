@@ -10,6 +10,7 @@ import datetime as dt
 import ipaddress
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -30,10 +31,38 @@ from cryptography.x509.oid import NameOID
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port outside the kernel's ephemeral range.
+
+    A port from bind(0) is an ephemeral one: while its server is down, any client
+    connection (a reconnecting agent, even one to that very port by TCP self-connect)
+    can be given it as a source port, and the server then fails "Address already in
+    use" when it starts.
+    """
+    low, high = _ephemeral_range()
+    candidates = [p for p in range(10000, 65536) if not low <= p <= high]
+    while True:
+        port = random.choice(candidates)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
 
 
 def _wait_port(port: int, timeout: float = 10.0) -> None:
