@@ -91,9 +91,14 @@ def run_batch(
 ) -> Summary:
     """Analyse every entry; results.csv and overlays go to out_dir. An overlay that cannot
     be written (a full disk, a name the file system refuses) costs only that overlay."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        results = (out_dir / "results.csv").open("w", newline="")
+    except OSError as exc:  # one line naming what is in the way, as for any bad argument
+        where = exc.filename or out_dir
+        raise ValueError(f"{where}: cannot write the results: {exc.strerror or exc}") from None
     summary = Summary()
-    with (out_dir / "results.csv").open("w", newline="") as fh:
+    with results as fh:
         writer = csv.writer(fh)
         writer.writerow(CSV_FIELDS)
         for item in inputs:

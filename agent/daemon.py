@@ -44,7 +44,7 @@ from agent.contract.messages import (
 )
 from agent.engine.classifier import ServingModel, load_model
 from agent.engine.detector import Detector
-from agent.engine.model import ModelError, resolve_manifest
+from agent.engine.model import resolve_manifest, runtime_fault
 from agent.health import FrameStats, HealthTicker, Heartbeat, SdNotify
 from agent.mqtt import MqttLink, Retained
 from agent.outbox import Outbox
@@ -101,7 +101,11 @@ class Agent:
         capturer = None
         if config.upload.enabled:
             self.policy = Policy(config.upload)
-            self.spool = Spool(config.state_dir / "spool", config.upload.spool_max_bytes)
+            self.spool = Spool(
+                config.state_dir / "spool",
+                config.upload.spool_max_bytes,
+                config.upload.spool_keep_free_bytes,
+            )
             self.uploader = Uploader(
                 config.upload,
                 device_id=config.device_id,
@@ -178,9 +182,12 @@ class Agent:
         for rel in reversed(self.store.history()):
             try:
                 return self._load_from_store(self.store.root / rel)
-            except (ModelError, ValueError, OSError, RuntimeError) as exc:  # onnxruntime: Runtime
-                log.error("stored model %s unusable, trying an earlier one: %s", rel, exc)
-                self.store.drop_current()
+            except Exception as exc:  # never a failed start while an earlier model remains
+                if isinstance(exc, (ValueError, OSError)) and not runtime_fault(exc):
+                    log.error("stored model %s unusable, trying an earlier one: %s", rel, exc)
+                    self.store.drop(rel)  # it failed a check (ModelError is a ValueError)
+                else:  # the device (memory short at boot) or the runtime: kept for next time
+                    log.error("stored model %s not loaded now, trying an earlier one: %s", rel, exc)
         return self._load(resolve_manifest(self.config.model.path))
 
     def _on_model_outcome(self, outcome: Outcome) -> None:

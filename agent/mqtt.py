@@ -26,6 +26,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.backoff import full_jitter
 from agent.commands import Commands
@@ -246,7 +247,11 @@ class MqttLink:
         self._connected_ok = self._connected_once = True
         self._connected.set()
         self.publish_state()
-        client.subscribe(self.topics.commands, qos=1)
+        if self._v5:  # else a retained command sent while we are connected reads as live
+            options = SubscribeOptions(qos=1, retainAsPublished=True)
+            client.subscribe(self.topics.commands, options=options)
+        else:  # MQTT 3.1.1 cannot tell: only one retained before we connected is refused
+            client.subscribe(self.topics.commands, qos=1)
         self._wake.set()
 
     def _on_subscribe(

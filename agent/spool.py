@@ -6,7 +6,10 @@ its byte budget: when a new capture does not fit, the oldest capture of the lowe
 priority goes first (flagged frames last), but never one more important than the
 newcomer; if nothing may go, the newcomer is refused. A disk that fills up before the
 budget does (it is shared) is met the same way: room is made by the same rule and the
-write tried once more. All of it is counted, per category, in counters that survive
+write tried once more. Nor does the spool take the disk's last `keep_free` bytes: a model
+update, the outbox and the system need them, and a gateway whose captures filled its disk
+could no longer take the model that fixes it; below that, captures give way by the same
+rule. All of it is counted, per category, in counters that survive
 restarts and are published in metrics: nothing is lost silently.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import shutil
 import sqlite3
 import threading
 import time
@@ -70,9 +74,10 @@ class CaptureFiles:
 class Spool:
     """Owned by the daemon; the frame loop adds, the uploader takes. Thread-safe."""
 
-    def __init__(self, directory: Path, max_bytes: int) -> None:
+    def __init__(self, directory: Path, max_bytes: int, keep_free: int = 0) -> None:
         self.dir = directory
         self.max_bytes = max_bytes
+        self.keep_free = keep_free
         directory.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._in_flight: str | None = None  # being uploaded: never evicted under the uploader
@@ -135,20 +140,25 @@ class Spool:
         size = files.size
         priority = CATEGORY_PRIORITY[category]
         with self._lock:
-            victims = self._victims(size, priority)
+            over = self.used + size - self.max_bytes
+            short = self._short_of_disk(size)
+            why = "disk low" if short > over else "spool full"
+            victims = self._victims(size, priority, need=max(over, short))
             if victims is None:
                 self._db.execute("BEGIN IMMEDIATE")
                 self._bump(f"refused.{category}")
                 self._db.execute("COMMIT")
                 log.warning(
-                    "spool full (%d of %d bytes): %s capture %s refused",
+                    "%s (%d of %d bytes spooled, %d kept free): %s capture %s refused",
+                    why,
                     self.used,
                     self.max_bytes,
+                    self.keep_free,
                     category,
                     frame_id,
                 )
                 return False
-            self._evict(victims, "spool full")  # first: the budget holds at every instant
+            self._evict(victims, why)  # first: the budget holds at every instant
             for retry in (False, True):
                 try:
                     self._write(frame_id, files)
@@ -211,16 +221,22 @@ class Spool:
             self._unlink(victim)
             log.warning("%s: evicted %s capture %s", why, victim_category, victim)
 
-    def _victims(
-        self, size: int, priority: int, need: int | None = None
-    ) -> list[tuple[str, str, int]] | None:
-        """Captures to evict so `size` more bytes fit in the budget (or, given `need`, to
-        free that many bytes of disk), lowest priority and oldest first; None if they
-        cannot be found among captures no more important than the newcomer."""
+    def _short_of_disk(self, size: int) -> int:
+        """Bytes the disk would be short of `keep_free` after writing `size` more."""
+        if not self.keep_free:
+            return 0
+        try:
+            free = shutil.disk_usage(self.dir).free
+        except OSError:  # not knowable now: the write itself will tell
+            return 0
+        return self.keep_free + size - free
+
+    def _victims(self, size: int, priority: int, need: int) -> list[tuple[str, str, int]] | None:
+        """Captures to evict to free `need` bytes (of the budget or of the disk) for `size`
+        more, lowest priority and oldest first; None if they cannot be found among
+        captures no more important than the newcomer."""
         if size > self.max_bytes:
             return None
-        if need is None:
-            need = self.used + size - self.max_bytes
         victims: list[tuple[str, str, int]] = []
         if need <= 0:
             return victims

@@ -27,13 +27,19 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, IncompleteReadError
 from pydantic import ValidationError
 
 from agent.config import ModelConfig
 from agent.contract import MANIFEST_FILE, ModelManifest, ModelRef, describe
 from agent.contract.common import semver_order
-from agent.contract.registry import ChannelPointer, RegistryUrl, channel_key, file_key
+from agent.contract.registry import (
+    ChannelPointer,
+    RegistryUrl,
+    channel_key,
+    file_key,
+    version_prefix,
+)
 from agent.durable import replace_file, sync_dir, write_synced
 from agent.engine.model import ModelError, runtime_fault
 from agent.s3 import describe_error, error_code, s3_client
@@ -84,6 +90,25 @@ class ModelStore:
         self._state = root / "state.json"
         for leftover in root.glob(".incoming-*"):  # a download a crash interrupted
             shutil.rmtree(leftover, ignore_errors=True)
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Free version folders the state does not name: a crash between moving a download
+        in and recording it, or during a rollback's delete, left them (a skipped version is
+        never fetched again, so nothing else would). Nothing goes if the state is unreadable."""
+        try:
+            state = json.loads(self._state.read_text())
+        except FileNotFoundError:
+            state = {}
+        except (OSError, ValueError):
+            return
+        if not isinstance(state, dict):
+            return
+        named = {(self.root / str(h)).parent for h in state.get("history", [])}
+        for folder in self.root.glob("*/*"):
+            if folder.is_dir() and not folder.parent.name.startswith(".") and folder not in named:
+                log.info("removing model folder %s, which no record names", folder)
+                shutil.rmtree(folder, ignore_errors=True)
 
     def _read(self) -> dict[str, Any]:
         try:
@@ -104,10 +129,20 @@ class ModelStore:
         history = self.history()
         return self.root / history[-1] if history else None
 
-    def skipped(self) -> str | None:
-        """A version rolled back from: not reinstalled until the channel moves on."""
+    def skipped(self) -> set[str]:
+        """Versions rolled back from: not reinstalled until the channel moves on."""
         value = self._read().get("skip")
-        return str(value) if value else None
+        if isinstance(value, list):
+            return {str(v) for v in value}
+        return {str(value)} if value else set()  # a store from before skips were a list
+
+    def skip(self, version: str) -> None:
+        """Skip `version` (rolled back from) until the channel moves on."""
+        self._write(skip=sorted(self.skipped() | {version}))
+
+    def unskip(self) -> None:
+        """The channel moved on from every version rolled back from."""
+        self._write(skip=[])
 
     def _promotions(self) -> dict[str, str]:
         promoted = self._read().get("promoted")
@@ -145,22 +180,19 @@ class ModelStore:
         promotion: tuple[str, datetime] | None = None,
     ) -> None:
         """Record `manifest` as serving (from a pointer of a trusted `promotion`), in one
-        write with `drop` (a version rolled back from) forgotten, whose folder then goes: a
-        crash leaves either state, never half."""
+        write with `drop` (a version rolled back from) forgotten and `skip`ped, whose folder
+        then goes: a crash leaves either state, never half."""
         rel = str(manifest.relative_to(self.root))
         history = [h for h in self.history() if h not in (rel, drop)] + [rel]
-        self._write(history=history, skip=skip, **self._promoted(promotion))
+        skips = self.skipped() | ({skip} if skip else set())
+        self._write(history=history, skip=sorted(skips), **self._promoted(promotion))
         if drop is not None:
             shutil.rmtree((self.root / drop).parent, ignore_errors=True)
 
-    def drop_current(self) -> None:
-        """Forget the serving version (unusable at boot) and free its folder."""
-        history = self.history()
-        if not history:
-            return
-        self._write(history=history[:-1])
-        if history[-1] not in history[:-1]:
-            shutil.rmtree((self.root / history[-1]).parent, ignore_errors=True)
+    def drop(self, rel: str) -> None:
+        """Forget a stored version (unusable at boot) and free its folder."""
+        self._write(history=[h for h in self.history() if h != rel])
+        shutil.rmtree((self.root / rel).parent, ignore_errors=True)
 
     def prune(self, keep: int) -> None:
         history = self.history()
@@ -200,7 +232,9 @@ class Updater:
         self.keys = keyring(load_public_key(p) for p in config.public_keys)
         self.s3 = s3_client(config.endpoint_url, config.region)
         self._etag: str | None = None
+        self._missing: str | None = None  # the pointer key last found missing (warned once)
         self._refused: dict[str, float] = {}  # sha256 -> monotonic time it may be tried again
+        self._rollback_from: ModelRef | None = None  # what served when rollback was asked
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._rollback = threading.Event()
@@ -221,6 +255,8 @@ class Updater:
         self._wake.set()
 
     def rollback(self) -> None:
+        """Go back one from the version serving now (the `rollback` command)."""
+        self._rollback_from = self.serving()
         self._rollback.set()
         self._wake.set()
 
@@ -230,7 +266,7 @@ class Updater:
             if rollback:  # cleared only once seen: a request landing now is not lost
                 self._rollback.clear()
             try:
-                outcome = self._roll_back() if rollback else self.check()
+                outcome = self._roll_back(self._rollback_from) if rollback else self.check()
             except (BotoCoreError, ClientError) as exc:
                 log.warning("registry %s unreachable: %s", self.url, describe_error(exc))
             except Exception:  # a bug or a full disk must not end updates for good
@@ -251,13 +287,16 @@ class Updater:
             return pointer
         serving = self.serving()
         this = hashlib.sha256(pointer.to_json()).hexdigest()  # a refusal of the pointer itself
-        skipped = pointer.version == self.store.skipped()
+        skips = self.store.skipped()
+        skipped = pointer.version in skips
         until = max(self._refused.get(h, -math.inf) for h in (this, pointer.manifest_sha256))
         if skipped or until > time.monotonic():
             if not skipped and math.isfinite(until):
                 self._etag = None  # read it again at each poll until its retry is due
             return Outcome()
         refusal, signed = self._trust(pointer, serving)
+        if skips and refusal is None:  # a trusted pointer moved on: a re-promotion is meant
+            self.store.unskip()
         if (pointer.name, pointer.version) == (serving.name, serving.version):
             if signed and refusal is None:  # so that replaying an older one is seen for one
                 self.store.note_promotion(_channel(pointer), pointer.promoted_at)
@@ -336,7 +375,9 @@ class Updater:
             return Outcome(refused=f"{pointer.name} {pointer.version}: {exc}")
         except Exception as exc:
             shutil.rmtree(folder, ignore_errors=True)
-            reason = f"{pointer.name} {pointer.version}: {exc or type(exc).__name__}"
+            where = self.url.uri(version_prefix(self.url.prefix, pointer.name, pointer.version))
+            why = str(exc).replace(f"{folder}/", where) or type(exc).__name__  # not a temp path
+            reason = f"{pointer.name} {pointer.version}: {why}"
             if runtime_fault(exc):  # onnxruntime failing a load or the golden samples' run:
                 self._etag = None  # perhaps memory short for now; read again when retry is due
                 return self._refuse(pointer.manifest_sha256, reason, retry_s=RUNTIME_RETRY_S)
@@ -346,13 +387,26 @@ class Updater:
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
+        if self._rollback.is_set():  # asked of the version serving now: it goes back first
+            model.close()
+            shutil.rmtree(folder, ignore_errors=True)
+            self._etag = None  # fetched again after the rollback, if still the channel's
+            return Outcome()
         final = self.store.root / pointer.name / pointer.version
-        shutil.rmtree(final, ignore_errors=True)  # a copy left by an earlier, rolled-back serve
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(folder, final)  # only a version that passed every check enters the store
-        sync_dir(final.parent)
+        try:
+            shutil.rmtree(final, ignore_errors=True)  # a copy an earlier rollback left
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(folder, final)  # only a version that passed every check enters the store
+            sync_dir(final.parent)
+        except BaseException:  # a full disk: nothing of it stays, nothing leaks
+            model.close()
+            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(final, ignore_errors=True)
+            raise
         return self._serve(
-            model, promotion=(_channel(pointer), pointer.promoted_at) if signed else None
+            model,
+            promotion=(_channel(pointer), pointer.promoted_at) if signed else None,
+            installed=True,
         )
 
     def _poll(self) -> ChannelPointer | Outcome:
@@ -367,10 +421,17 @@ class Updater:
             if error_code(exc) in ("304", "NotModified"):
                 return Outcome()
             if error_code(exc) in ("NoSuchKey", "404"):
-                log.debug("no channel pointer at %s yet", self.url.uri(key))
+                if self._missing != key:  # nothing promoted yet, or a wrong name or prefix
+                    log.warning(
+                        "no channel pointer at %s: nothing promoted to it yet, or model.name, "
+                        "model.channel or model.registry is wrong",
+                        self.url.uri(key),
+                    )
+                    self._missing = key
                 return Outcome()
             raise
-        body = response["Body"].read(MAX_MANIFEST_BYTES + 1)
+        self._missing = None
+        body = _body(response, MAX_MANIFEST_BYTES)
         self._etag = response.get("ETag")  # only once the body is in: a cut read polls again
         try:
             return ChannelPointer.parse(body, where=self.url.uri(key))
@@ -391,14 +452,18 @@ class Updater:
         skip: str | None = None,
         drop: str | None = None,
         promotion: tuple[str, datetime] | None = None,
+        installed: bool = False,
     ) -> Outcome:
         """Record, then swap: a state that cannot be written leaves the old model serving
-        and the disk saying so."""
+        and the disk saying so; and frees the version's folder if it was just `installed`
+        (no record names it: it would hold a full disk's last room until a restart)."""
+        manifest = self._manifest_of(model.ref)
         try:
-            manifest = self._manifest_of(model.ref)
             self.store.serve(manifest, skip=skip, drop=drop, promotion=promotion)
         except BaseException:
             model.close()
+            if installed:
+                shutil.rmtree(manifest.parent, ignore_errors=True)
             raise
         self.detector.swap(model)  # the detector closes the old one between frames
         try:
@@ -411,17 +476,34 @@ class Updater:
     def _manifest_of(self, ref: ModelRef) -> Path:
         return self.store.root / ref.name / ref.version / MANIFEST_FILE
 
+    def _raise_if_missing(self, key: str, exc: ClientError) -> None:
+        """Raise MissingFileError if `exc` says the file is not there (or not ours to read)."""
+        code = error_code(exc)
+        if code in MISSING:  # a HEAD's reply has no body, only its status: said in words
+            why = "NoSuchKey: not in the registry" if code == "404" else describe_error(exc)
+            raise MissingFileError(f"{self.url.uri(key)}: {why}") from exc
+
     def _get(self, key: str, limit: int) -> bytes:
         try:
             response = self.s3.get_object(Bucket=self.url.bucket, Key=key)
         except ClientError as exc:
-            if error_code(exc) in MISSING:
-                raise MissingFileError(f"{self.url.uri(key)}: {describe_error(exc)}") from exc
+            self._raise_if_missing(key, exc)
             raise
         size = int(response.get("ContentLength", 0))
         if size > limit:
             raise ModelError(f"{self.url.uri(key)}: {size} bytes, more than the {limit} allowed")
-        return bytes(response["Body"].read(limit + 1))
+        return _body(response, limit)
+
+    def _head(self, key: str, size: int) -> None:
+        """A file of the version is in the registry at the size its manifest says."""
+        try:
+            response = self.s3.head_object(Bucket=self.url.bucket, Key=key)
+        except ClientError as exc:
+            self._raise_if_missing(key, exc)
+            raise
+        found = int(response.get("ContentLength", -1))
+        if found != size:
+            raise ModelError(f"{self.url.uri(key)}: size {found} bytes, the manifest says {size}")
 
     def _fetch(self, pointer: ChannelPointer, folder: Path) -> Path:
         """Download and check one version into `folder`; returns its manifest path.
@@ -447,28 +529,56 @@ class Updater:
                     f"{ref.file}: claims {ref.size} bytes, model.max_model_bytes is "
                     f"{self.config.max_model_bytes}"
                 )
+        keys = {
+            r.file: file_key(self.url.prefix, pointer.name, pointer.version, r.file) for r in refs
+        }
+        for ref in refs:  # all there before any is fetched: a broken version costs no download
+            self._head(keys[ref.file], ref.size)
         for ref in refs:
-            key = file_key(self.url.prefix, manifest.name, manifest.version, ref.file)
-            write_synced(folder / ref.file, self._get(key, ref.size))
+            write_synced(folder / ref.file, self._get(keys[ref.file], ref.size))
         write_synced(folder / MANIFEST_FILE, raw)  # on the device before state.json names it
         sync_dir(folder)
         return folder / MANIFEST_FILE
 
-    def _roll_back(self) -> Outcome:
-        history = self.store.history()
-        if len(history) < 2:
-            return Outcome(refused="rollback: no earlier version on disk")
+    def _roll_back(self, asked: ModelRef | None = None) -> Outcome:
+        """Serve the version stored before the serving one, which is skipped and freed.
+        `asked`: what served when the rollback was asked. An update that was being swapped in
+        then has replaced it already: going back from the new version would undo what the
+        operator did not see, so the version asked about is only skipped."""
         current = self.serving()
+        if asked is not None and asked != current:
+            self.store.skip(asked.version)
+            return Outcome(
+                refused=f"rollback: {asked.name} {asked.version} had already given way to "
+                f"{current.name} {current.version}; {asked.version} is skipped, send rollback "
+                f"again to leave {current.version}"
+            )
+        history = self.store.history()
+        rel = str(self._manifest_of(current).relative_to(self.store.root))
+        at = history.index(rel) if rel in history else 0
+        if at == 0:
+            return Outcome(refused="rollback: no earlier version on disk")
         try:
-            model = self.load(self.store.root / history[-2])
+            model = self.load(self.store.root / history[at - 1])
         except Exception as exc:
             if not (isinstance(exc, ValueError) or runtime_fault(exc)):
                 raise
             return Outcome(refused=f"rollback: the earlier version fails its checks: {exc}")
         try:
-            return self._serve(model, skip=current.version, drop=history[-1])
+            return self._serve(model, skip=current.version, drop=rel)
         except OSError as exc:
             return Outcome(refused=f"rollback: {exc}; the current model keeps serving")
+
+
+def _body(response: dict[str, Any], limit: int) -> bytes:
+    """The whole body (up to `limit` + 1 bytes). botocore checks the length only when a read
+    comes back empty: a server closing mid-body gives a short read and no error, which
+    would be refused for good as a wrong size or hash instead of fetched again."""
+    data = bytes(response["Body"].read(limit + 1))
+    expected = response.get("ContentLength")
+    if expected is not None and len(data) < min(int(expected), limit + 1):
+        raise IncompleteReadError(actual_bytes=len(data), expected_bytes=int(expected))
+    return data
 
 
 def _channel(pointer: ChannelPointer) -> str:

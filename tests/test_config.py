@@ -70,6 +70,17 @@ def test_environment_overrides_file_and_is_named(
         AgentConfig.load(path)
 
 
+def test_one_rate_window_set_keeps_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`[upload.limits.flagged] per_minute = 5` left per_hour and per_day unset: no limit."""
+    path = write(tmp_path, "[upload.limits.flagged]\nper_minute = 5\n")
+    monkeypatch.setenv("CORROSION_UPLOAD__LIMITS__SAMPLE__PER_DAY", "7")
+    limits = AgentConfig.load(path).upload.limits
+    assert limits.flagged.model_dump() == {"per_minute": 5, "per_hour": 600, "per_day": 5000}
+    assert limits.sample.model_dump() == {"per_minute": 2, "per_hour": 20, "per_day": 7}
+
+
 @pytest.mark.parametrize(
     ("var", "value", "error"),
     [

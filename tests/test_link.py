@@ -115,6 +115,13 @@ def test_a_retained_command_is_answered_and_never_run(broker: Broker, tmp_path: 
         device.command("cmd/ping", b'{"request_id": "after"}')
         assert device.sub.wait_for(lambda: len(device.sub.payloads("cmd/ping/result")) == 3)
         assert device.runs == 2  # the zero-byte clear was no command
+        # retained while we are connected: the broker forwards it with the flag cleared
+        # unless asked to keep it (MQTT 5's retain-as-published); it ran, and again later
+        device.command("cmd/ping", b'{"request_id": "live"}', retain=True)
+        assert device.sub.wait_for(lambda: len(device.sub.payloads("cmd/ping/result")) == 4)
+        live = device.sub.payloads("cmd/ping/result")[-1]
+        assert live["request_id"] == "live" and not live["ok"] and device.runs == 2
+        device.command("cmd/ping", b"", retain=True)
     finally:
         device.close()
 

@@ -372,6 +372,10 @@ def test_a_quiet_folder_is_not_walked_at_every_poll(
     write(folder / "new.jpg", jpeg(), time.time() - 5)
     drain.wait(lambda items: len(items) == 1)
     assert names(drain.items) == ["new.jpg"]
+    found_at = source._walked_at
+    deadline = time.monotonic() + 5  # the walk after a delivery is full; then it is quiet
+    while source._walked_at == found_at and time.monotonic() < deadline:
+        time.sleep(0.01)
     mtime = folder.stat().st_mtime_ns
     write(folder / "old0.jpg", jpeg(level=40))  # rewritten in place: the folder's mtime stays
     assert folder.stat().st_mtime_ns == mtime
@@ -702,7 +706,7 @@ def test_real_http_mjpeg_stream_is_reopened_after_it_disappears() -> None:
 @pytest.mark.parametrize(
     ("kind", "uri", "message"),
     [
-        ("folder", "no/such/folder", "folder not found"),
+        ("folder", "/dev/null", "not a folder"),
         ("video", "no/such/clip.avi", "video file not found"),
         ("glob", "no/such/*.jpg", "matches no image files"),
         ("camera", "front-door", "a camera is an index"),
@@ -716,6 +720,22 @@ def test_bad_configurations_fail_at_open_naming_the_uri(
     with pytest.raises(SourceError, match=message) as caught:
         open_source(SourceConfig(kind=kind, uri=uri), state_dir=tmp_path)
     assert mask_uri(uri) in str(caught.value) and "secret" not in str(caught.value)
+
+
+def test_a_folder_not_there_at_start_is_watched_for(tmp_path: Path) -> None:
+    """A card or mount not up at boot made the start fail; a supervisor gave up after a few
+    restarts, though a folder that vanishes while running was always waited for."""
+    inbox = tmp_path / "media" / "inbox"
+    source = open_source(cfg("folder", inbox), state_dir=tmp_path / "state")
+    drain = Drain(source)
+    try:
+        time.sleep(0.2)
+        write(inbox / "a.jpg", jpeg())
+        drain.wait(lambda items: len(items) == 1)
+        assert names(drain.items) == ["a.jpg"]
+    finally:
+        drain.stopped()
+        source.close()
 
 
 def test_a_file_that_is_not_a_video_fails_at_open(tmp_path: Path) -> None:

@@ -107,6 +107,38 @@ def test_full_disk_makes_room_by_the_budget_rule_then_writes(
     assert s.depth == 2 and spool_bytes(tmp_path) == s.used == 200
 
 
+def test_the_disk_reserve_is_kept_by_the_budget_rule(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Captures never take the disk's last `keep_free` bytes (a model update needs them):
+    below it a flagged capture takes a sample's room; one nobody may give way to is refused,
+    counted, and what was spooled stays."""
+    s = Spool(tmp_path, 10_000, keep_free=1000)
+    disk = {"free": 10_000}
+
+    def disk_usage(path: Path) -> Any:
+        assert path == tmp_path
+        return type("Usage", (), {"free": disk["free"]})()
+
+    monkeypatch.setattr(spool.shutil, "disk_usage", disk_usage)
+    assert s.add(fid(1), "sample", NOW, files(197))
+    assert s.add(fid(2), "sample", NOW, files(197))
+    assert s.add(fid(3), "flagged", NOW, files(197))
+    disk["free"] = 1100  # someone else filled the disk: 200 more would leave 900
+    assert s.add(fid(4), "flagged", NOW, files(197))
+    assert s.counters() == {"evicted.sample": 1}  # the oldest sample made the room
+    assert s.add(fid(5), "sample", NOW, files(197))  # a sample takes an older sample's
+    disk["free"] = 500  # 700 bytes needed, 600 spooled: refused, nothing evicted in vain
+    assert not s.add(fid(6), "flagged", NOW, files(197))
+    assert s.counters() == {"evicted.sample": 2, "refused.flagged": 1}
+    assert s.depth == 3 and spool_bytes(tmp_path) == s.used == 600
+    kept = set()
+    while (c := s.next()) is not None:
+        kept.add(c.frame_id)
+        s.done(c.frame_id, c.category)
+    assert kept == {fid(3), fid(4), fid(5)}
+
+
 class _FailingCommit:
     """The spool's connection, but the next COMMIT fails as a full disk's would."""
 

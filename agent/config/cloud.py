@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -69,25 +69,51 @@ class RateLimit(Area):
     per_day: int | None = Field(default=None, ge=0, description="Per rolling day")
 
 
+_LIMITS = {  # per minute, hour, day
+    "snapshot": (10, 100, 1000),
+    "flagged": (30, 600, 5000),
+    "near_threshold": (6, 60, 500),
+    "sample": (2, 20, 200),
+}
+
+
+def _default_limit(category: str) -> dict[str, int]:
+    return dict(zip(("per_minute", "per_hour", "per_day"), _LIMITS[category], strict=True))
+
+
 class CategoryLimits(Area):
     """Rate limits per capture category."""
 
     snapshot: RateLimit = Field(
-        default_factory=lambda: RateLimit(per_minute=10, per_hour=100, per_day=1000),
+        default_factory=lambda: RateLimit(**_default_limit("snapshot")),
         description="Frames marked by the snapshot command",
     )
     flagged: RateLimit = Field(
-        default_factory=lambda: RateLimit(per_minute=30, per_hour=600, per_day=5000),
+        default_factory=lambda: RateLimit(**_default_limit("flagged")),
         description="Frames at or above the flag threshold",
     )
     near_threshold: RateLimit = Field(
-        default_factory=lambda: RateLimit(per_minute=6, per_hour=60, per_day=500),
+        default_factory=lambda: RateLimit(**_default_limit("near_threshold")),
         description="Frames near the decision boundary",
     )
     sample: RateLimit = Field(
-        default_factory=lambda: RateLimit(per_minute=2, per_hour=20, per_day=200),
+        default_factory=lambda: RateLimit(**_default_limit("sample")),
         description="Random unflagged frames (the negatives a retrain needs)",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_other_windows(cls, data: Any) -> Any:
+        """A table that sets one window keeps the category's defaults for the others: a
+        drone's `per_minute = 5` took away its hourly and daily caps."""
+        if not isinstance(data, dict):
+            return data
+        return {
+            name: {**_default_limit(name), **value}
+            if name in _LIMITS and isinstance(value, dict)
+            else value
+            for name, value in data.items()
+        }
 
 
 class UploadConfig(Area):
@@ -118,6 +144,11 @@ class UploadConfig(Area):
     )
     spool_max_bytes: int = Field(
         default=2 * 1024**3, ge=64 * 1024, description="Disk budget of captures waiting"
+    )
+    spool_keep_free_bytes: int = Field(
+        default=512 * 1024**2,
+        ge=0,
+        description="Free disk captures never take (model updates, the outbox); 0 = off",
     )
     sample_fraction: float = Field(
         default=0.01, ge=0.0, le=1.0, description="Share of unflagged frames sampled"

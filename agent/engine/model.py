@@ -8,11 +8,16 @@ comes from the local disk or from the registry.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
+
+# onnxruntime keeps a device id and usage events under ~/.cache and may upload them: not on
+# an inspection drone, whichever way it was started (the unit and the image set it too).
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+import onnxruntime as ort  # after the telemetry switch
 
 from agent.contract import MANIFEST_FILE, FileRef, ModelManifest
 from agent.engine.onnxproto import Attribute, parse_nodes

@@ -131,8 +131,10 @@ class FolderSource(Source):
         self, config: SourceConfig, *, state_dir: Path, decode_long_side: int | None = None
     ) -> None:
         super().__init__(config, config.uri, decode_long_side)
-        if not Path(config.uri).is_dir():
-            raise SourceError(f"{config.uri}: folder not found")
+        if not Path(config.uri).exists():  # removable media, a mount not up yet: waited for
+            log.warning("%s: folder not there (yet); watching for it", config.uri)
+        elif not Path(config.uri).is_dir():
+            raise SourceError(f"{config.uri}: not a folder")
         self._root = Path(config.uri).resolve()
         self._extensions = _extensions(config)
         self._settling: dict[str, tuple[int, int, float]] = {}

@@ -1,0 +1,288 @@
+"""Model updates meeting the field: a link cut mid-body, onnxruntime failing at boot, a
+rollback arriving mid-download, rollbacks in a row and re-promotions, a disk filling after
+the load, a broken version in the registry, folders a crash left. Real HTTP (moto)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from onnxruntime.capi.onnxruntime_pybind11_state import RuntimeException
+
+from agent.config import AgentConfig
+from agent.daemon import Agent
+from agent.engine import model as engine_model
+from agent.engine.classifier import ColourModel
+from agent.engine.detector import Detector
+from agent.updater import ModelStore, Outcome, Updater
+from tests.httpcut import CutProxy
+from tests.registry_helpers import NAME, Registry, train
+from tests.test_updates import updater
+
+
+def publish(registry: Registry, up: Updater, tmp: Path, *versions: str) -> None:
+    """Publish, promote and install `versions` in turn."""
+    for i, version in enumerate(versions):
+        registry.publish(train(tmp / version, version, 40 - 10 * i).parent)
+        registry.point(version, signed=True)
+        assert up.check().served is not None, version
+
+
+@pytest.mark.parametrize("cut", ["stable.json", "manifest.json", "model.onnx"])
+def test_a_body_cut_short_is_fetched_again_not_refused(
+    tmp_path: Path, registry: Registry, logistic_model: Path, cut: str
+) -> None:
+    """botocore checks a body's length only when a read comes back empty: a link closing
+    mid-body gave a short read and no error, so the version was refused for good as a wrong
+    size or hash, or (the pointer) its ETag kept and never read again."""
+    registry.publish(train(tmp_path / "v2", "2.0.0", 40).parent)
+    registry.point("2.0.0")
+    proxy = CutProxy(registry.endpoint)
+    registry.endpoint = proxy.url
+    detector = Detector(ColourModel.load(logistic_model))
+    up = updater(registry, tmp_path, detector)
+    proxy.cut = cut
+    with pytest.raises(Exception, match="expected"):  # IncompleteReadError: a transport error
+        up.check()
+    proxy.cut = None
+    outcome = up.check()
+    assert outcome.served is not None and detector.model.ref.version == "2.0.0"
+    proxy.close()
+
+
+def _agent(tmp: Path, registry: Registry, model: Path) -> Agent:
+    frames = tmp / "frames"
+    frames.mkdir(exist_ok=True)
+    config = {
+        "device_id": "dev-1",
+        "state_dir": str(tmp / "state"),
+        "model": {
+            "path": str(model),
+            "registry": registry.url.uri(),
+            "endpoint_url": registry.endpoint,
+            "region": "us-east-1",
+            "public_keys": [str(registry.public)],
+        },
+        "source": {"kind": "folder", "uri": str(frames)},
+        "mqtt": {"enabled": False},
+    }
+    return Agent(AgentConfig.model_validate(config))
+
+
+def _close(agent: Agent) -> None:
+    """An Agent built but never run: close what it opened."""
+    agent.source.close()
+    agent.outbox.close()
+    agent.detector.close()
+
+
+@pytest.mark.parametrize("error", [RuntimeException, RuntimeError])
+def test_onnxruntime_failing_at_boot_falls_back_and_keeps_the_stored_model(
+    tmp_path: Path,
+    registry: Registry,
+    logistic_model: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    error: type[Exception],
+) -> None:
+    """onnxruntime's errors are not RuntimeErrors (pybind11 maps the rest to RuntimeError):
+    one raised by the golden samples' run at boot stopped the agent from starting; and any
+    boot failure deleted the version, though a device short of memory for a moment is no
+    reason to lose a good model."""
+    agent = _agent(tmp_path, registry, logistic_model)
+    assert agent.updater is not None
+    publish(registry, agent.updater, tmp_path, "2.0.0", "3.0.0")
+    _close(agent)
+    real = engine_model.PixelModel.check_golden
+
+    def golden(model: engine_model.PixelModel) -> Any:
+        if "3.0.0" in str(model.path):
+            raise error("Failed to allocate memory for requested buffer")
+        return real(model)
+
+    monkeypatch.setattr(engine_model.PixelModel, "check_golden", golden)
+    agent = _agent(tmp_path, registry, logistic_model)
+    assert agent.detector.model.ref.version == "2.0.0"
+    _close(agent)
+    store = tmp_path / "state" / "models"
+    assert (store / NAME / "3.0.0" / "manifest.json").is_file()
+    monkeypatch.undo()
+    agent = _agent(tmp_path, registry, logistic_model)  # memory back: 3.0.0 serves again
+    assert agent.detector.model.ref.version == "3.0.0"
+    _close(agent)
+
+
+def test_a_rollback_asked_mid_download_goes_back_from_what_served(
+    tmp_path: Path, registry: Registry, logistic_model: Path
+) -> None:
+    """The rollback waited for the download, then undid the new version: the device landed
+    on the version the operator rolled back from, and skipped the fix."""
+    detector = Detector(ColourModel.load(logistic_model))
+    reports: list[Outcome] = []
+    up = updater(registry, tmp_path, detector, poll_s=0.2)
+    up.report = reports.append
+    publish(registry, up, tmp_path, "2.0.0", "3.0.0")
+    registry.publish(train(tmp_path / "4.0.0", "4.0.0", 25).parent)
+    registry.point("4.0.0", signed=True)
+
+    def command_arrives(request: Any, **_: Any) -> None:
+        if "/4.0.0/model.onnx" in request.url and not up._rollback_from:
+            up.rollback()  # from the MQTT thread, while 4.0.0 downloads
+
+    up.s3.meta.events.register("before-send.s3.GetObject", command_arrives)
+    up.start()
+    try:
+        deadline = time.monotonic() + 20
+        while len(reports) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        up.stop()
+    served = [o.served.version for o in reports if o.served]
+    assert served == ["2.0.0", "4.0.0"]  # back from 3.0.0; then the channel's 4.0.0
+    assert up.store.skipped() == set()  # the channel had moved on from 3.0.0
+
+
+def test_rollbacks_in_a_row_stay_skipped_until_the_channel_moves(
+    tmp_path: Path, registry: Registry, logistic_model: Path
+) -> None:
+    """A second rollback forgot the first one's skip (the channel's version came back at the
+    next pull or restart); a skip outlived a deliberate re-promotion."""
+    detector = Detector(ColourModel.load(logistic_model))
+    up = updater(registry, tmp_path, detector)
+    publish(registry, up, tmp_path, "2.0.0", "3.0.0", "4.0.0")
+    for back_to in ("3.0.0", "2.0.0"):
+        outcome = up._roll_back()
+        assert outcome.served is not None and outcome.served.version == back_to
+    assert ModelStore(tmp_path / "models").skipped() == {"3.0.0", "4.0.0"}  # survives restarts
+    up.pull()
+    assert up.check() == Outcome() and detector.model.ref.version == "2.0.0"
+    registry.point("2.0.0", signed=True)  # the fleet follows this device back
+    assert up.check() == Outcome()
+    registry.point("4.0.0", signed=True)  # 4.0.0 fixed elsewhere, promoted again: meant
+    outcome = up.check()
+    assert outcome.served is not None and outcome.served.version == "4.0.0"
+    assert up._roll_back(detector.model.ref).served is not None  # asked of what serves: done
+
+
+def test_a_rollback_asked_as_an_update_swaps_in_skips_what_the_operator_saw(
+    tmp_path: Path, registry: Registry, logistic_model: Path
+) -> None:
+    """Asked after the update's last look at pending rollbacks (its state write, slow on an
+    SD card): going back from the new version would undo what the operator never saw, and
+    refusing lost the rollback. The version asked about is skipped; the new one serves."""
+    detector = Detector(ColourModel.load(logistic_model))
+    up = updater(registry, tmp_path, detector)
+    publish(registry, up, tmp_path, "2.0.0", "3.0.0")
+    registry.publish(train(tmp_path / "4.0.0", "4.0.0", 25).parent)
+    registry.point("4.0.0", signed=True)
+    real = up.store.serve
+
+    def serve(manifest: Path, **kwargs: Any) -> None:
+        if "4.0.0" in str(manifest):
+            up.rollback()  # from the MQTT thread, while 4.0.0 is being recorded
+        real(manifest, **kwargs)
+
+    up.store.serve = serve  # type: ignore[method-assign]
+    assert up.check().served is not None
+    outcome = up._roll_back(up._rollback_from)
+    assert outcome.refused is not None and "send rollback again to leave 4.0.0" in outcome.refused
+    assert detector.model.ref.version == "4.0.0" and up.store.skipped() == {"3.0.0"}
+
+
+def test_a_disk_full_after_the_load_leaves_nothing_behind(
+    tmp_path: Path, registry: Registry, logistic_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded: list[ColourModel] = []
+    closed: list[ColourModel] = []
+
+    def load(path: Path) -> ColourModel:
+        model = ColourModel.load(path)
+        loaded.append(model)
+        monkeypatch.setattr(model, "close", lambda: closed.append(model))
+        return model
+
+    detector = Detector(ColourModel.load(logistic_model))
+    up = updater(registry, tmp_path, detector, load=load)
+    registry.publish(train(tmp_path / "v2", "2.0.0", 40).parent)
+    registry.point("2.0.0")
+    real_mkdir = Path.mkdir
+
+    def mkdir(path: Path, *args: Any, **kwargs: Any) -> None:
+        if path.name == NAME:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    with pytest.raises(OSError, match="No space"):
+        up.check()
+    monkeypatch.undo()
+
+    def full(*_: Any, **__: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ModelStore, "_write", full)  # now the state write: the step after
+    with pytest.raises(OSError, match="No space"):
+        up.check()
+    assert not list((tmp_path / "models").glob(".incoming-*"))
+    assert not (tmp_path / "models" / NAME / "2.0.0").exists()
+    assert len(loaded) == 2 and closed == loaded and detector.model.ref.version == "1.0.0"
+
+
+def test_a_version_missing_a_file_costs_no_download_and_names_the_object(
+    tmp_path: Path, registry: Registry, logistic_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Files were fetched in order: a missing table cost a model download at every poll."""
+    detector = Detector(ColourModel.load(logistic_model))
+    up = updater(registry, tmp_path, detector)
+    with caplog.at_level(logging.WARNING, logger="agent.updater"):
+        for _ in range(3):
+            assert up.check() == Outcome()  # nothing promoted yet: said once
+    missing = [r for r in caplog.records if "no channel pointer at s3://" in r.message]
+    assert len(missing) == 1
+    manifest = registry.publish(train(tmp_path / "v2", "2.0.0", 40).parent)
+    key = f"{registry.url.prefix}/models/{NAME}/2.0.0/{manifest.table.file}"
+    registry.s3.delete_object(Bucket=registry.url.bucket, Key=key)
+    registry.point("2.0.0")
+    fetched: list[str] = []
+    up.s3.meta.events.register(
+        "before-send.s3.GetObject", lambda request, **_: fetched.append(request.url)
+    )
+    outcome = up.check()
+    assert outcome.refused is not None and f"{key}: NoSuchKey" in outcome.refused
+    assert not [url for url in fetched if "model.onnx" in url]
+
+
+def test_a_refusal_names_the_registry_object_not_a_temporary_folder(
+    tmp_path: Path, registry: Registry, logistic_model: Path
+) -> None:
+    manifest = registry.publish(train(tmp_path / "v2", "2.0.0", 40).parent)
+    key = f"{registry.url.prefix}/models/{NAME}/2.0.0/{manifest.model.file}"
+    body = bytearray(registry.s3.get_object(Bucket=registry.url.bucket, Key=key)["Body"].read())
+    body[-1] ^= 0xFF  # same size, other bytes
+    registry.s3.put_object(Bucket=registry.url.bucket, Key=key, Body=bytes(body))
+    registry.point("2.0.0")
+    up = updater(registry, tmp_path, Detector(ColourModel.load(logistic_model)))
+    outcome = up.check()
+    assert outcome.refused is not None and f"s3://{registry.url.bucket}/{key}" in outcome.refused
+    assert ".incoming-" not in outcome.refused
+
+
+def test_the_store_frees_folders_no_record_names(tmp_path: Path) -> None:
+    """A crash during a rollback's delete, or between moving a download in and recording it,
+    left a version folder for good (a skipped version is never fetched again)."""
+    root = tmp_path / "models"
+    kept = root / NAME / "2.0.0"
+    orphan = root / NAME / "3.0.0"
+    for folder in (kept, orphan):
+        folder.mkdir(parents=True)
+        (folder / "manifest.json").write_text("{}")
+    (root / "state.json").write_text("{torn")
+    ModelStore(root)  # a record that cannot be read frees nothing
+    assert kept.is_dir() and orphan.is_dir()
+    (root / "state.json").write_text(json.dumps({"history": [f"{NAME}/2.0.0/manifest.json"]}))
+    ModelStore(root)
+    assert kept.is_dir() and not orphan.exists()
