@@ -17,7 +17,7 @@ from export.argtypes import int_at_least
 from export.datasets import DatasetError
 from export.recipe import Recipe, Sources, build_texture
 from export.rgb_recipe import build_aws_rgb
-from export.train import hyperparameters
+from export.train import check_used, hyperparameters
 
 DEFAULT_DATA = Path("../shared/data")
 
@@ -33,9 +33,10 @@ def _sources(args: argparse.Namespace) -> Sources:
 def _recipe(args: argparse.Namespace) -> Recipe:
     recipe = Recipe(seed=args.seed, threads=args.threads)
     if args.set:
-        parsed = hyperparameters(None, None, args.set)  # validates and types the values
+        parsed = hyperparameters(None, None, args.set, local=False)  # types the values
         keys = [pair.partition("=")[0].strip() for pair in args.set]
         recipe = replace(recipe, params={**recipe.params, **{k: parsed[k] for k in keys}})
+        check_used(recipe.params)
     if args.folds:
         recipe = replace(recipe, folds=args.folds)
     if args.long_side:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
 import socket
 import sys
 from collections.abc import Sequence
@@ -14,13 +15,28 @@ from typing import Any
 from pydantic import ValidationError
 
 from agent import __version__
-from agent.contract import Decision, Provenance, RegistryUrl, describe, key_part, manifest_key
+from agent.contract import (
+    MANIFEST_FILE,
+    Decision,
+    Provenance,
+    RegistryUrl,
+    describe,
+    key_part,
+    manifest_key,
+)
 from agent.contract.manifest import PIXEL_THRESHOLD_RANGE
 from agent.engine.model import ModelError
 from agent.signing import key_id, keyring, load_public_key
 from export import accuracy_cli, dataset_cli, demo, reanalyze, registry, retrain, sagemaker
 from export.argtypes import float_within, int_at_least
-from export.convert import ConvertError, export_model, load_booster
+from export.convert import (
+    ConvertError,
+    export_model,
+    load_booster,
+    objective_of,
+    parity_proven,
+    staged,
+)
 from export.datasets import DatasetError, build
 from export.synthetic import generate
 from export.train import fit, hyperparameters
@@ -52,17 +68,10 @@ def cmd_dataset(args: argparse.Namespace) -> int:
             f"{name}: {len(split['images'])} images, {split['rows']} rows "
             f"(clean {counts['0']}, corroded {counts['1']}) -> {args.out / split['csv']}"
         )
-    if report.unknown:
-        names = ", ".join(f"{k!r} x{v}" for k, v in sorted(report.unknown.items()))
-        print(
-            f"warning: unknown labels (map with --label or drop with --ignore-label): {names}",
-            file=sys.stderr,
-        )
-    if report.skipped:
-        print(
-            f"warning: {len(report.skipped)} problems, see above and dataset.json", file=sys.stderr
-        )
-    return 1 if report.skipped or report.unknown else 0
+    problems = len(report.skipped) + len(report.split_problems)
+    if problems:
+        print(f"warning: {problems} problems, see above and dataset.json", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -116,17 +125,27 @@ def cmd_convert(args: argparse.Namespace) -> int:
     key_part("model name", args.name)  # before a minute of parity work, not after it
     key_part("version", args.version)
     booster = load_booster(args.model)
-    manifest = export_model(
-        booster,
-        args.out,
-        name=args.name,
-        version=args.version,
-        decision=Decision(pixel_threshold=args.pixel_threshold, flag_pct=args.flag_pct),
-        provenance=provenance(args.model),
-        parity=not args.skip_parity,
-        with_table=not args.no_table,
-    )
-    print(manifest)
+    with staged(args.out) as staging:  # a failed convert leaves an earlier export intact
+        export_model(
+            booster,
+            staging,
+            name=args.name,
+            version=args.version,
+            decision=Decision(pixel_threshold=args.pixel_threshold, flag_pct=args.flag_pct),
+            provenance=provenance(args.model),
+            parity=not args.skip_parity,
+            with_table=not args.no_table,
+        )
+    if args.skip_parity:
+        print(
+            "warning: --skip-parity: nothing proves the ONNX model answers as xgboost does; "
+            "the manifest's provenance notes say so",
+            file=sys.stderr,
+        )
+    else:
+        proof = parity_proven(objective_of(booster), args.pixel_threshold)
+        print(f"parity proven: {proof}", file=sys.stderr)
+    print(args.out / MANIFEST_FILE)
     return 0
 
 
@@ -160,7 +179,13 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 def cmd_promote(args: argparse.Namespace) -> int:
     s3, url = _registry(args)
-    keys = keyring(load_public_key(p) for p in args.public_key) if args.public_key else None
+    key = registry.load_private_key(args.key) if args.key else None
+    keys = None
+    if args.public_key:
+        keys = keyring(load_public_key(p) for p in args.public_key)
+    elif key is not None:  # who signs pointers with a key trusts manifests it signed
+        keys = keyring([key.public_key()])
+        print(f"checking the signature with the public half of {args.key}", file=sys.stderr)
     pointer, previous = registry.promote(
         s3,
         url,
@@ -169,7 +194,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
         args.channel,
         public_keys=keys,
         promoted_by=args.by or _operator(),
-        key=registry.load_private_key(args.key) if args.key else None,
+        key=key,
     )
     was = "nothing"
     if previous is not None:
@@ -177,7 +202,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
         was = f"{previous.version} (promoted {when} by {previous.promoted_by})"
     print(f"{pointer.name} {pointer.channel}: now {pointer.version}, was {was}")
     if keys is None:
-        print("warning: no --public-key, the signature was not checked", file=sys.stderr)
+        print("warning: no --public-key nor --key, the signature was not checked", file=sys.stderr)
     if args.key is None:
         print(
             "warning: no --key, the pointer is unsigned: devices that require signatures "
@@ -194,11 +219,17 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(json.dumps(registry.listing_json(listing), indent=2))
     else:
         print(registry.format_listing(listing))
-    return 0
+    if listing.invalid:
+        print(
+            f"warning: {len(listing.invalid)} invalid objects in the registry, listed as such",
+            file=sys.stderr,
+        )
+    return 1 if listing.invalid else 0
 
 
 def cmd_sagemaker_train(args: argparse.Namespace) -> int:
-    params = hyperparameters(args.objective, args.num_round, args.set)
+    # The container checks keys against its own XGBoost and its extras (early_stopping_rounds).
+    params = hyperparameters(args.objective, args.num_round, args.set, local=False)
     work = RegistryUrl.parse(args.s3)
     aws = sagemaker.clients(args.region)
     image = args.image_uri or sagemaker.image_uri(aws.region, args.xgboost_version)
@@ -248,7 +279,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="synthetic rust scenes with masks and VOC boxes")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--count", type=int, default=20)
+    p.add_argument("--count", type=int_at_least(1), default=20)
     p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--width", type=int, default=640)
     p.add_argument("--height", type=int, default=480)
@@ -277,11 +308,11 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override any hyperparameter",
+        help="override a hyperparameter (one this XGBoost would ignore is refused)",
     )
     p.add_argument(
         "--early-stopping",
-        type=int,
+        type=int_at_least(0),
         default=10,
         metavar="ROUNDS",
         help="on the validation data; 0 disables",
@@ -335,7 +366,8 @@ def _add_registry_commands(sub: argparse._SubParsersAction[argparse.ArgumentPars
         action="append",
         default=[],
         metavar="PUBLIC.pem",
-        help="refuse unless the manifest verifies with this key (repeatable; recommended)",
+        help="refuse unless the manifest verifies with this key (repeatable; recommended; "
+        "default: the public half of --key)",
     )
     p.add_argument(
         "--key",
@@ -348,7 +380,12 @@ def _add_registry_commands(sub: argparse._SubParsersAction[argparse.ArgumentPars
     p.add_argument("--by", help="who promotes, recorded in the pointer (default: user@host)")
     p.set_defaults(func=cmd_promote)
 
-    p = sub.add_parser("list", parents=[where], help="published versions and channel pointers")
+    p = sub.add_parser(
+        "list",
+        parents=[where],
+        help="published versions and channel pointers; exits 1 when some are invalid (each is "
+        "listed with its reason, the rest as usual)",
+    )
     p.add_argument("name", nargs="?", metavar="NAME")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_list)
@@ -387,7 +424,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # results cite their command
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:  # `corrosion-export list | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # mute the exit flush
+        return 141  # as a shell reports a process SIGPIPE stopped
     except (ConvertError, DatasetError, ModelError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -9,13 +9,18 @@ training rows), and ships no table.
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
+import shutil
 import tarfile
-import tempfile
+import uuid
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, cast
 
 import numpy as np
@@ -44,7 +49,11 @@ from export import legacy
 
 ONNX_FILE = "model.onnx"
 TABLE_FILE = "table.npy"
+EXPORT_FILES = (ONNX_FILE, TABLE_FILE, MANIFEST_FILE)  # what `convert` owns in its --out
+SAGEMAKER_MEMBER = "xgboost-model"  # the model's name in SageMaker's model.tar.gz
+COLOURS = 1 << 24
 PARITY_TOLERANCE = 1e-5
+UNPROVEN = "xgboost/onnxruntime parity not proven (exported with --skip-parity)"
 GOLDEN_COUNT = 128
 GOLDEN_MARGIN = 1e-4
 CHUNK = 1 << 20
@@ -77,32 +86,51 @@ def objective_of(booster: xgb.Booster) -> Objective:
 
 def load_booster(path: Path) -> xgb.Booster:
     """A JSON, UBJ, old binary or pickled model file (export.legacy), or SageMaker's
-    model.tar.gz holding `xgboost-model` as any of them."""
+    model.tar.gz holding `xgboost-model` as any of them (see `archive_member`)."""
     if path.name.endswith((".tar.gz", ".tgz")):
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                with tarfile.open(path, "r:gz") as tar:
-                    members = [m for m in tar.getmembers() if m.isfile()]
-                    if not members:
-                        raise ConvertError(f"{path}: archive holds no model file")
-                    member = next(
-                        (m for m in members if m.name.endswith("xgboost-model")), members[0]
-                    )
-                    tar.extract(member, tmp, filter="data")
-            except (tarfile.TarError, EOFError, zlib.error) as exc:
-                raise ConvertError(f"{path}: not a readable .tar.gz archive ({exc})") from None
-            return load_booster(Path(tmp) / member.name)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConvertError(f"{path}: cannot read the model: {exc.strerror or exc}") from None
+        where, data = archive_member(path)
+    else:
+        where = str(path)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConvertError(f"{path}: cannot read the model: {exc.strerror or exc}") from None
     try:
         return legacy.booster(data)  # JSON, UBJ, or what xgboost >= 3.1 no longer reads
     except legacy.LegacyFormatError as exc:
         raise ConvertError(
-            f"{path}: cannot read this model ({str(exc).strip().splitlines()[0]}); if an older "
+            f"{where}: cannot read this model ({str(exc).strip().splitlines()[0]}); if an older "
             "xgboost wrote it, load it there and save_model('model.json') to migrate"
         ) from exc
+
+
+def archive_member(path: Path) -> tuple[str, bytes]:
+    """The model in a .tar.gz, as (`ARCHIVE!MEMBER` for messages, its bytes): the one file
+    named `xgboost-model` (in any folder), else the archive's only file. Of several other
+    files, which one is the model would be a guess, so that is refused."""
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            files = [m for m in tar.getmembers() if m.isfile()]
+            if not files:
+                raise ConvertError(f"{path}: archive holds no model file")
+            named = [m for m in files if PurePosixPath(m.name).name == SAGEMAKER_MEMBER]
+            candidates = named or files
+            if len(candidates) > 1:
+                what = (
+                    f"{len(named)} {SAGEMAKER_MEMBER} members"
+                    if named
+                    else f"no {SAGEMAKER_MEMBER} but {len(files)} files"
+                )
+                listed = ", ".join(m.name for m in candidates[:5])
+                raise ConvertError(
+                    f"{path}: {what} ({listed}{', ...' if len(candidates) > 5 else ''}); "
+                    "extract the model and convert that file"
+                )
+            reader = tar.extractfile(candidates[0])
+            assert reader is not None  # a regular file
+            return f"{path}!{candidates[0].name}", reader.read()
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise ConvertError(f"{path}: not a readable .tar.gz archive ({exc})") from None
 
 
 def to_onnx(booster: xgb.Booster, n_features: int = 3) -> bytes:
@@ -186,7 +214,7 @@ def _disagreements(
 
 def check_parity(booster: xgb.Booster, model: PixelModel, objective: Objective) -> int:
     """Compare xgboost and onnxruntime over every colour; returns colours checked."""
-    for start in range(0, 1 << 24, CHUNK):
+    for start in range(0, COLOURS, CHUNK):
         rgb = all_colours(start, start + CHUNK)
         bad = _disagreements(booster, model, objective, rgb)
         if len(bad):
@@ -194,7 +222,17 @@ def check_parity(booster: xgb.Booster, model: PixelModel, objective: Objective) 
             raise ConvertError(
                 f"ONNX and xgboost disagree on {len(bad)} colours of chunk {start}, e.g. {colour}"
             )
-    return 1 << 24
+    return COLOURS
+
+
+def parity_proven(objective: Objective, pixel_threshold: float) -> str:
+    """What check_parity has proven of a colour model, in words, for `convert` to say."""
+    if objective.kind == "labels":
+        return f"onnxruntime gives xgboost's label for every one of the {COLOURS} colours"
+    return (
+        f"onnxruntime matches xgboost on every one of the {COLOURS} colours: probabilities "
+        f"within {PARITY_TOLERANCE:g}, the same label at pixel threshold {pixel_threshold:g}"
+    )
 
 
 def check_sample_parity(
@@ -281,7 +319,9 @@ def export_model(
     With `pipeline` the booster is a feature model: `sample` (feature rows, e.g. the training
     rows) is what parity is proven on and golden samples are drawn from; no table is written.
     `regions` is a box scorer already written into out_dir (export.proposals), `scene` an
-    embedder (export.scene).
+    embedder (export.scene). Without `parity` the provenance notes say it was not proven.
+    Every check that needs no written file comes first; see `staged` for leaving an
+    existing export intact when a later one fails.
     """
     objective = objective_of(booster)
     names = RGB_FEATURES if pipeline is None else pipeline.names
@@ -289,9 +329,6 @@ def export_model(
         raise ConvertError(f"the booster reads {booster.num_features()} features, not {len(names)}")
     if pipeline is not None and (sample is None or len(sample) == 0):
         raise ConvertError("a feature model needs sample rows to prove parity on")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    onnx_path = out_dir / ONNX_FILE
-    onnx_path.write_bytes(to_onnx(booster, len(names)))
     decision = decision or Decision()
     low, high = PIXEL_THRESHOLD_RANGE
     if not low <= decision.pixel_threshold <= high:
@@ -301,6 +338,13 @@ def export_model(
         )
     if objective.kind == "labels" and decision.pixel_threshold != 0.5:
         raise ConvertError("multi:softmax gives labels only: the pixel threshold must be 0.5")
+    provenance = provenance or Provenance()
+    if not parity:
+        notes = "; ".join(filter(None, [provenance.notes, UNPROVEN]))
+        provenance = provenance.model_copy(update={"notes": notes})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = out_dir / ONNX_FILE
+    onnx_path.write_bytes(to_onnx(booster, len(names)))
     base: dict[str, Any] = {
         "name": name,
         "version": version,
@@ -309,7 +353,7 @@ def export_model(
         "input": InputSpec(shape=(None, len(names)), features=names),
         "output": OutputSpec(kind=objective.kind, objective=objective.name),
         "decision": decision,
-        "provenance": provenance or Provenance(),
+        "provenance": provenance,
     }
     if regions is not None:
         base["regions"] = regions
@@ -337,3 +381,41 @@ def export_model(
     manifest_path = out_dir / MANIFEST_FILE
     manifest.write(manifest_path)
     return manifest_path
+
+
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A new folder to export into, whose files replace `out`'s only once the block has
+    finished without an error: a failed export leaves `out` as it was.
+
+    A new `out` is the folder, made beside it, renamed. An existing one (perhaps a mount
+    point or a link to another disk, where a rename from beside it fails) is staged inside
+    itself, and the export's files replace ours
+    (EXPORT_FILES; one this export did not write, e.g. table.npy after --no-table, is
+    removed, as a stale file beside a manifest that does not pin it would mislead) and
+    anything else there is left alone. The old manifest goes first and the new one comes
+    last, so no moment shows a manifest beside files it does not describe.
+    """
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"{out}: exists and is not a directory")
+    partial = f".convert-{uuid.uuid4().hex[:12]}.partial"
+    if out.exists():
+        staging = out / partial
+    else:
+        out.absolute().parent.mkdir(parents=True, exist_ok=True)
+        staging = out.absolute().with_name(partial)
+    staging.mkdir()  # not mkdtemp: its 0700 would become the export's mode
+    try:
+        yield staging
+        if not out.exists():
+            os.replace(staging, out)
+            return
+        written = {p.name for p in staging.iterdir()}
+        (out / MANIFEST_FILE).unlink(missing_ok=True)
+        for name in sorted(written - {MANIFEST_FILE}):
+            os.replace(staging / name, out / name)
+        for name in set(EXPORT_FILES) - written:
+            (out / name).unlink(missing_ok=True)
+        os.replace(staging / MANIFEST_FILE, out / MANIFEST_FILE)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -33,7 +33,8 @@ def add_options(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME",
-        help="drop this label on purpose (other unknown labels fail the run)",
+        help="drop this label on purpose (any other unmapped label fails the run before "
+        "anything is written)",
     )
     p.add_argument(
         "--crop",

@@ -3,9 +3,12 @@
 Sources: Pascal VOC boxes (middle-third or whole-box crops, as the AWS solution does), crops
 named `Clean-*.png` / `Corroded-*.png`, images with a `<stem>.mask.png` beside them (nonzero =
 corroded, what `export.synthetic` writes; with an alpha channel, transparent = clean) and
-whole photos without corrosion. Unlike the AWS notebook, which shuffles pixels into train
-and validation, whole images (and byte-identical copies of them) go to one side, so
-validation measures photos the model has never seen.
+whole photos without corrosion (a VOC annotation without objects is one too: a labeller
+checked the photo and boxed nothing). Unlike the AWS notebook, which shuffles pixels into
+train and validation, whole images (and byte-identical copies of them) go to one side, so
+validation measures photos the model has never seen; the draw is stratified by what each
+image is known to hold before it is read, so validation does not miss a class by chance.
+Labels that are neither mapped nor ignored stop the run before anything is written.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import zlib
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +36,8 @@ Kind = Literal["voc", "crop", "mask", "negative"]
 DEFAULT_LABELS: Mapping[str, int] = {"Clean": 0, "Corroded": 1}
 MASK_SUFFIX = ".mask.png"
 SPLITS = ("train", "validation")
+CLASS_NAMES = ("clean", "corroded")  # by class number
+_FEW = 3  # files named per unknown label
 # Outside-box pixels are sampled at the middle third's density (1/9): neighbours are
 # near-duplicates, and a full outside region would swamp the boxes of the same image.
 OUTSIDE_FRACTION = 1.0 / 9.0
@@ -75,27 +81,30 @@ class Rows:
     labels: U8
     rgb: U8  # N x 3
     problems: list[str] = field(default_factory=list)
-    unknown: Counter[str] = field(default_factory=Counter)
     ignored: Counter[str] = field(default_factory=Counter)
+
+
+def _warn(message: str, into: list[str]) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+    into.append(message)
 
 
 @dataclass
 class Report:
-    """What `build` did: every skipped input and unknown label, per-split counts."""
+    """What `build` did: every skipped input, per-split counts, and the splits that lack a
+    class (or rows): a dataset `train` would stop early on, or refuse, for lack of them."""
 
     skipped: list[str] = field(default_factory=list)
-    unknown: Counter[str] = field(default_factory=Counter)
     ignored: Counter[str] = field(default_factory=Counter)
     splits: dict[str, dict[str, Any]] = field(default_factory=dict)
+    split_problems: list[str] = field(default_factory=list)
 
     def skip(self, message: str) -> None:
-        print(f"warning: {message}", file=sys.stderr, flush=True)
-        self.skipped.append(message)
+        _warn(message, self.skipped)
 
     def add(self, rows: Rows) -> None:
         for problem in rows.problems:
             self.skip(problem)
-        self.unknown.update(rows.unknown)
         self.ignored.update(rows.ignored)
 
 
@@ -161,8 +170,18 @@ def _sha256(path: Path) -> str:
 
 
 def discover(config: Config, report: Report) -> list[Item]:
-    """Every usable image of every source, in a stable order; bad files are reported."""
+    """Every usable image of every source, in a stable order; bad files are reported.
+
+    Labels are known from file names and XML alone, so one neither mapped nor ignored fails
+    here, before a row is written: a dataset without its boxes would train a model that
+    calls that kind of rust (or paint) whatever the rest taught it.
+    """
     items: list[Item] = []
+    unknown: dict[str, list[Path]] = {}  # label -> the file of each occurrence
+
+    def note(name: str, where: Path) -> None:
+        if name not in config.labels and name not in config.ignore:
+            unknown.setdefault(name, []).append(where)
 
     def add(kind: Kind, image: Path, **extra: Any) -> None:
         try:
@@ -179,14 +198,21 @@ def discover(config: Config, report: Report) -> list[Item]:
             except VocError as exc:
                 report.skip(str(exc))
                 continue
-            add("voc", annotation.image, annotation=annotation)
+            for obj in annotation.objects:
+                note(obj.name, xml)
+            # A labeller who saved no box checked the photo and found no rust: every pixel
+            # is clean, as `retrain` reads a Ground Truth answer without boxes.
+            add(
+                "voc" if annotation.objects else "negative", annotation.image, annotation=annotation
+            )
     for directory in config.crops:
         for image in _images(directory):
             name = image.name.split(".")[0].split("-")[0]  # the AWS notebook's rule
+            note(name, image)
             if name in config.labels:
                 add("crop", image, label=config.labels[name])
-            else:
-                (report.ignored if name in config.ignore else report.unknown)[name] += 1
+            elif name in config.ignore:
+                report.ignored[name] += 1
     for directory in config.masks:
         for image in _images(directory):
             mask = image.with_name(image.stem + MASK_SUFFIX)
@@ -197,23 +223,106 @@ def discover(config: Config, report: Report) -> list[Item]:
     for directory in config.negatives:
         for image in _images(directory):
             add("negative", image, label=0)
+    if unknown:
+        raise DatasetError(
+            "unknown labels, nothing written (map with --label NAME=0|1 or drop with "
+            "--ignore-label NAME): "
+            + ", ".join(
+                f"{name!r} x{len(where)} in {_few(where)}"
+                for name, where in sorted(unknown.items())
+            )
+        )
     return items
 
 
-def validation_groups(shas: list[str], fraction: float, seed: int) -> set[str]:
-    """Draw whole groups of identical images at random until `fraction` of the images are in
-    validation; at least one group each side whenever there are two groups and fraction > 0."""
-    counts = Counter(shas)
-    groups = sorted(counts)
-    target = max(1, round(fraction * len(shas))) if fraction > 0 else 0
+def _few(paths: list[Path]) -> str:
+    files = list(dict.fromkeys(paths))
+    return ", ".join(map(str, files[:_FEW])) + (
+        f" and {len(files) - _FEW} more files" if len(files) > _FEW else ""
+    )
+
+
+def stratum(item: Item, config: Config) -> str:
+    """The classes an image gives rows of, known before the image is read: what the split is
+    stratified by. A name, a label or an XML tells; a mask is decoded for it (a fraction of
+    the photo's cost; a Ground Truth answer of "no rust here" is an all-clean mask)."""
+    if item.kind == "voc":
+        assert item.annotation is not None
+        objects = item.annotation.objects
+        classes = {config.labels[o.name] for o in objects if o.name in config.labels}
+        if config.outside_boxes_negatives:
+            classes.add(0)
+    elif item.kind == "mask":
+        assert item.mask is not None
+        try:
+            corroded = mask_labels(item.mask)
+        except ImageError:
+            return "unreadable"  # skipped, and said so, when its rows are cut
+        classes = {c for c, present in ((0, not corroded.all()), (1, corroded.any())) if present}
+    else:
+        classes = {item.label}
+    return "+".join(map(str, sorted(classes))) or "none"
+
+
+def validation_groups(images: Sequence[tuple[str, str]], fraction: float, seed: int) -> set[str]:
+    """The groups of identical images drawn for validation; `images` holds each image's
+    (sha256, stratum). Each stratum is drawn on its own, whole groups at random until
+    `fraction` of its images are in, at least one group each side of a stratum that has two:
+    one random draw over everything could leave validation without a class (then `train`
+    early-stopped on it at round 0). A group found in several strata is a stratum of its own."""
+    if fraction <= 0:
+        return set()
+    counts = Counter(sha for sha, _ in images)
+    strata_of: dict[str, set[str]] = {}
+    for sha, name in images:
+        strata_of.setdefault(sha, set()).add(name)
+    members: dict[str, list[str]] = {}
+    for sha in sorted(counts):
+        members.setdefault("|".join(sorted(strata_of[sha])), []).append(sha)
     chosen: set[str] = set()
-    taken = 0
-    for i in np.random.default_rng([seed, 3]).permutation(len(groups))[:-1]:
-        if taken >= target:
-            break
-        chosen.add(groups[i])
-        taken += counts[groups[i]]
+    for name, groups in members.items():
+        target = max(1, round(fraction * sum(counts[g] for g in groups)))
+        taken = 0
+        rng = np.random.default_rng([seed, 3, zlib.crc32(name.encode())])
+        for i in rng.permutation(len(groups))[:-1]:
+            if taken >= target:
+                break
+            chosen.add(groups[i])
+            taken += counts[groups[i]]
     return chosen
+
+
+def split_problems(
+    splits: Mapping[str, Mapping[str, Any]], drawn: Counter[str], fraction: float
+) -> list[str]:
+    """Why a split cannot do its job: train needs both classes; validation (unless the
+    fraction is 0) needs both to be scored and early-stopped on. `drawn` counts the images
+    drawn for each split, some of which may have been skipped since."""
+    problems = []
+    for name, split in splits.items():
+        if name == "validation" and fraction == 0:
+            continue
+        counts = [int(split["counts"][c]) for c in ("0", "1")]
+        if not sum(counts):
+            why = (
+                f"none of the {drawn[name]} images drawn for it gave rows (see the skipped ones)"
+                if drawn[name]
+                else "no image was drawn for it"
+                + (" (no kind of image has two to share)" if name == "validation" else "")
+            )
+            problems.append(f"{name} split is empty: {why}")
+            continue
+        for c, n in enumerate(counts):
+            if n:
+                continue
+            effect = (
+                "`train` refuses one-class data"
+                if name == "train"
+                else "its metrics cannot tell the classes apart and `train` will not stop early "
+                "on it; add images of that class (or try another --seed)"
+            )
+            problems.append(f"{name} split has no {CLASS_NAMES[c]} ({c}) rows: {effect}")
+    return problems
 
 
 def _voc_rows(item: Item, rgb: U8, config: Config, rng: np.random.Generator) -> Rows:
@@ -234,8 +343,8 @@ def _voc_rows(item: Item, rgb: U8, config: Config, rng: np.random.Generator) -> 
         problem = box_problem(obj.box, w, h)
         if problem:
             rows.problems.append(f"{ann.xml}: box {i} {obj.name!r} {obj.box} {problem}; skipped")
-        elif obj.name not in config.labels:
-            (rows.ignored if obj.name in config.ignore else rows.unknown)[obj.name] += 1
+        elif obj.name not in config.labels:  # discover refused the unknown ones
+            rows.ignored[obj.name] += 1
         else:
             x0, y0, x1, y1 = middle_third(obj.box) if config.crop == "middle" else obj.box
             crop = rgb[y0:y1, x0:x1].reshape(-1, 3)
@@ -398,7 +507,9 @@ def build(config: Config, out: Path) -> Report:
         raise DatasetError(f"labels must map to 0 or 1 and not be ignored: {dict(config.labels)}")
     report = Report()
     items = discover(config, report)
-    valid = validation_groups([it.sha256 for it in items], config.validation_fraction, config.seed)
+    valid = validation_groups(
+        [(it.sha256, stratum(it, config)) for it in items], config.validation_fraction, config.seed
+    )
     sides = ["validation" if it.sha256 in valid else "train" for it in items]
     quotas = _balance_quotas(items, sides, config) if config.balance else {}
     group_of: dict[str, int] = {}
@@ -420,6 +531,8 @@ def build(config: Config, out: Path) -> Report:
                 rows.labels, rows.rgb = rows.labels[keep], rows.rgb[keep]
             writers[side].write(item, group_of.setdefault(item.sha256, len(group_of)), rows)
     report.splits = {name: w.summary() for name, w in writers.items()}
+    for problem in split_problems(report.splits, Counter(sides), config.validation_fraction):
+        _warn(problem, report.split_problems)
     _write_manifest(config, out, report)
     return report
 
@@ -444,8 +557,8 @@ def _write_manifest(config: Config, out: Path, report: Report) -> None:
         "balance": config.balance,
         "seed": config.seed,
         "splits": report.splits,
-        "unknown_labels": dict(sorted(report.unknown.items())),
         "ignored": dict(sorted(report.ignored.items())),
         "skipped": report.skipped,
+        "split_problems": report.split_problems,
     }
     (out / "dataset.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -60,6 +60,15 @@ class RegistryError(ValueError):
     """An expected registry failure; the message is one line naming the object at fault."""
 
 
+class InvalidObjectError(RegistryError):
+    """An object of the layout whose content is not what the contract says: `list` shows it
+    as invalid and goes on, where anything else (access, network) stops it."""
+
+    def __init__(self, uri: str, reason: str) -> None:
+        super().__init__(f"{uri}: {reason}")
+        self.uri, self.reason = uri, reason
+
+
 def s3_client(endpoint_url: str | None = None) -> Any:
     """Credentials from boto3's chain; endpoint from the flag, else AWS_ENDPOINT_URL(_S3)."""
     return agent_s3_client(endpoint_url, None)
@@ -93,10 +102,10 @@ def get_object(s3: Any, url: RegistryUrl, key: str) -> tuple[bytes, str] | None:
         return response["Body"].read(), response["ETag"]
 
 
-def head_object(s3: Any, url: RegistryUrl, key: str) -> dict[str, Any] | None:
+def head_object(s3: Any, url: RegistryUrl, key: str, **params: Any) -> dict[str, Any] | None:
     with aws_errors(url.uri(key)):
         try:
-            return dict(s3.head_object(Bucket=url.bucket, Key=key))
+            return dict(s3.head_object(Bucket=url.bucket, Key=key, **params))
         except ClientError as exc:
             if error_code(exc) in NOT_FOUND:
                 return None
@@ -235,12 +244,39 @@ def read_manifest(
     try:
         manifest = ModelManifest.model_validate_json(found[0])
     except ValidationError as exc:
-        raise RegistryError(f"{url.uri(mkey)}: invalid manifest: {describe(exc)}") from exc
+        raise InvalidObjectError(url.uri(mkey), f"invalid manifest: {describe(exc)}") from exc
     if (manifest.name, manifest.version) != (name, version):
-        raise RegistryError(
-            f"{url.uri(mkey)}: holds {manifest.name} {manifest.version}, not {name} {version}"
+        raise InvalidObjectError(
+            url.uri(mkey), f"holds {manifest.name} {manifest.version}, not {name} {version}"
         )
     return manifest, found[0]
+
+
+def verify_published(s3: Any, url: RegistryUrl, manifest: ModelManifest) -> None:
+    """Every file the manifest pins is in the registry with its size and sha256.
+
+    publish uploads with S3's SHA-256 checksum: for a file sent in one request it is the
+    file's own, checked by S3 on arrival, so a match proves the content without a download.
+    A file sent in parts (the 16 MB table) has a checksum of its parts' checksums, and is
+    downloaded and hashed. The `sha256` metadata publish writes is only what the uploader
+    claimed, so it proves nothing here.
+    """
+    for ref in manifest.files():
+        fkey = file_key(url.prefix, manifest.name, manifest.version, ref.file)
+        head = head_object(s3, url, fkey, ChecksumMode="ENABLED")
+        if head is None or head["ContentLength"] != ref.size:
+            raise RegistryError(f"{url.uri(fkey)}: missing or not {ref.size} bytes")
+        if head.get("ChecksumSHA256") == base64.b64encode(bytes.fromhex(ref.sha256)).decode():
+            continue
+        digest = hashlib.sha256()
+        with aws_errors(url.uri(fkey)):
+            body = s3.get_object(Bucket=url.bucket, Key=fkey)["Body"]
+            for chunk in body.iter_chunks(1 << 20):
+                digest.update(chunk)
+        if digest.hexdigest() != ref.sha256:
+            raise RegistryError(
+                f"{url.uri(fkey)}: sha256 {digest.hexdigest()}, the manifest pins {ref.sha256}"
+            )
 
 
 def promote(
@@ -256,8 +292,9 @@ def promote(
 ) -> tuple[ChannelPointer, ChannelPointer | None]:
     """Point a channel at a published version; returns the new pointer and the one replaced.
 
-    With `public_keys` the manifest's signature must verify; with `key` the pointer is signed
-    (devices then refuse it replayed later, and take it back to an older version only so).
+    With `public_keys` the manifest's signature must verify; every file it pins must be
+    there, whole (`verify_published`); with `key` the pointer is signed (devices then refuse
+    it replayed later, and take it back to an older version only so).
     The pointer is written only if the channel still holds what we read (If-Match), so the
     replaced pointer reported is the true one.
     """
@@ -268,11 +305,7 @@ def promote(
             verify_manifest(manifest, public_keys, required=True)
         except ModelError as exc:
             raise RegistryError(f"{url.uri(mkey)}: {exc}") from exc
-    for ref in manifest.files():
-        fkey = file_key(url.prefix, name, version, ref.file)
-        head = head_object(s3, url, fkey)
-        if head is None or head["ContentLength"] != ref.size:
-            raise RegistryError(f"{url.uri(fkey)}: missing or not {ref.size} bytes")
+    verify_published(s3, url, manifest)
     ckey = channel_key(url.prefix, name, channel)
     found = get_object(s3, url, ckey)
     previous = None if found is None else _pointer(found[0], url.uri(ckey))
@@ -313,13 +346,14 @@ def _pointer(data: bytes, where: str) -> ChannelPointer:
     try:
         return ChannelPointer.parse(data, where)
     except ValueError as exc:
-        raise RegistryError(str(exc)) from exc
+        raise InvalidObjectError(where, str(exc).removeprefix(f"{where}: ")) from exc
 
 
 @dataclass(frozen=True)
 class Listing:
     manifests: list[ModelManifest]
     pointers: list[ChannelPointer]
+    invalid: list[InvalidObjectError]
 
 
 def _semver(version: str) -> tuple[tuple[int, ...], bool, str]:
@@ -336,19 +370,28 @@ def _keys(s3: Any, url: RegistryUrl, prefix: str, suffix: str) -> Iterator[str]:
 
 
 def list_registry(s3: Any, url: RegistryUrl, name: str | None = None) -> Listing:
-    """Published versions (by name, then semantic version) and channel pointers."""
-    manifests = []
+    """Published versions (by name, then semantic version) and channel pointers; a manifest
+    or pointer that breaks the contract is set aside as invalid, so one bad object does not
+    hide the rest of the registry."""
+    manifests, pointers, invalid = [], [], []
     for key in _keys(s3, url, models_prefix(url.prefix, name), "/manifest.json"):
         parts = key.removeprefix(models_prefix(url.prefix)).split("/")
         if len(parts) == 3:  # models/NAME/VERSION/manifest.json; anything else is not ours
-            manifests.append(read_manifest(s3, url, parts[0], parts[1])[0])
+            try:
+                manifests.append(read_manifest(s3, url, parts[0], parts[1])[0])
+            except InvalidObjectError as exc:
+                invalid.append(exc)
     manifests.sort(key=lambda m: (m.name, _semver(m.version)))
-    pointers = []
     for key in _keys(s3, url, channels_prefix(url.prefix, name), ".json"):
         found = get_object(s3, url, key)
-        if found is not None:  # deleted since listed
+        if found is None:  # deleted since listed
+            continue
+        try:
             pointers.append(_pointer(found[0], url.uri(key)))
-    return Listing(manifests, sorted(pointers, key=lambda p: (p.name, p.channel)))
+        except InvalidObjectError as exc:
+            invalid.append(exc)
+    pointers.sort(key=lambda p: (p.name, p.channel))
+    return Listing(manifests, pointers, invalid)
 
 
 def _metrics(metrics: Mapping[str, float]) -> str:
@@ -363,7 +406,8 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def format_listing(listing: Listing) -> str:
-    """Two tables for people: versions (with the channels serving each), then channels."""
+    """Two tables for people: versions (with the channels serving each), then channels; a
+    third of invalid objects, with the reason, when there are any."""
     serving: dict[tuple[str, str], list[str]] = {}
     for p in listing.pointers:
         serving.setdefault((p.name, p.version), []).append(p.channel)
@@ -382,7 +426,12 @@ def format_listing(listing: Listing) -> str:
         [p.name, p.channel, p.version, f"{p.promoted_at:%Y-%m-%dT%H:%M:%S%z}", p.promoted_by]
         for p in listing.pointers
     ]
-    return _table(versions) + "\n\n" + _table(channels)
+    tables = [_table(versions), _table(channels)]
+    if listing.invalid:
+        tables.append(
+            _table([["INVALID", "REASON"]] + [[i.uri, i.reason] for i in listing.invalid])
+        )
+    return "\n\n".join(tables)
 
 
 def listing_json(listing: Listing) -> dict[str, Any]:
@@ -402,4 +451,5 @@ def listing_json(listing: Listing) -> dict[str, Any]:
             for m in listing.manifests
         ],
         "channels": [p.model_dump(mode="json") for p in listing.pointers],
+        "invalid": [{"object": i.uri, "reason": i.reason} for i in listing.invalid],
     }

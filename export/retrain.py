@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 
 from agent import __version__
-from agent.contract import Decision, Provenance, RegistryUrl, manifest_key
+from agent.contract import MANIFEST_FILE, Decision, Provenance, RegistryUrl, manifest_key
 from agent.imageio import ImageError, read
 from export import dataset_cli, registry
 from export.argtypes import int_at_least
@@ -225,8 +225,13 @@ def _write_png(path: Path, image: np.ndarray) -> None:
 
 
 def next_version(s3: Any, url: RegistryUrl, name: str) -> str:
-    """The patch after the highest published version of `name`; 1.0.0 for a new model."""
-    published = registry.list_registry(s3, url, name).manifests
+    """The patch after the highest published version of `name`; 1.0.0 for a new model. A
+    manifest that cannot be read may be the highest: guessing past it could publish below it."""
+    listing = registry.list_registry(s3, url, name)
+    manifests = [bad for bad in listing.invalid if bad.uri.endswith(f"/{MANIFEST_FILE}")]
+    if manifests:
+        raise manifests[0]
+    published = listing.manifests
     if not published:
         return "1.0.0"
     major, minor, patch = published[-1].version.partition("+")[0].partition("-")[0].split(".")
@@ -261,9 +266,13 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             raise DatasetError("no labels: give --ground-truth, --masks, --voc and/or --negatives")
         config = dataset_cli.config_of(args, voc=voc, masks=masks, negatives=negatives)
         report = build(config, work / "dataset")
-        if report.unknown:
-            names = ", ".join(sorted(report.unknown))
-            raise DatasetError(f"labels without a --label NAME=0|1 (or --ignore-label): {names}")
+        # Metrics of one class (or of none) say nothing, and such a model would be published.
+        if report.split_problems:
+            raise DatasetError(
+                "not training: "
+                + "; ".join(report.split_problems)
+                + " (--validation-fraction 0 trains on every image and scores on the training data)"
+            )
         sources = [*args.masks, *args.voc, *args.negatives]
         record = fit(work / "dataset", work / "model", params, threads=args.threads, seed=args.seed)
         provenance = Provenance(

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import json
+import re
 import sys
 import time
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,7 @@ import numpy.typing as npt
 import xgboost as xgb
 
 from agent.engine.model import sha256_file
-from export.datasets import DatasetError
+from export.datasets import CLASS_NAMES, DatasetError
 
 F32 = npt.NDArray[np.float32]
 
@@ -33,6 +36,7 @@ AWS_PAYLOAD: dict[str, Any] = {
 }
 MODEL_SUFFIXES = (".json", ".ubj")  # XGBoost's own formats: stable across versions, convertible
 _COMMA, _NEWLINE = ord(","), ord("\n")
+_NOT_USED = re.compile(r"Parameters: \{(.*?)\} are not used")
 
 
 def _unsigned_ints(buf: npt.NDArray[np.uint8], starts: np.ndarray, lengths: np.ndarray) -> F32:
@@ -124,10 +128,15 @@ def xgb_params(params: Mapping[str, Any], threads: int, seed: int) -> tuple[dict
 
 
 def hyperparameters(
-    objective: str | None = None, num_round: int | None = None, overrides: Sequence[str] = ()
+    objective: str | None = None,
+    num_round: int | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    local: bool = True,
 ) -> dict[str, Any]:
     """The AWS payload with CLI changes; `num_class` goes when the objective is not multi-class
-    (binary:logistic refuses it) unless it was set explicitly."""
+    (binary:logistic refuses it) unless it was set explicitly. With `local` (training here),
+    a key this XGBoost would not use is refused (see `check_used`)."""
     params = dict(AWS_PAYLOAD)
     if objective:
         params["objective"] = objective
@@ -145,7 +154,51 @@ def hyperparameters(
     rounds = params["num_round"]
     if not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"num_round must be a whole number of at least 1, not {rounds!r}")
+    if params.get("num_class", 2) != 2:
+        raise ValueError(f"num_class must be 2 (clean, corroded), not {params['num_class']!r}")
+    if local:
+        check_used(params)
     return params
+
+
+def check_used(params: Mapping[str, Any]) -> None:
+    """Refuse keys XGBoost would ignore: a misspelt `max_dept=4` trained with the default
+    depth and was recorded in metrics.json and the manifest as if it had been used.
+
+    XGBoost itself says which parameters it does not use (unknown, or meaningless with the
+    objective and booster given), when a booster is configured; a round of nothing on two
+    rows asks it. The near miss comes from the names in the configured booster.
+    """
+    booster_params, _ = xgb_params(params, threads=1, seed=0)
+    data = xgb.DMatrix(np.zeros((2, 3), np.float32), label=[0, 1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        booster = xgb.train({**booster_params, "validate_parameters": True}, data, 0)
+    unused = [
+        name.strip().strip('"')
+        for w in caught
+        if (found := _NOT_USED.search(str(w.message)))
+        for name in found.group(1).split(",")
+    ]
+    if not unused:
+        return
+    known = sorted(set(_keys(json.loads(booster.save_config()))))
+    hints = []
+    for name in unused:
+        near = difflib.get_close_matches(name, known, n=1)
+        hints.append(f"{name!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+    raise ValueError(
+        f"XGBoost {xgb.__version__} would ignore {', '.join(hints)}: unknown, or unused with "
+        f"objective {params.get('objective')!r}"
+    )
+
+
+def _keys(config: Any) -> Iterator[str]:
+    """Every key of a nested XGBoost configuration: the parameter names it knows."""
+    if isinstance(config, dict):
+        for key, value in config.items():
+            yield key
+            yield from _keys(value)
 
 
 def _scalar(text: str) -> int | float | str:
@@ -272,15 +325,26 @@ def fit(
     print("hyperparameters: " + json.dumps(dict(params)), file=sys.stderr)
     start = time.perf_counter()
     x, y = read_csv(train_csv)
-    for label, name in ((0, "clean"), (1, "corroded")):
-        if not np.any(y == label):  # it would train, score itself perfect and flag all or none
-            raise DatasetError(
-                f"{train_csv}: no {name} ({label}) rows; a model needs both classes (photos "
-                "without rust: --negatives; pixels outside VOC boxes: --outside-boxes-negatives)"
-            )
+    if missing := missing_classes(y):  # it would train, score itself perfect, flag all or none
+        raise DatasetError(
+            f"{train_csv}: no {CLASS_NAMES[missing[0]]} ({missing[0]}) rows; a model needs both "
+            "classes (photos without rust: --negatives; pixels outside VOC boxes: "
+            "--outside-boxes-negatives)"
+        )
     valid = read_csv(validation) if validation else None
+    warned: list[str] = []
     if valid is None:
-        print("warning: no validation rows: the metrics are on the training data", file=sys.stderr)
+        warned.append("no validation rows: the metrics are on the training data")
+    else:
+        for label in missing_classes(valid[1]):
+            # Its metrics stand still from round 0 (AUC 0.5): early stopping kept round 0.
+            warned.append(
+                f"{validation}: no {CLASS_NAMES[label]} ({label}) rows: early stopping is off "
+                "and the metrics describe one class only"
+            )
+            early_stopping = None
+    for message in warned:
+        print(f"warning: {message}", file=sys.stderr)
     print(f"read {len(y)} training rows in {time.perf_counter() - start:.2f} s", file=sys.stderr)
     trained = train(
         x, y, params, valid=valid, early_stopping=early_stopping, threads=threads, seed=seed
@@ -308,11 +372,17 @@ def fit(
         "training_data_sha256": sha256_file(train_csv),
         "validation_data_sha256": sha256_file(validation) if validation else None,
         "dataset_json_sha256": sha256_file(manifest) if manifest else None,
+        "warnings": warned,
     }
     model_file.parent.mkdir(parents=True, exist_ok=True)
     trained.booster.save_model(str(model_file))
     (model_file.parent / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def missing_classes(y: np.ndarray) -> list[int]:
+    """The classes (0, 1) with no row in `y`."""
+    return [label for label in (0, 1) if not np.any(y == label)]
 
 
 def choose_flag_pct(pcts: np.ndarray, rusty: np.ndarray) -> float:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import csv
+import errno
+import io
 import json
+import os
 import stat
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -17,6 +21,7 @@ import xgboost as xgb
 
 from agent.cli import main as agent_main
 from agent.contract import DetectionMessage, ModelManifest
+from agent.engine.model import verify_file
 from export.cli import main as export_main
 from export.convert import ConvertError, load_booster
 from export.synthetic import make_scene
@@ -153,10 +158,19 @@ def test_batch_of_a_path_that_is_not_there_is_a_usage_error(
     args = ["batch", str(tmp_path / "absent"), "--model", str(logistic_model)]
     assert agent_main([*args, "--out", str(tmp_path / "out")]) == 2
     assert "absent: cannot read (No such file or directory)" in capsys.readouterr().err
+    images = tmp_path / "images"
+    images.mkdir()
+    (tmp_path / "taken" / "results.csv").mkdir(parents=True)  # in the way: one line, exit 2
+    args = ["batch", str(images), "--model", str(logistic_model), "--out", str(tmp_path / "taken")]
+    assert agent_main(args) == 2
+    assert "results.csv: cannot write the results: Is a directory" in capsys.readouterr().err
 
 
-def test_train_then_convert_softmax_with_full_parity(tmp_path: Path) -> None:
-    """The AWS payload's objective: parity over all 2^24 colours proves the class fold."""
+def test_train_then_convert_softmax_with_full_parity(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The AWS payload's objective: parity over all 2^24 colours proves the class fold, and
+    convert says so (it printed only the manifest's path)."""
     x, y = rust_pixels(5000)
     csv_path = tmp_path / "train.csv"
     np.savetxt(csv_path, np.column_stack((y, x)).astype(int), fmt="%d", delimiter=",")
@@ -165,14 +179,21 @@ def test_train_then_convert_softmax_with_full_parity(tmp_path: Path) -> None:
         == 0
     )
     assert json.loads((tmp_path / "t" / "metrics.json").read_text())["metrics"]["accuracy"] > 0.8
+    capsys.readouterr()
     code = export_main(
         ["convert", str(tmp_path / "t" / "model.json"), "--out", str(tmp_path / "m"),
          "--name", "payload", "--version", "1.2.3"]
     )  # fmt: skip
     assert code == 0
+    out, err = capsys.readouterr()
+    assert out == f"{tmp_path / 'm' / 'manifest.json'}\n"
+    assert (
+        "parity proven: onnxruntime gives xgboost's label for every one of the 16777216 colours"
+    ) in err
     manifest = ModelManifest.read(tmp_path / "m" / "manifest.json")
     assert manifest.output.kind == "labels" and manifest.table is not None
     assert manifest.provenance.hyperparameters["max_depth"] == 3
+    assert "parity not proven" not in manifest.provenance.notes
 
 
 def test_bad_csv_names_file_and_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -190,17 +211,127 @@ def test_unreadable_booster_says_how_to_migrate(tmp_path: Path) -> None:
         load_booster(bogus)
 
 
-def test_sagemaker_tarball_is_read(tmp_path: Path) -> None:
-    import tarfile
+def tarball(path: Path, members: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
 
+
+def model_bytes(tmp_path: Path, rounds: int = 3) -> bytes:
     x, y = rust_pixels(2000)
-    booster = xgb.train({"objective": "binary:logistic"}, xgb.DMatrix(x, label=y), 3)
-    booster.save_model(str(tmp_path / "xgboost-model.json"))
-    (tmp_path / "xgboost-model.json").rename(tmp_path / "xgboost-model")
-    with tarfile.open(tmp_path / "model.tar.gz", "w:gz") as tar:
-        tar.add(tmp_path / "xgboost-model", arcname="xgboost-model")
-    loaded = load_booster(tmp_path / "model.tar.gz")
-    assert loaded.num_boosted_rounds() == 3
+    booster = xgb.train({"objective": "binary:logistic"}, xgb.DMatrix(x, label=y), rounds)
+    booster.save_model(str(tmp_path / "b.json"))
+    return (tmp_path / "b.json").read_bytes()
+
+
+def test_sagemaker_tarball_is_read(tmp_path: Path) -> None:
+    model = model_bytes(tmp_path)
+    archive = tarball(tmp_path / "model.tar.gz", {"notes.txt": b"x", "out/xgboost-model": model})
+    assert load_booster(archive).num_boosted_rounds() == 3
+    only = tarball(tmp_path / "only.tar.gz", {"model.json": model_bytes(tmp_path, 4)})
+    assert load_booster(only).num_boosted_rounds() == 4  # the only file is the model
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        ({"garbage.json": b"garbage!"}, "model.tar.gz!garbage.json: cannot read this model ("),
+        (
+            {"a.json": b"{}", "b.json": b"{}"},
+            "model.tar.gz: no xgboost-model but 2 files (a.json, b.json); extract the model",
+        ),
+        (
+            {"a/xgboost-model": b"{}", "b/xgboost-model": b"{}"},
+            "model.tar.gz: 2 xgboost-model members (a/xgboost-model, b/xgboost-model); extract",
+        ),
+        ({}, "model.tar.gz: archive holds no model file"),
+    ],
+)
+def test_a_tarball_is_named_with_its_member_and_never_guessed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], members: dict[str, bytes], message: str
+) -> None:
+    """Errors named the temporary folder it was extracted to, and of several files without
+    an `xgboost-model` the first was taken as the model."""
+    archive = tarball(tmp_path / "model.tar.gz", members)
+    args = ["convert", str(archive), "--out", str(tmp_path / "m"), "--name", "m"]
+    assert export_main([*args, "--version", "1.0.0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path}/{message}"), err
+    assert "/tmp/tmp" not in err.replace(str(tmp_path), "")
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_a_failed_convert_leaves_an_earlier_export_as_it_was(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """model.onnx was written before the checks, so a refused convert left a manifest
+    beside an ONNX model it does not pin."""
+    (tmp_path / "logistic.json").write_bytes(model_bytes(tmp_path))
+    x, y = rust_pixels(2000)
+    softmax = xgb.train({"objective": "multi:softmax", "num_class": 2}, xgb.DMatrix(x, label=y), 3)
+    softmax.save_model(str(tmp_path / "softmax.json"))
+    out = tmp_path / "m"
+
+    def convert(model: str, *options: str) -> int:
+        args = ["convert", str(tmp_path / model), "--out", str(out), "--name", "m"]
+        return export_main([*args, "--version", "1.0.0", *options])
+
+    assert convert("logistic.json", "--skip-parity") == 0
+    (out / "notes.txt").write_text("the user's own")
+    before = snapshot(out)
+    assert convert("softmax.json", "--skip-parity", "--pixel-threshold", "0.6") == 2
+    assert "multi:softmax gives labels only" in capsys.readouterr().err
+
+    def failing(*_: object) -> int:
+        raise ConvertError("ONNX and xgboost disagree on 1 colours")
+
+    monkeypatch.setattr("export.convert.check_parity", failing)
+    assert convert("softmax.json") == 2
+    assert "disagree on 1 colours" in capsys.readouterr().err
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "b.json",
+        "logistic.json",
+        "m",
+        "softmax.json",
+    ]
+
+    assert convert("softmax.json", "--skip-parity", "--no-table") == 0  # replaces ours only
+    assert "warning: --skip-parity: nothing proves" in capsys.readouterr().err
+    assert sorted(snapshot(out)) == ["manifest.json", "model.onnx", "notes.txt"]
+    manifest = ModelManifest.read(out / "manifest.json")
+    assert manifest.output.objective == "multi:softmax" and manifest.table is None
+    assert manifest.provenance.notes.endswith("parity not proven (exported with --skip-parity)")
+    verify_file(out / "model.onnx", manifest.model.size, manifest.model.sha256, "model")
+
+
+def test_convert_into_a_folder_on_another_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An --out that is a mount point (a volume, another disk) or a link to one: staged
+    beside it, every rename crossed file systems and failed, after the old manifest went."""
+    (tmp_path / "logistic.json").write_bytes(model_bytes(tmp_path))
+    out = tmp_path / "out"
+    out.mkdir()
+    real = os.replace
+
+    def replace(src: str | Path, dst: str | Path) -> None:  # `out` is a file system of its own
+        if Path(src).absolute().is_relative_to(out) != Path(dst).absolute().is_relative_to(out):
+            raise OSError(errno.EXDEV, "Invalid cross-device link", str(src))
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    args = ["convert", str(tmp_path / "logistic.json"), "--out", str(out), "--name", "m"]
+    for version in ("1.0.0", "1.0.1"):
+        assert export_main([*args, "--version", version, "--skip-parity"]) == 0
+        assert ModelManifest.read(out / "manifest.json").version == version
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "table.npy"]
 
 
 def _train(csv_path: Path, out: Path, rounds: int, seed: int) -> None:
@@ -318,3 +449,15 @@ def test_run_exits_cleanly_past_a_thread_inside_onnxruntime(tmp_path: Path) -> N
             timeout=60,
         )
         assert run.returncode == 0, run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("count", ["0", "-3"])
+def test_synth_refuses_fewer_than_one_scene(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], count: str
+) -> None:
+    """`synth --count -3` wrote no scene and exited 0."""
+    with pytest.raises(SystemExit) as info:
+        export_main(["synth", "--out", str(tmp_path / "s"), "--count", count])
+    assert info.value.code == 2
+    assert f"argument --count: must be at least 1, got {count}" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

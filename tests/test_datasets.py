@@ -16,8 +16,8 @@ import pytest
 
 from export import datasets
 from export.cli import main as export_main
-from export.datasets import Config, Item, Report, Rows, build, csv_bytes
-from export.synthetic import make_scene, write_scene
+from export.datasets import Config, DatasetError, Item, Report, Rows, build, csv_bytes
+from export.synthetic import generate, make_scene, write_scene
 
 PURPLE, GREY, TEAL = (120, 40, 160), (128, 128, 128), (20, 150, 140)  # RGB
 
@@ -108,26 +108,42 @@ def test_voc_whole_box_and_label_flags(tmp_path: Path) -> None:
     voc = tmp_path / "voc"
     write_png(voc / "a.png", coordinate_image(40, 31))
     write_voc(voc / "a.xml", "a.png", (40, 31), [("rust", 3, 2, 35, 27), ("paint", 0, 0, 2, 2)])
-    report, out = run(tmp_path, voc=(voc,), crop="whole", labels={"rust": 1})
+    labels = {"rust": 1}
+    report, out = run(tmp_path, voc=(voc,), crop="whole", labels=labels, ignore={"paint"})
     table = rows(out / "train.csv")
     assert pixels(table, 1) == box_pixels(3, 2, 35, 27) and len(table) == 32 * 25
-    assert report.unknown == {"paint": 1}  # counted, not silently dropped
+    assert report.ignored == {"paint": 1}  # counted, not silently dropped
 
 
-def test_unknown_labels_fail_the_run_unless_ignored(
+def test_unknown_labels_fail_before_anything_is_written_naming_files(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """They were a warning after the CSVs were written, naming no file: a later `train`
+    took the dataset without those boxes."""
     voc = tmp_path / "voc"
-    write_png(voc / "a.png", coordinate_image(40, 31))
-    write_voc(voc / "a.xml", "a.png", (40, 31), [("rust", 3, 2, 35, 27), ("paint", 0, 0, 2, 2)])
-    args = ["dataset", "--voc", str(voc), "--label", "rust=1", "--out", str(tmp_path / "o")]
-    assert export_main(args) == 1
-    assert "unknown labels (map with --label or drop with --ignore-label): 'paint' x1" in (
-        capsys.readouterr().err
-    )
-    assert export_main([*args, "--ignore-label", "paint"]) == 0
-    record = json.loads((tmp_path / "o" / "dataset.json").read_text())
-    assert record["ignored"] == {"paint": 1} and record["unknown_labels"] == {}
+    for i in range(5):
+        write_png(voc / f"{i}.png", coordinate_image(40, 31))
+        write_voc(
+            voc / f"{i}.xml", f"{i}.png", (40, 31), [("rust", 3, 2, 35, 27), ("paint", 0, 0, 2, 2)]
+        )
+    write_png(tmp_path / "crops" / "Rusty-1.png", np.full((2, 2, 3), TEAL, np.uint8))
+    out = tmp_path / "o"
+    args = ["dataset", "--voc", str(voc), "--crops", str(tmp_path / "crops"), "--out", str(out)]
+    assert export_main([*args, "--label", "rust=1", "--label", "Clean=0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown labels, nothing written (map with --label NAME=0|1 or ")
+    assert (
+        f"'Rusty' x1 in {tmp_path / 'crops' / 'Rusty-1.png'}, 'paint' x5 in {voc / '0.xml'}, "
+        f"{voc / '1.xml'}, {voc / '2.xml'} and 2 more files\n"
+    ) in err
+    assert not out.exists()
+    ignore = ["--ignore-label", "paint", "--ignore-label", "Rusty"]
+    assert export_main([*args, "--label", "rust=1", *ignore, "--validation-fraction", "0"]) == 1
+    record = json.loads((out / "dataset.json").read_text())
+    assert record["ignored"] == {"paint": 5, "Rusty": 1}
+    assert record["split_problems"] == [  # a dataset of rust only is still a problem
+        "train split has no clean (0) rows: `train` refuses one-class data"
+    ]
 
 
 def test_clean_and_corroded_crops_by_file_name(tmp_path: Path) -> None:
@@ -135,11 +151,13 @@ def test_clean_and_corroded_crops_by_file_name(tmp_path: Path) -> None:
     write_png(crops / "Clean-0.png", np.full((4, 5, 3), GREY, np.uint8))
     write_png(crops / "sub" / "Corroded-12.png", np.full((3, 3, 3), PURPLE, np.uint8))
     write_png(crops / "Rusty-2.png", np.full((2, 2, 3), TEAL, np.uint8))
-    report, out = run(tmp_path, crops=(crops,))
+    report, out = run(tmp_path, crops=(crops,), ignore={"Rusty"})
     table = rows(out / "train.csv")
     assert (table[:, 0] == 0).sum() == 20 and pixels(table, 0) == {GREY}
     assert (table[:, 0] == 1).sum() == 9 and pixels(table, 1) == {PURPLE}
-    assert report.unknown == {"Rusty": 1}
+    assert report.ignored == {"Rusty": 1}
+    with pytest.raises(DatasetError, match=r"'Rusty' x1 in .*Rusty-2\.png$"):
+        run(tmp_path, crops=(crops,))
 
 
 def test_masks_label_every_pixel(tmp_path: Path) -> None:
@@ -232,6 +250,94 @@ def test_identical_images_stay_on_one_side(tmp_path: Path) -> None:
                 group_of.setdefault(str(im["sha256"]), set()).add(im["group"])
         assert all(len(s) == 1 for s in side_of.values())
         assert all(len(g) == 1 for g in group_of.values()) and len(side_of) == 10
+
+
+def crops_of(directory: Path, clean: int, corroded: int) -> None:
+    """Tiny crops, each its own colour: distinct files, so distinct groups."""
+    for label, n in (("Clean", clean), ("Corroded", corroded)):
+        for i in range(n):
+            colour = (i, 200 if label == "Clean" else 50, 7)
+            write_png(directory / f"{label}-{i}.png", np.full((2, 2, 3), colour, np.uint8))
+
+
+def test_the_split_is_stratified_so_validation_holds_both_classes(tmp_path: Path) -> None:
+    """Drawn at random over all images, validation missed the 2 clean crops of 20 for most
+    seeds; `train` then early-stopped on it at round 0 and `retrain` published that."""
+    crops_of(tmp_path / "c", clean=2, corroded=18)
+    for seed in range(8):
+        report, out = run(tmp_path, crops=(tmp_path / "c",), validation_fraction=0.2, seed=seed)
+        valid = sides(out)["validation"]
+        names = sorted(Path(str(im["path"])).name.split("-")[0] for im in valid)
+        assert names == ["Clean", "Corroded", "Corroded", "Corroded", "Corroded"], seed
+        assert not report.split_problems, seed
+    scenes(tmp_path / "m", 10)  # 4 clean (an empty mask), 6 rusty
+    for seed in range(4):
+        report, out = run(tmp_path, masks=(tmp_path / "m",), validation_fraction=0.1, seed=seed)
+        assert sorted(im["counts"]["1"] > 0 for im in sides(out)["validation"]) == [False, True]
+        assert not report.split_problems, seed
+
+
+def test_a_split_without_a_class_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One clean image cannot be on both sides: it trains, and validation is rust only."""
+    crops_of(tmp_path / "c", clean=1, corroded=4)
+    out = tmp_path / "o"
+    args = ["dataset", "--crops", str(tmp_path / "c"), "--out", str(out)]
+    assert export_main([*args, "--validation-fraction", "0.25"]) == 1
+    problem = (
+        "validation split has no clean (0) rows: its metrics cannot tell the classes apart and "
+        "`train` will not stop early on it; add images of that class (or try another --seed)"
+    )
+    assert f"warning: {problem}\n" in capsys.readouterr().err
+    record = json.loads((out / "dataset.json").read_text())
+    assert record["split_problems"] == [problem]
+    train_images = [Path(im["path"]).name for im in record["splits"]["train"]["images"]]
+    assert train_images[0] == "Clean-0.png"
+
+
+def test_skipped_images_that_empty_validation_are_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The draw happens before images are read: a corrupt one drawn for validation left it
+    empty, and `train` quietly scored the model on its own training data."""
+    crops_of(tmp_path / "c", clean=2, corroded=2)
+    for name in ("Clean-1.png", "Corroded-1.png"):  # cut short, each its own bytes
+        data = (tmp_path / "c" / name).read_bytes()
+        (tmp_path / "c" / name).write_bytes(data[: len(data) // 2] + name.encode())
+    emptied = 0
+    for seed in range(16):
+        report, out = run(tmp_path, crops=(tmp_path / "c",), validation_fraction=0.5, seed=seed)
+        assert len(report.skipped) == 2
+        if not sides(out)["validation"]:
+            emptied += 1
+            assert report.split_problems == [
+                "validation split is empty: none of the 2 images drawn for it gave rows "
+                "(see the skipped ones)"
+            ]
+    assert emptied, "no seed drew both corrupt crops for validation"
+
+
+def test_voc_without_objects_is_a_checked_clean_photo(tmp_path: Path) -> None:
+    """labelImg saves no object for a photo without rust, as `synth` does for a clean
+    scene: it gave no rows, where `retrain` takes such an answer as every pixel clean."""
+    voc = tmp_path / "voc"
+    write_png(voc / "a.png", coordinate_image(40, 31))
+    write_voc(voc / "a.xml", "a.png", (40, 31), [])
+    report, out = run(tmp_path, voc=(voc,), labels={"rust": 1})
+    table = rows(out / "train.csv")
+    assert len(table) == 40 * 31 and not table[:, 0].any()
+    [image] = sides(out)["train"]
+    assert image["kind"] == "negative" and image["annotation"] == str(voc / "a.xml")
+    assert not report.skipped
+
+
+def test_synthetic_clean_scenes_are_clean_rows(tmp_path: Path) -> None:
+    generate(tmp_path / "s", 8, seed=3, width=48, height=32)
+    report, out = run(tmp_path, voc=(tmp_path / "s",), labels={"rust": 1}, validation_fraction=0.25)
+    assert not report.split_problems and not report.skipped
+    for split in json.loads((out / "dataset.json").read_text())["splits"].values():
+        assert int(split["counts"]["0"]) > 0 and int(split["counts"]["1"]) > 0
 
 
 def test_same_seed_same_bytes(tmp_path: Path) -> None:

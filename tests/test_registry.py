@@ -5,8 +5,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import shutil
 import stat
+import subprocess
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -353,7 +356,7 @@ def test_endpoint_from_environment(
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_server)
     code, out, _ = run(capsys, "list", "--registry", f"s3://{s3_bucket}", "--json")
     assert code == 0
-    assert json.loads(out) == {"versions": [], "channels": []}
+    assert json.loads(out) == {"versions": [], "channels": [], "invalid": []}
 
 
 def test_promote_never_dates_a_pointer_before_the_one_it_replaces(reg: Registry) -> None:
@@ -370,3 +373,116 @@ def test_promote_never_dates_a_pointer_before_the_one_it_replaces(reg: Registry)
     assert reg.cli("promote", "test-rgb", "1.0.0")[0] == 0
     again = ChannelPointer.parse(reg.s3.get_object(Bucket=reg.bucket, Key=key)["Body"].read(), key)
     assert again.promoted_at > ahead.promoted_at
+
+
+def test_list_shows_invalid_objects_beside_the_rest(reg: Registry) -> None:
+    """One bad manifest anywhere made `list` fail as a whole, showing nothing."""
+    assert reg.publish(reg.export_dir)[0] == 0
+    assert reg.cli("promote", "test-rgb", "1.0.0")[0] == 0
+    good = reg.s3.get_object(Bucket=reg.bucket, Key=manifest_key("", "test-rgb", "1.0.0"))
+    bad = {
+        manifest_key("", "test-rgb", "2.0.0"): b"{not json",
+        manifest_key("", "other", "1.0.0"): good["Body"].read(),  # another version's manifest
+        channel_key("", "test-rgb", "beta"): b"{}",
+    }
+    for key, body in bad.items():
+        reg.s3.put_object(Bucket=reg.bucket, Key=key, Body=body)
+    code, out, err = reg.cli("list")
+    assert code == 1
+    assert "warning: 3 invalid objects in the registry, listed as such" in err
+    versions, channels, invalid = (table.splitlines() for table in out.strip().split("\n\n"))
+    assert [row.split()[:2] for row in versions[1:]] == [["test-rgb", "1.0.0"]]
+    assert [row.split()[:3] for row in channels[1:]] == [["test-rgb", "stable", "1.0.0"]]
+    assert invalid[0].split() == ["INVALID", "REASON"]
+    rows = {row.split(maxsplit=1)[0]: row.split(maxsplit=1)[1] for row in invalid[1:]}
+    assert rows[f"s3://{reg.bucket}/models/other/1.0.0/manifest.json"] == (
+        "holds test-rgb 1.0.0, not other 1.0.0"
+    )
+    code, out, _ = reg.cli("list", "--json")
+    assert code == 1
+    listing = json.loads(out)
+    assert [v["version"] for v in listing["versions"]] == ["1.0.0"]
+    reasons = {
+        i["object"].removeprefix(f"s3://{reg.bucket}/"): i["reason"] for i in listing["invalid"]
+    }
+    assert sorted(reasons) == sorted(bad)
+    assert reasons[channel_key("", "test-rgb", "beta")].startswith("invalid channel pointer: ")
+    assert reasons[manifest_key("", "test-rgb", "2.0.0")].startswith("invalid manifest: ")
+
+
+def test_promote_checks_every_file_hash_and_downloads_only_multipart_ones(
+    reg: Registry, tmp_path: Path
+) -> None:
+    """promote compared sizes only: a file replaced by other bytes of the same size (even
+    with the `sha256` metadata copied) was promoted, and every device then refused it."""
+    assert reg.publish(reg.export_dir)[0] == 0
+    manifest = ModelManifest.read(reg.export_dir / "manifest.json")
+    assert manifest.table is not None
+    private = registry.load_private_key(reg.keys / registry.PRIVATE_KEY_FILE)
+    for ref in (manifest.model, manifest.table):
+        key = file_key("", "test-rgb", "1.0.0", ref.file)
+        data = bytearray((reg.export_dir / ref.file).read_bytes())
+        data[len(data) // 2] ^= 1
+        for body, checksum in ((bytes(data), {"ChecksumAlgorithm": "SHA256"}), (bytes(data), {})):
+            reg.s3.put_object(
+                Bucket=reg.bucket, Key=key, Body=body, Metadata={"sha256": ref.sha256}, **checksum
+            )
+            with pytest.raises(registry.RegistryError) as info:
+                registry.promote(reg.s3, reg.url, "test-rgb", "1.0.0", "stable",
+                                 public_keys=None, promoted_by="t", key=private)  # fmt: skip
+            assert str(info.value) == (
+                f"s3://{reg.bucket}/{key}: sha256 {hashlib.sha256(data).hexdigest()}, "
+                f"the manifest pins {ref.sha256}"
+            )
+        whole = {"ChecksumAlgorithm": "SHA256"}  # as publish sends it
+        reg.s3.upload_file(
+            str(reg.export_dir / ref.file), reg.bucket, key, whole, Config=registry.TRANSFER
+        )
+    assert reg.objects("channels/") == {}
+
+    fetched: list[str] = []
+    reg.s3.meta.events.register(
+        "before-parameter-build.s3.GetObject", lambda params, **_: fetched.append(params["Key"])
+    )
+    registry.promote(reg.s3, reg.url, "test-rgb", "1.0.0", "stable",
+                     public_keys=None, promoted_by="t", key=private)  # fmt: skip
+    assert file_key("", "test-rgb", "1.0.0", manifest.table.file) in fetched  # sent in parts
+    assert file_key("", "test-rgb", "1.0.0", manifest.model.file) not in fetched  # S3's hash
+
+
+def test_promote_with_a_key_checks_the_signature_with_its_public_half(
+    reg: Registry, tmp_path: Path
+) -> None:
+    """With --key and no --public-key the manifest's signature was not checked at all."""
+    assert reg.publish(reg.export_dir)[0] == 0
+    registry.keygen(tmp_path / "other")
+    other = str(tmp_path / "other" / registry.PRIVATE_KEY_FILE)
+    code, _, err = reg.cli("promote", "test-rgb", "1.0.0", "--key", other)
+    assert code == 2
+    assert "signed by unknown key" in err
+    assert reg.objects("channels/") == {}
+    code, _, err = reg.cli(
+        "promote", "test-rgb", "1.0.0", "--key", str(reg.keys / registry.PRIVATE_KEY_FILE)
+    )
+    assert code == 0, err
+    assert "checking the signature with the public half of" in err
+    assert "not checked" not in err
+
+
+def test_list_into_a_closed_pipe_exits_quietly(reg: Registry) -> None:
+    """`corrosion-export list ... | head` ended with `error: [Errno 32] Broken pipe`."""
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone: the first write fails
+    where = ["--registry", f"s3://{reg.bucket}", "--endpoint-url", reg.endpoint]
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "export.cli", "list", *where],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+    finally:
+        os.close(write)
+    assert (run.returncode, run.stderr) == (141, "")

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.contract import ChannelPointer, RegistryUrl
+from agent.contract import ChannelPointer, RegistryUrl, manifest_key
 from agent.signing import keyring, load_public_key, verify_manifest
 from export import registry, retrain
 from export.cli import main
@@ -204,6 +204,27 @@ def test_retrain_publishes_without_promoting(
     assert ChannelPointer.parse(data, pointer_key).version == "1.0.1"
 
 
+@pytest.mark.usefixtures("aws_endpoint")
+def test_a_validation_split_of_one_class_is_not_trained_nor_published(
+    s3_bucket: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One clean photo trains, so validation held rust only: early stopping kept round 0
+    (AUC 0.5) and that model was published."""
+    registry.keygen(tmp_path / "keys")
+    private = tmp_path / "keys" / registry.PRIVATE_KEY_FILE
+    generate(tmp_path / "voc", 3, seed=4, width=96, height=72, clean_fraction=0.0)
+    negatives = tmp_path / "neg"
+    negatives.mkdir()
+    assert cv2.imwrite(str(negatives / "clean.png"), np.full((72, 96, 3), 128, np.uint8))
+    argv = ["retrain", "--registry", f"s3://{s3_bucket}", "--key", str(private), "--name", "m"]
+    sources = ["--voc", str(tmp_path / "voc"), "--negatives", str(negatives), "--label", "rust=1"]
+    assert main([*argv, *sources, "--num-round", "3", "--skip-parity"]) == 2
+    err = capsys.readouterr().err
+    assert "error: not training: validation split has no clean (0) rows" in err
+    listing = registry.list_registry(registry.s3_client(), RegistryUrl(s3_bucket, ""))
+    assert listing.manifests == [] and listing.invalid == []
+
+
 def test_refuses_an_existing_version_before_training(
     aws_endpoint: str,
     s3_bucket: str,
@@ -222,6 +243,10 @@ def test_refuses_an_existing_version_before_training(
     assert "error: no labels: give --ground-truth" in capsys.readouterr().err
     assert main([*argv, "--name", "test-rgb", "--masks", str(tmp_path / "nowhere")]) == 2
     assert "nowhere: not a directory" in capsys.readouterr().err
+    torn = manifest_key("", "test-rgb", "1.0.5")  # unreadable here, and maybe the highest
+    registry.s3_client().put_object(Bucket=s3_bucket, Key=torn, Body=b'{"name": "test-rgb"')
+    assert main([*argv, "--name", "test-rgb", "--masks", str(tmp_path / "nowhere")]) == 2
+    assert f"s3://{s3_bucket}/{torn}: invalid manifest" in capsys.readouterr().err
 
 
 def test_fetch_takes_every_legal_key_and_nothing_outside_dest(

@@ -12,6 +12,7 @@ import xgboost as xgb
 
 from export.cli import main as export_main
 from export.datasets import DatasetError
+from export.synthetic import generate
 from export.train import AWS_PAYLOAD, hyperparameters, read_csv, train
 from tests.conftest import rust_pixels
 from tests.test_datasets import scenes
@@ -149,6 +150,7 @@ def test_set_overrides_any_hyperparameter(
         (["--num-round", "-5"], "argument --num-round: must be at least 1, got -5"),
         (["--set", "num_round=-1"], "num_round must be a whole number of at least 1, not -1"),
         (["--set", "num_round=2.5"], "num_round must be a whole number of at least 1, not 2.5"),
+        (["--early-stopping", "-1"], "argument --early-stopping: must be at least 0, got -1"),
     ],
 )
 def test_rounds_below_one_are_refused(
@@ -222,3 +224,66 @@ def test_one_class_data_is_refused(
     assert export_main(["train", str(data), "--out", str(tmp_path / "m")]) == 2
     assert f"{data}: {missing}" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["max_dept=4"], "would ignore 'max_dept' (did you mean 'max_depth'?)"),
+        (
+            ["etaa=0.1", "colsample_bytre=1"],
+            "would ignore 'colsample_bytre' (did you mean 'colsample_bytree'?), 'etaa' (did you "
+            "mean 'eta'?): unknown, or unused with objective 'multi:softmax'",
+        ),
+        (["num_class=3"], "num_class must be 2 (clean, corroded), not 3"),
+    ],
+)
+def test_set_refuses_keys_xgboost_would_ignore_and_other_class_counts(
+    tmp_path: Path,
+    csvs: tuple[Path, Path],
+    capsys: pytest.CaptureFixture[str],
+    sets: list[str],
+    message: str,
+) -> None:
+    """A misspelt key trained with the default and was recorded in metrics.json (and the
+    manifest) as if it had been used; num_class=3 trained a model convert cannot serve."""
+    args = [arg for pair in sets for arg in ("--set", pair)]
+    assert export_main(["train", str(csvs[0]), "--out", str(tmp_path / "m"), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+    assert hyperparameters("binary:logistic", overrides=["scale_pos_weight=2"])  # used there
+    with pytest.raises(ValueError, match="would ignore 'scale_pos_weight'"):
+        hyperparameters(overrides=["scale_pos_weight=2"])  # not by multi:softmax
+
+
+@pytest.mark.parametrize("present", [0, 1])
+def test_one_class_validation_turns_early_stopping_off(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], present: int
+) -> None:
+    """Its metric stands still from round 0, so early stopping kept round 0 (AUC 0.5)."""
+    train_csv = write_csv(tmp_path / "train.csv", 3000, 1)
+    x, y = rust_pixels(1000, 2)
+    valid = tmp_path / "valid.csv"
+    np.savetxt(valid, np.column_stack((y, x))[y == present].astype(int), fmt="%d", delimiter=",")
+    out = tmp_path / "m"
+    args = ["train", str(train_csv), "--validation", str(valid), "--out", str(out)]
+    assert export_main([*args, "--num-round", "30"]) == 0
+    missing = ("clean (0)", "corroded (1)")[1 - present]
+    warning = f"{valid}: no {missing} rows: early stopping is off and the metrics describe one "
+    err = capsys.readouterr().err
+    assert f"warning: {warning}" in err and "early stopping: best iteration" not in err
+    record = metrics_of(out / "metrics.json")
+    assert record["boosted_rounds"] == 30 and record["early_stopping_rounds"] is None
+    assert [w.startswith(warning) for w in record["warnings"]] == [True]  # type: ignore[union-attr]
+
+
+def test_synth_voc_scenes_make_a_dataset_that_trains(tmp_path: Path) -> None:
+    """synth writes VOC XMLs without objects for its clean scenes; `dataset --voc` gave them
+    no rows, so the dataset held rust only and `train` refused it."""
+    generate(tmp_path / "s", 8, seed=2, width=64, height=48)
+    data, model = tmp_path / "data", tmp_path / "model"
+    args = ["dataset", "--voc", str(tmp_path / "s"), "--label", "rust=1", "--out", str(data)]
+    assert export_main(args) == 0
+    assert export_main(["train", str(data), "--out", str(model), "--num-round", "5"]) == 0
+    record = metrics_of(model / "metrics.json")
+    assert record["evaluated_on"] == "validation" and record["warnings"] == []
