@@ -20,6 +20,7 @@ from agent.archive import Entry, Refused
 from agent.contract import DetectionMessage
 from agent.engine.detector import Analysis, Detector
 from agent.engine.overlay import render
+from agent.exif import PhotoMeta, read_exif
 
 CSV_FIELDS = (
     "file",
@@ -31,6 +32,10 @@ CSV_FIELDS = (
     "height",
     "model",
     "version",
+    "taken_at",  # the photo's EXIF clock (UTC); empty when it has none
+    "lat",  # the photo's EXIF GPS; empty without a fix
+    "lon",
+    "alt",
 )
 
 
@@ -116,7 +121,7 @@ def run_batch(
                         summary.unwritten.append(str(exc))
                         if on_unwritten:
                             on_unwritten(str(exc))
-                    writer.writerow(_row(item.name, analysis))
+                    writer.writerow(_row(item.name, analysis, read_exif(item.data)))
                     summary.analysed += 1
                     summary.flagged += analysis.flagged
                     if on_result:
@@ -128,7 +133,8 @@ def run_batch(
     return summary
 
 
-def _row(name: str, a: Analysis) -> list[str]:
+def _row(name: str, a: Analysis, meta: PhotoMeta) -> list[str]:
+    place = (None, None, None) if meta.gps is None else (meta.gps.lat, meta.gps.lon, meta.gps.alt)
     return [
         name,
         f"{a.corrosion_pct:.4f}",
@@ -139,20 +145,24 @@ def _row(name: str, a: Analysis) -> list[str]:
         str(a.frame_size.height),
         a.model.name,
         a.model.version,
+        meta.taken_at.isoformat() if meta.taken_at else "",
+        *("" if v is None else repr(v) for v in place),
     ]
 
 
 def detect_file(
     detector: Detector, path: Path, *, device_id: str, index: int = 0
 ) -> tuple[DetectionMessage, Analysis, imageio.Decoded]:
-    """One image from disk to a DetectionMessage (captured_at: the file's mtime)."""
+    """One image from disk to a DetectionMessage: captured_at and gps from the photo's EXIF
+    (a drone's card is copied off hours later), else captured_at is the file's mtime."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise imageio.ImageError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     analysis, decoded = analyse_bytes(detector, data, str(path))
-    captured = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+    meta = read_exif(data)
+    captured = meta.taken_at or datetime.fromtimestamp(path.stat().st_mtime, UTC)
     message = analysis.message(
-        device_id=device_id, source=str(path), frame_index=index, captured_at=captured
+        device_id=device_id, source=str(path), frame_index=index, captured_at=captured, gps=meta.gps
     )
     return message, analysis, decoded

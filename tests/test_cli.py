@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tarfile
 import zipfile
+from datetime import UTC, datetime
 from pathlib import Path
 
 import cv2
@@ -26,6 +27,7 @@ from export.cli import main as export_main
 from export.convert import ConvertError, load_booster
 from export.synthetic import make_scene
 from tests.conftest import rust_pixels
+from tests.exifdata import SYDNEY, TAKEN, ascii_tag, with_exif
 from tests.imagedata import bomb_png
 
 
@@ -142,6 +144,37 @@ def test_detect_json_lines_are_detection_messages(
     assert msg.device_id == "d1" and msg.source == str(image)
     assert (msg.frame_size.width, msg.analysis_size.width) == (1600, 400)
     assert (tmp_path / "ov" / "overlays" / "hull.jpg.overlay.jpg").is_file()
+
+
+def test_detect_and_batch_date_and_place_photos_by_their_exif(
+    logistic_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    photos = tmp_path / "card"
+    photos.mkdir()
+    tagged = photos / "DJI_0001.jpg"
+    tagged.write_bytes(with_exif(scene_jpeg(22), [TAKEN, ascii_tag(0x9011, "+02:00")], SYDNEY))
+    plain = photos / "plain.jpg"
+    plain.write_bytes(scene_jpeg(23))
+    os.utime(plain, (1_700_000_000, 1_700_000_000))
+
+    code = agent_main(["detect", str(tagged), str(plain), "--model", str(logistic_model), "--json"])
+    assert code == 0
+    first, second = (
+        DetectionMessage.model_validate_json(x) for x in capsys.readouterr().out.split()
+    )
+    assert first.captured_at == datetime(2024, 5, 6, 5, 8, 9, tzinfo=UTC)
+    assert first.gps is not None and first.gps.lat == pytest.approx(-33.865, abs=1e-3)
+    assert second.captured_at == datetime.fromtimestamp(1_700_000_000, UTC) and second.gps is None
+
+    out = tmp_path / "out"
+    assert (
+        agent_main(["batch", str(photos), "--model", str(logistic_model), "--out", str(out)]) == 0
+    )
+    rows = {r["file"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert rows["DJI_0001.jpg"]["taken_at"] == "2024-05-06T05:08:09+00:00"
+    assert float(rows["DJI_0001.jpg"]["lon"]) == pytest.approx(151.21, abs=1e-2)
+    assert float(rows["DJI_0001.jpg"]["alt"]) == pytest.approx(-58.5)
+    assert [rows["plain.jpg"][k] for k in ("taken_at", "lat", "lon", "alt")] == ["", "", "", ""]
 
 
 def test_bad_model_path_is_a_clear_error(
