@@ -52,8 +52,9 @@ def broker_config(
 
 def _detection(m: DetectionMessage) -> str:
     flag = "FLAGGED" if m.flagged else "ok"
+    rust = "" if m.rust_probability is None else f"P(rust) {m.rust_probability:.2f} "
     return (
-        f"detection #{m.frame_index} {m.corrosion_pct:6.2f}% {flag:7s} {len(m.regions)} "
+        f"detection #{m.frame_index} {m.corrosion_pct:6.2f}% {flag:7s} {rust}{len(m.regions)} "
         f"regions  {m.model.name} {m.model.version}  {m.latency_ms:.0f} ms  {m.source}"
     )
 
@@ -69,7 +70,12 @@ def _status(m: StatusMessage) -> str:
 
 def _model(m: ModelStatus) -> str:
     refused = f"  refused: {m.refused}" if m.refused else ""
-    return f"model {m.serving.name} {m.serving.version}  flag >= {m.flag_pct:g}%{refused}"
+    rule = (  # when the image rule decides, the flag % is only the operator's fallback
+        f"flag P(rust) >= {m.rule_threshold:.3g} (image rule)"
+        if m.rule_threshold is not None
+        else f"flag >= {m.flag_pct:g}%"
+    )
+    return f"model {m.serving.name} {m.serving.version}  {rule}{refused}"
 
 
 def _metrics(m: MetricsMessage) -> str:

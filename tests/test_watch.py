@@ -6,12 +6,15 @@ import json
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.contract.captures import UploadNotice
+from agent.contract.messages import ModelRef, ModelStatus
+from agent.watch import describe_message
 from tests.agentproc import AgentProcess, agent_settings, write_config, write_frames
 from tests.broker import Broker
 
@@ -88,3 +91,16 @@ def test_watch_unreachable_broker_is_one_line() -> None:
     )
     assert res.returncode == 2 and res.stderr.startswith("error: broker 127.0.0.1:9")
     assert "Traceback" not in res.stderr
+
+
+def test_a_model_whose_image_rule_decides_shows_its_rule_not_the_fallback_percent() -> None:
+    ref = ModelRef(name="texture", version="1.2.0", sha256="0" * 64)
+    since = datetime(2026, 1, 1, tzinfo=UTC)
+    by_rule = ModelStatus(
+        device_id="d", serving=ref, since=since, flag_pct=5.0, rule_threshold=0.4213
+    )
+    assert describe_message("model", "d", by_rule) == (
+        "d model texture 1.2.0  flag P(rust) >= 0.421 (image rule)"
+    )
+    by_pct = by_rule.model_copy(update={"rule_threshold": None})
+    assert describe_message("model", "d", by_pct) == "d model texture 1.2.0  flag >= 5%"
