@@ -121,11 +121,17 @@ def test_feature_model_behind_analysis_long_side_is_warned_about(
     feature_model: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The frame is then resampled twice (decode or analysis size, then the pipeline's
-    working size) where training resampled once: the features drift, so the operator is told."""
-    Detector(load_model(feature_model))
+    working size) where training resampled once: the features drift, so the operator is told,
+    once, and only when a frame is larger than the analysis size."""
+    small, large = np.zeros((480, 640, 3), np.uint8), np.zeros((720, 1280, 3), np.uint8)
+    Detector(load_model(feature_model)).analyse(large)
     assert "analysis_long_side" not in caplog.text
-    Detector(load_model(feature_model), ClassifierConfig(analysis_long_side=640))
-    assert "analysis_long_side = 640 resamples frames" in caplog.text
+    limited = Detector(load_model(feature_model), ClassifierConfig(analysis_long_side=640))
+    limited.analyse(small)
+    assert "analysis_long_side" not in caplog.text
+    limited.analyse(large)
+    limited.analyse(small, frame_size=(1280, 720))  # decoded at reduced size from a larger one
+    assert caplog.text.count("analysis_long_side = 640 resamples frames") == 1
 
 
 def test_stride_is_exact_where_it_classifies(feature_model: Path) -> None:

@@ -102,7 +102,7 @@ class Detector:
         self._lock = threading.Lock()
         self._retired: list[ServingModel] = []  # swapped out, closed by the next analyse
         self._commanded: float | None = None  # set-threshold's %, until the next model
-        self._check_scale(model)
+        self._warned_scale: ServingModel | None = None  # frame loop only
 
     @classmethod
     def load(cls, manifest_path: Path, config: ClassifierConfig | None = None) -> Detector:
@@ -155,14 +155,18 @@ class Detector:
             old, self._model = self._model, model
             self._retired.append(old)
             self._commanded = None
-        self._check_scale(model)
         return old
 
-    def _check_scale(self, model: ServingModel) -> None:
+    def _check_scale(self, model: ServingModel, frame_long_side: int) -> None:
         """A feature model's pipeline scales the frame itself, as training did; a frame
-        decoded or scaled down before it is resampled twice, and its features drift."""
+        decoded or scaled down before it is resampled twice, and its features drift. Said
+        once per model, at the first frame it happens to: frames no larger are exact."""
+        limit = self.config.analysis_long_side
         spec = model.manifest.features
-        if spec is not None and self.config.analysis_long_side is not None:
+        if spec is None or limit is None or frame_long_side <= limit:
+            return
+        if self._warned_scale is not model:
+            self._warned_scale = model
             log.warning(
                 "model %s %s computes features at a %d px long side from the frame it is "
                 "given; classifier.analysis_long_side = %d resamples frames before that, so "
@@ -170,7 +174,7 @@ class Detector:
                 model.ref.name,
                 model.ref.version,
                 spec.long_side,
-                self.config.analysis_long_side,
+                limit,
             )
 
     def _close_retired(self) -> None:
@@ -189,6 +193,7 @@ class Detector:
         work = fit_long_side(image, cfg.analysis_long_side)
         height, width = work.shape[:2]
         full = frame_size or (image.shape[1], image.shape[0])
+        self._check_scale(model, max(full))
         override = self._override()  # once: a set-threshold landing mid-frame waits a frame
         rust_threshold = self._rule_threshold_of(model, override)
         classified = model.classify(work, rule=rust_threshold is not None)
