@@ -8,7 +8,8 @@ import os
 import socket
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -128,12 +129,24 @@ def _load_config(args: argparse.Namespace) -> AgentConfig:
     return AgentConfig.load(args.config, **overrides)
 
 
+@contextmanager
+def _naming(config_file: Path) -> Iterator[None]:
+    """A fault in a file the config names (TLS, public keys, state_dir) names the config too,
+    as a fault in the config itself does."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise ConfigError(f"{config_file}: {exc}") from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     config = _load_config(args)
     _setup_logging(config.log_level)
     from agent.daemon import Agent  # imports the broker and source stacks: run only
 
-    return leave(Agent(config).run())  # a fault at start propagates: main names it, exit 2
+    with _naming(args.config):
+        agent = Agent(config)
+    return leave(agent.run())  # a fault at start propagates: main names it, exit 2
 
 
 def leave(code: int) -> int:
@@ -152,15 +165,17 @@ def leave(code: int) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from agent.mqtt import tls_files
-    from agent.signing import load_public_key
+    from agent.mqtt import make_client
+    from agent.signing import trusted_keys
 
     config = _load_config(args)
-    # The files the config names fail here, not at the first connect or model update.
-    if config.mqtt.enabled and config.mqtt.tls.enabled:
-        tls_files(config.mqtt.tls)
-    for key in config.model.public_keys:
-        load_public_key(key)
+    # The files the config names fail here, not at the first connect or model update: the
+    # client is built as `run` builds it, so TLS files are parsed (a CA that is not PEM, a
+    # key that does not match its certificate), not only opened.
+    with _naming(args.config):
+        if config.mqtt.enabled:
+            make_client(config.mqtt, client_id=config.device_id)
+        trusted_keys(config.model)
     print(config.effective())
     print(f"{args.config}: OK", file=sys.stderr)
     return 0

@@ -50,7 +50,7 @@ from agent.mqtt import MqttLink, Retained
 from agent.outbox import Outbox
 from agent.pipeline import FrameLoop
 from agent.policy import Policy
-from agent.signing import keyring, load_public_key, verify_manifest
+from agent.signing import trusted_keys, verify_manifest
 from agent.sources import Source, open_source
 from agent.spool import Spool
 from agent.updater import ModelStore, Outcome, Updater
@@ -80,7 +80,7 @@ class Agent:
             probe.unlink()
         except OSError as exc:
             raise ConfigError(f"state_dir ({config.state_dir}): {exc.strerror or exc}") from None
-        self.keys = keyring(load_public_key(p) for p in config.model.public_keys)
+        self.keys = trusted_keys(config.model)
         self.store = ModelStore(config.state_dir / "models")
         self.detector = Detector(self._boot_model(), config.classifier)
         self.model_since = self.started_at

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_public_key,
 )
 
+from agent.config import ConfigError, ModelConfig
 from agent.contract import ModelManifest
 from agent.contract.manifest import Signature
 from agent.contract.registry import ChannelPointer
@@ -41,7 +42,9 @@ def load_public_key(source: Path | str) -> Ed25519PublicKey:
     where = str(source) if isinstance(source, Path) else "public key text"
     try:
         text = (source.read_text() if isinstance(source, Path) else source).strip()
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:  # strerror: the OSError's own text repeats the path
+        raise ValueError(f"{where}: cannot read public key: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
         raise ValueError(f"{where}: cannot read public key: {exc}") from exc
     if text.startswith("-----BEGIN"):
         try:
@@ -63,6 +66,19 @@ def load_public_key(source: Path | str) -> Ed25519PublicKey:
 def keyring(keys: Iterable[Ed25519PublicKey]) -> dict[str, Ed25519PublicKey]:
     """Trusted keys by key id, the mapping verify_manifest takes."""
     return {key_id(key): key for key in keys}
+
+
+def trusted_keys(config: ModelConfig) -> dict[str, Ed25519PublicKey]:
+    """The keyring of `model.public_keys`. Key files are read here, at start and by
+    check-config, not at config load (a shipped config names a key only the device has), so
+    the error names the setting beside the key."""
+    keys = []
+    for path in config.public_keys:
+        try:
+            keys.append(load_public_key(path))
+        except ValueError as exc:
+            raise ConfigError(f"model.public_keys: {exc}") from None
+    return keyring(keys)
 
 
 def verify_manifest(

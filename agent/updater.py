@@ -43,7 +43,7 @@ from agent.contract.registry import (
 from agent.durable import replace_file, sync_dir, write_synced
 from agent.engine.model import ModelError, runtime_fault
 from agent.s3 import describe_error, error_code, s3_client
-from agent.signing import keyring, load_public_key, verify_manifest, verify_pointer
+from agent.signing import trusted_keys, verify_manifest, verify_pointer
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ class Updater:
         self.load = load
         self.serving = serving
         self.report = report
-        self.keys = keyring(load_public_key(p) for p in config.public_keys)
+        self.keys = trusted_keys(config)
         self.s3 = s3_client(config.endpoint_url, config.region)
         self._etag: str | None = None
         self._missing: str | None = None  # the pointer key last found missing (warned once)

@@ -8,8 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from agent.config import AgentConfig, ConfigError, commented_defaults
+from agent.config import AgentConfig, ConfigError, ModelConfig, commented_defaults
+from agent.signing import key_id, trusted_keys
 from tests.broker import Pki
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +33,7 @@ def write(tmp_path: Path, text: str) -> Path:
         ("[mqtt.tls]\nenabled = 3\n", "mqtt.tls.enabled: Input should be a valid boolean"),
         ("[outbox]\nmax_messages = 1\n", "outbox.max_messages: Input should be greater than"),
         ("[outbox]\nmax_messages = 20\n", "outbox.max_messages (20) must exceed mqtt.inflight"),
-        ('[mqtt]\ntopic_prefix = "a/#/"\n', "mqtt.topic_prefix: String should match pattern"),
+        ('[mqtt]\ntopic_prefix = "a/#/"\n', "mqtt.topic_prefix: MQTT wildcard '#'"),
         (
             "[classifier]\nmin_region_score = 1.5\n",
             "classifier.min_region_score: Input should be less than or equal to 1",
@@ -38,7 +41,7 @@ def write(tmp_path: Path, text: str) -> Path:
         ("colour = 1\n", "colour: Extra inputs are not permitted"),
         (
             '[model]\nregistry = "s3://models/r"\n',
-            "model: Value error, registry is set and require_signature is true, but public_keys",
+            "model: registry is set and require_signature is true, but public_keys",
         ),
         ("[mqtt\n", "not valid TOML"),
     ],
@@ -49,6 +52,66 @@ def test_errors_name_file_and_field(tmp_path: Path, text: str, error: str) -> No
         AgentConfig.load(path)
     assert str(info.value).startswith(f"{path}: ")
     assert error in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "error"),
+    [
+        ("corrosion/{device}/", "unknown placeholder '{device}' (known: {device_id})"),
+        ("corrosion/{deviceid}/", "unknown placeholder '{deviceid}' (known: {device_id})"),
+        ("c/{device_id}/{site}/", "unknown placeholder '{site}' (known: {device_id})"),
+        ("corrosion/{device_id/", "unknown placeholder '{device_id/' (known: {device_id})"),
+        ("corrosion/device_id}/", "unknown placeholder '}' (known: {device_id})"),
+        ("corrosion/+/", "MQTT wildcard '+'"),
+        ("corrosion/\\u0000/", "a NUL character"),
+        ("$SYS/corrosion/", "starts with $"),
+        ("corrosion/{device_id}", "must end with /"),
+    ],
+)
+def test_topic_prefix_faults_name_the_setting(tmp_path: Path, prefix: str, error: str) -> None:
+    """Only {device_id} is replaced: `{device}` published every message to a literal topic."""
+    path = write(tmp_path, f'[mqtt]\ntopic_prefix = "{prefix}"\n')
+    with pytest.raises(ConfigError) as info:
+        AgentConfig.load(path)
+    assert str(info.value).startswith(f"{path}: mqtt.topic_prefix: {error}")
+
+
+@pytest.mark.parametrize(
+    ("prefix", "topic"),
+    [("fleet/{device_id}/rust/", "fleet/d-1/rust/"), ("plant-3/", "plant-3/"), ("/", "/")],
+)
+def test_topic_prefix_placeholder_anywhere_or_none(tmp_path: Path, prefix: str, topic: str) -> None:
+    config = AgentConfig.load(
+        write(tmp_path, f'[mqtt]\ntopic_prefix = "{prefix}"\n'), device_id="d-1"
+    )
+    assert config.topic_prefix() == topic
+
+
+def test_whole_config_errors_name_the_fields_not_root(tmp_path: Path) -> None:
+    """A check across areas printed `(root): Value error, ...`: the message names the fields."""
+    path = write(tmp_path, "[outbox]\nmax_messages = 20\n")
+    with pytest.raises(ConfigError) as info:
+        AgentConfig.load(path)
+    assert str(info.value) == (
+        f"{path}: outbox.max_messages (20) must exceed mqtt.inflight (64) "
+        "with when_full = drop_oldest"
+    )
+
+
+def test_missing_public_key_names_the_setting(tmp_path: Path) -> None:
+    """The error named the key file but not where it was configured. Config load does not
+    open keys (a shipped config names one only the device has): start and check-config do."""
+    pem = tmp_path / "registry.pub.pem"
+    key = Ed25519PrivateKey.generate().public_key()
+    pem.write_bytes(key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+    missing = tmp_path / "none.pub.pem"
+    path = write(tmp_path, f'[model]\npublic_keys = ["{pem}", "{missing}"]\n')
+    config = AgentConfig.load(path).model
+    reason = f"{missing}: cannot read public key: No such file or directory"
+    with pytest.raises(ConfigError) as info:  # run and check-config add the file: below
+        trusted_keys(config)
+    assert str(info.value) == f"model.public_keys: {reason}"
+    assert trusted_keys(ModelConfig(public_keys=(pem,))) == {key_id(key): key}
 
 
 def test_missing_file(tmp_path: Path) -> None:
@@ -189,16 +252,21 @@ def test_tls_and_state_dir_faults_name_the_setting(
         ("run", f'{model}[mqtt.tls]\nenabled = true\ncert_file = "{bogus}"\n'
          f'key_file = "{pki.client_key}"\n',
          f"mqtt.tls (cert_file {bogus}, key_file {pki.client_key}): [SSL]"),
+        ("check-config", f'[mqtt.tls]\nenabled = true\nca_file = "{bogus}"\n',
+         f"mqtt.tls (ca_file {bogus}): "),  # parsed, as run parses it: not only opened
         ("check-config", f'[model]\npublic_keys = ["{tmp_path}/none.pub.pem"]\n',
-         f"{tmp_path}/none.pub.pem: cannot read public key"),
+         f"model.public_keys: {tmp_path}/none.pub.pem: cannot read public key: No such file"),
+        ("run", model.replace("[model]\n", f'[model]\npublic_keys = ["{tmp_path}/none.pub.pem"]\n'),
+         f"model.public_keys: {tmp_path}/none.pub.pem: cannot read public key: No such file"),
         ("run", f'state_dir = "{bogus}/state"\n{model}',
          f"state_dir ({bogus}/state): Not a directory"),
     ]  # fmt: skip
     for command, text, error in cases:
+        config = write(tmp_path, text)
         res = subprocess.run(
-            [sys.executable, "-m", "agent.cli", command, "--config", str(write(tmp_path, text))]
+            [sys.executable, "-m", "agent.cli", command, "--config", str(config)]
             if command == "run"
-            else [sys.executable, "-m", "agent.cli", command, str(write(tmp_path, text))],
+            else [sys.executable, "-m", "agent.cli", command, str(config)],
             capture_output=True,
             text=True,
             check=False,
@@ -206,4 +274,4 @@ def test_tls_and_state_dir_faults_name_the_setting(
             cwd=tmp_path,  # the default state_dir is relative: keep it out of the checkout
         )
         assert res.returncode == 2 and error in res.stderr, (text, res.stderr)
-        assert "Traceback" not in res.stderr
+        assert res.stderr.startswith(f"error: {config}: ") and "Traceback" not in res.stderr

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from agent.config.areas import Area, ClassifierConfig, HealthConfig, SourceConfig, SourceKind
 from agent.config.cloud import CategoryLimits, ModelConfig, RateLimit, UploadConfig
-from agent.config.link import MqttConfig, OutboxConfig, TlsConfig
+from agent.config.link import DEVICE_ID, MqttConfig, OutboxConfig, TlsConfig
 from agent.redact import mask_uri
 
 __all__ = [
@@ -109,7 +109,7 @@ class AgentConfig(BaseModel):
             raise ConfigError(f"{where}: {_describe(exc)}") from exc
 
     def topic_prefix(self) -> str:
-        return self.mqtt.topic_prefix.replace("{device_id}", self.device_id)
+        return self.mqtt.topic_prefix.replace(DEVICE_ID, self.device_id)
 
     def effective(self) -> str:
         """The config as the agent will use it, secrets masked (SecretStr dumps as ***)."""
@@ -123,15 +123,20 @@ class ConfigError(ValueError):
 
 
 def _describe(exc: ValidationError) -> str:
-    """Like contract.describe, but names the variable a bad value came from."""
+    """Like contract.describe, but names the variable a bad value came from. Our validators'
+    own sentences go without pydantic's `Value error, `; a whole-config one (no field path)
+    names the fields it relates, so it goes bare rather than under `(root)`."""
     parts = []
     for err in exc.errors(include_url=False):
         loc = [str(p) for p in err["loc"]]
-        path = ".".join(loc) or "(root)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if not loc:
+            parts.append(msg)
+            continue
         # The longest variable covering the field: CORROSION_SOURCE__EXTENSIONS for .0 too.
         var = next((v for n in range(len(loc), 0, -1) if (v := _var(loc[:n])) in os.environ), None)
         origin = f" (from {var})" if var else ""
-        parts.append(f"{path}{origin}: {err['msg']}")
+        parts.append(f"{'.'.join(loc)}{origin}: {msg}")
     return "; ".join(parts)
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 
 from agent.config.areas import Area
+
+DEVICE_ID: Final = "{device_id}"
+"""The one placeholder `mqtt.topic_prefix` may hold: AgentConfig.topic_prefix replaces it."""
 
 
 class TlsConfig(Area):
@@ -32,8 +36,7 @@ class MqttConfig(Area):
     password: SecretStr | None = Field(default=None, description="Password (never logged)")
     tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS settings")
     topic_prefix: str = Field(
-        default="corrosion/{device_id}/",
-        pattern=r"^[^#+]*/$",
+        default=f"corrosion/{DEVICE_ID}/",
         description="Prefix of every topic; {device_id} is replaced; ends with /",
     )
     reconnect_min_s: float = Field(
@@ -51,6 +54,23 @@ class MqttConfig(Area):
     max_command_bytes: int = Field(
         default=65536, ge=64, le=1 << 24, description="Larger command payloads are refused"
     )
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _publishable_prefix(cls, value: str) -> str:
+        """A typo'd placeholder (`{device}`) published to that literal topic; the rest is
+        what MQTT forbids in a topic the agent publishes to and subscribes under."""
+        if bad := [p for p in re.findall(r"\{[^{}]*\}?|\}", value) if p != DEVICE_ID]:
+            raise ValueError(f"unknown placeholder {bad[0]!r} (known: {DEVICE_ID})")
+        if wild := [c for c in value if c in "+#"]:
+            raise ValueError(f"MQTT wildcard {wild[0]!r}: a topic to publish to cannot hold one")
+        if "\0" in value:
+            raise ValueError("a NUL character: MQTT forbids it in topics")
+        if value.startswith("$"):
+            raise ValueError("starts with $: such topics are the broker's ($SYS, $aws)")
+        if not value.endswith("/"):
+            raise ValueError("must end with /: a topic is the prefix + its name (status, ...)")
+        return value
 
 
 class OutboxConfig(Area):
