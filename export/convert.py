@@ -14,12 +14,13 @@ import json
 import os
 import shutil
 import tarfile
-import uuid
+import tempfile
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import takewhile
 from pathlib import Path, PurePosixPath
 from typing import Any, cast
 
@@ -51,6 +52,10 @@ ONNX_FILE = "model.onnx"
 TABLE_FILE = "table.npy"
 EXPORT_FILES = (ONNX_FILE, TABLE_FILE, MANIFEST_FILE)  # what `convert` owns in its --out
 SAGEMAKER_MEMBER = "xgboost-model"  # the model's name in SageMaker's model.tar.gz
+# A model member is read whole (xgboost parses bytes): a pixel model is tens of MB, twice the
+# device's default max_model_bytes is room to spare, and a wrong archive's only file (a
+# dataset, images) is refused from its header before it can take the machine's memory.
+MAX_MEMBER_BYTES = 512 << 20
 COLOURS = 1 << 24
 PARITY_TOLERANCE = 1e-5
 UNPROVEN = "xgboost/onnxruntime parity not proven (exported with --skip-parity)"
@@ -107,7 +112,8 @@ def load_booster(path: Path) -> xgb.Booster:
 def archive_member(path: Path) -> tuple[str, bytes]:
     """The model in a .tar.gz, as (`ARCHIVE!MEMBER` for messages, its bytes): the one file
     named `xgboost-model` (in any folder), else the archive's only file. Of several other
-    files, which one is the model would be a guess, so that is refused."""
+    files, which one is the model would be a guess, so that is refused, as is a member
+    larger than MAX_MEMBER_BYTES."""
     try:
         with tarfile.open(path, "r:gz") as tar:
             files = [m for m in tar.getmembers() if m.isfile()]
@@ -126,9 +132,17 @@ def archive_member(path: Path) -> tuple[str, bytes]:
                     f"{path}: {what} ({listed}{', ...' if len(candidates) > 5 else ''}); "
                     "extract the model and convert that file"
                 )
-            reader = tar.extractfile(candidates[0])
+            member = candidates[0]
+            where = f"{path}!{member.name}"
+            if member.size > MAX_MEMBER_BYTES:
+                raise ConvertError(
+                    f"{where}: {member.size} bytes, over the {MAX_MEMBER_BYTES >> 20} MiB a "
+                    "model member may have: is this the right archive? If it is, extract the "
+                    "model and convert that file"
+                )
+            reader = tar.extractfile(member)
             assert reader is not None  # a regular file
-            return f"{path}!{candidates[0].name}", reader.read()
+            return where, reader.read()
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise ConvertError(f"{path}: not a readable .tar.gz archive ({exc})") from None
 
@@ -383,39 +397,58 @@ def export_model(
     return manifest_path
 
 
+def _make_folders(out: Path, made: list[Path]) -> None:
+    """`mkdir -p out`, noting in `made` each folder it makes, outermost first, for a failed
+    export to take back."""
+    missing = list(takewhile(lambda p: not p.is_dir(), (out, *out.parents)))
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            if folder.is_dir():
+                continue  # made meanwhile, by someone else
+            what = (
+                f"a link to {os.readlink(folder)}, which is not a directory"
+                if folder.is_symlink()
+                else "exists and is not a directory"
+            )
+            raise ConvertError(f"{folder}: {what}") from None
+        except OSError as exc:
+            raise ConvertError(f"{folder}: cannot create ({exc.strerror or exc})") from None
+        made.append(folder)
+
+
 @contextmanager
 def staged(out: Path) -> Iterator[Path]:
     """A new folder to export into, whose files replace `out`'s only once the block has
     finished without an error: a failed export leaves `out` as it was.
 
-    A new `out` is the folder, made beside it, renamed. An existing one (perhaps a mount
-    point or a link to another disk, where a rename from beside it fails) is staged inside
-    itself, and the export's files replace ours
-    (EXPORT_FILES; one this export did not write, e.g. table.npy after --no-table, is
-    removed, as a stale file beside a manifest that does not pin it would mislead) and
-    anything else there is left alone. The old manifest goes first and the new one comes
-    last, so no moment shows a manifest beside files it does not describe.
+    It is staged inside `out`, made first (with its parents) when missing: that needs no
+    more right than the export itself, leaves nothing beside `out`, and no rename crosses
+    file systems even when `out` is a mount point or a link to another disk. A failed export
+    takes back the folders it made, so a new `out` is absent again. The export's files
+    replace ours (EXPORT_FILES; one this export did not write, e.g. table.npy after
+    --no-table, is removed, as a stale file beside a manifest that does not pin it would
+    mislead) and anything else there is left alone. The old manifest goes first and the new
+    one comes last, so no moment shows a manifest beside files it does not describe.
     """
-    if out.exists() and not out.is_dir():
-        raise ConvertError(f"{out}: exists and is not a directory")
-    partial = f".convert-{uuid.uuid4().hex[:12]}.partial"
-    if out.exists():
-        staging = out / partial
-    else:
-        out.absolute().parent.mkdir(parents=True, exist_ok=True)
-        staging = out.absolute().with_name(partial)
-    staging.mkdir()  # not mkdtemp: its 0700 would become the export's mode
+    made: list[Path] = []
     try:
-        yield staging
-        if not out.exists():
-            os.replace(staging, out)
-            return
-        written = {p.name for p in staging.iterdir()}
-        (out / MANIFEST_FILE).unlink(missing_ok=True)
-        for name in sorted(written - {MANIFEST_FILE}):
-            os.replace(staging / name, out / name)
-        for name in set(EXPORT_FILES) - written:
-            (out / name).unlink(missing_ok=True)
-        os.replace(staging / MANIFEST_FILE, out / MANIFEST_FILE)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        _make_folders(out, made)
+        staging = Path(tempfile.mkdtemp(prefix=".convert-", suffix=".partial", dir=out))
+        try:
+            yield staging
+            written = {p.name for p in staging.iterdir()}
+            (out / MANIFEST_FILE).unlink(missing_ok=True)
+            for name in sorted(written - {MANIFEST_FILE}):
+                os.replace(staging / name, out / name)
+            for name in set(EXPORT_FILES) - written:
+                (out / name).unlink(missing_ok=True)
+            os.replace(staging / MANIFEST_FILE, out / MANIFEST_FILE)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        for folder in reversed(made):
+            with suppress(OSError):  # not empty: someone else's files are in it now
+                folder.rmdir()
+        raise
