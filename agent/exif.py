@@ -37,10 +37,30 @@ class PhotoMeta:
     gps: Gps | None
 
 
+# exifread reads a tag's values one at a time, and follows offsets anywhere in the file: a
+# 32 KB photo with a few thousand crafted entries kept it busy for seconds, a zip of them
+# for hours. Camera EXIF takes at most ~100 reads (measured on ../shared/data's photos).
+MAX_READS: Final = 5000
+
+
+class _Budget(io.BytesIO):
+    """The photo's bytes, readable MAX_READS times: past that, the EXIF is not worth it."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self._left = MAX_READS
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        self._left -= 1
+        if self._left < 0:
+            raise OverflowError(f"EXIF takes over {MAX_READS} reads")
+        return super().read(size)
+
+
 def read_exif(data: bytes) -> PhotoMeta:
     """Parse EXIF from encoded image bytes (JPEG, TIFF, PNG, WebP)."""
     try:
-        tags = exifread.process_file(io.BytesIO(data), details=False)
+        tags = exifread.process_file(_Budget(data), details=False)
     # exifread raises anything from struct.error to IndexError on hostile EXIF.
     except Exception as exc:
         log.debug("unreadable EXIF ignored: %r", exc)

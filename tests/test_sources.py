@@ -19,8 +19,9 @@ import cv2
 import numpy as np
 import pytest
 
+import agent.exif
 from agent.config import SourceConfig, SourceKind
-from agent.exif import read_exif
+from agent.exif import PhotoMeta, read_exif
 from agent.sources import (
     Failed,
     FolderSource,
@@ -775,6 +776,33 @@ def test_garbage_exif_falls_back_to_clock_and_no_gps(
         assert frame.captured_at == datetime(2024, 5, 6, 7, 8, 9).astimezone(UTC)
     else:
         assert before <= frame.captured_at <= datetime.now(UTC)
+
+
+def test_exif_that_would_take_millions_of_reads_is_given_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """exifread reads a tag's values one at a time: 300 entries of 999 values each (a 4 KB
+    IFD, pointing at itself) kept it reading for seconds per photo, a zip of them for hours."""
+    entries = [(0xA000 + i, 5, 999, b"\0\0\0\x08") for i in range(300)]
+    hostile = with_exif(jpeg(), [TAKEN, *entries])
+    reads = 0
+    real = agent.exif.exifread.process_file
+
+    def counted(fh: Any, **kw: Any) -> Any:
+        def read(*args: Any) -> bytes:
+            nonlocal reads
+            reads += 1
+            return bytes(original(*args))
+
+        original, fh.read = fh.read, read
+        return real(fh, **kw)
+
+    monkeypatch.setattr(agent.exif.exifread, "process_file", counted)
+    assert read_exif(hostile) == PhotoMeta(None, None)
+    assert reads <= agent.exif.MAX_READS + 1
+    reads = 0
+    assert read_exif(with_exif(jpeg(), [TAKEN], SYDNEY)).gps is not None  # a camera's: read
+    assert reads < 100
 
 
 def test_photos_without_exif_do_not_spam_the_log(
