@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from pathlib import Path
 
 import cv2
@@ -132,6 +134,11 @@ def test_feature_model_behind_analysis_long_side_is_warned_about(
     limited.analyse(large)
     limited.analyse(small, frame_size=(1280, 720))  # decoded at reduced size from a larger one
     assert caplog.text.count("analysis_long_side = 640 resamples frames") == 1
+    warned = weakref.ref(limited._model)
+    limited.swap(load_model(feature_model))  # the updater's swap: the old model is freed
+    limited.analyse(small)  # closes the retired one
+    gc.collect()
+    assert warned() is None, "the warning's memory held the swapped-out model"
 
 
 def test_stride_is_exact_where_it_classifies(feature_model: Path) -> None:

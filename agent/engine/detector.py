@@ -102,7 +102,7 @@ class Detector:
         self._lock = threading.Lock()
         self._retired: list[ServingModel] = []  # swapped out, closed by the next analyse
         self._commanded: float | None = None  # set-threshold's %, until the next model
-        self._warned_scale: ServingModel | None = None  # frame loop only
+        self._warned_scale: ModelRef | None = None  # frame loop only; not the model: freed
 
     @classmethod
     def load(cls, manifest_path: Path, config: ClassifierConfig | None = None) -> Detector:
@@ -165,8 +165,8 @@ class Detector:
         spec = model.manifest.features
         if spec is None or limit is None or frame_long_side <= limit:
             return
-        if self._warned_scale is not model:
-            self._warned_scale = model
+        if self._warned_scale != model.ref:
+            self._warned_scale = model.ref
             log.warning(
                 "model %s %s computes features at a %d px long side from the frame it is "
                 "given; classifier.analysis_long_side = %d resamples frames before that, so "
