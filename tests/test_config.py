@@ -76,6 +76,16 @@ def test_topic_prefix_faults_name_the_setting(tmp_path: Path, prefix: str, error
     assert str(info.value).startswith(f"{path}: mqtt.topic_prefix: {error}")
 
 
+def test_a_topic_prefix_variable_that_is_not_utf8_is_named(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Such bytes reach Python as surrogates; paho's encode then killed the network thread."""
+    monkeypatch.setenv("CORROSION_MQTT__TOPIC_PREFIX", "plant/\udcff/")
+    with pytest.raises(ConfigError, match="not UTF-8") as info:
+        AgentConfig.load(None)
+    assert "mqtt.topic_prefix (from CORROSION_MQTT__TOPIC_PREFIX): " in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("prefix", "topic"),
     [("fleet/{device_id}/rust/", "fleet/d-1/rust/"), ("plant-3/", "plant-3/"), ("/", "/")],

@@ -66,6 +66,10 @@ class MqttConfig(Area):
             raise ValueError(f"MQTT wildcard {wild[0]!r}: a topic to publish to cannot hold one")
         if "\0" in value:
             raise ValueError("a NUL character: MQTT forbids it in topics")
+        try:  # a variable's bytes that are not UTF-8 arrive as surrogates; paho cannot send them
+            value.encode()
+        except UnicodeEncodeError:
+            raise ValueError(f"{value!r} is not UTF-8 text: MQTT topics are") from None
         if value.startswith("$"):
             raise ValueError("starts with $: such topics are the broker's ($SYS, $aws)")
         if not value.endswith("/"):
