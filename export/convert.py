@@ -435,7 +435,10 @@ def staged(out: Path) -> Iterator[Path]:
     made: list[Path] = []
     try:
         _make_folders(out, made)
-        staging = Path(tempfile.mkdtemp(prefix=".convert-", suffix=".partial", dir=out))
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=".convert-", suffix=".partial", dir=out))
+        except OSError as exc:  # its own message names the random staging name, not `out`
+            raise ConvertError(f"{out}: cannot write ({exc.strerror or exc})") from None
         try:
             yield staging
             written = {p.name for p in staging.iterdir()}

@@ -98,3 +98,20 @@ def test_an_oversized_archive_member_is_refused_before_it_is_read(
         "is this the right archive?"
     )
     assert peak < 4 << 20, f"{peak / 2**20:.0f} MiB"
+
+
+def test_an_out_that_cannot_be_written_is_named_not_the_staging_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only or immutable --out failed naming `.convert-XXXX.partial` inside it."""
+    (tmp_path / "logistic.json").write_bytes(model_bytes(tmp_path))
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def refused(**kw: object) -> str:
+        raise PermissionError(1, "Operation not permitted", f"{kw['dir']}/.convert-x.partial")
+
+    monkeypatch.setattr("export.convert.tempfile.mkdtemp", refused)
+    assert convert(tmp_path / "logistic.json", out, "--skip-parity") == 2
+    assert f"error: {out}: cannot write (Operation not permitted)" in capsys.readouterr().err
+    assert list(out.iterdir()) == []
