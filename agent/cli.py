@@ -131,11 +131,12 @@ def _load_config(args: argparse.Namespace) -> AgentConfig:
 
 @contextmanager
 def _naming(config_file: Path) -> Iterator[None]:
-    """A fault in a file the config names (TLS, public keys, state_dir) names the config too,
-    as a fault in the config itself does."""
+    """A fault in what the config names (the model, the source, TLS files, public keys,
+    state_dir; each message names its setting) names the config file too, as a fault in
+    the config itself does."""
     try:
         yield
-    except ConfigError as exc:
+    except ValueError as exc:
         raise ConfigError(f"{config_file}: {exc}") from None
 
 
@@ -176,9 +177,29 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         if config.mqtt.enabled:
             make_client(config.mqtt, client_id=config.device_id)
         trusted_keys(config.model)
+        if config.model.registry is None:  # else a stored registry version may serve instead
+            _bundled_manifest(config.model.path)
     print(config.effective())
     print(f"{args.config}: OK", file=sys.stderr)
     return 0
+
+
+def _bundled_manifest(path: Path) -> None:
+    """The model `run` would serve is there and its manifest reads (not loaded: check-config
+    stays quick, and the model's own checks run at start)."""
+    from agent.contract import ModelManifest
+    from agent.engine.model import resolve_manifest
+
+    try:
+        ModelManifest.read(resolve_manifest(path))
+    except ValueError as exc:
+        hint = (
+            ""
+            if path.is_absolute()
+            else f" (relative to {Path.cwd()}; the service resolves it in its working "
+            "directory, the state dir)"
+        )
+        raise ConfigError(f"model.path: {exc}{hint}") from None
 
 
 def cmd_health(args: argparse.Namespace) -> int:

@@ -44,14 +44,14 @@ from agent.contract.messages import (
 )
 from agent.engine.classifier import ServingModel, load_model
 from agent.engine.detector import Detector
-from agent.engine.model import resolve_manifest, runtime_fault
+from agent.engine.model import ModelError, resolve_manifest, runtime_fault
 from agent.health import FrameStats, HealthTicker, Heartbeat, SdNotify
 from agent.mqtt import MqttLink, Retained
 from agent.outbox import Outbox
 from agent.pipeline import FrameLoop
 from agent.policy import Policy
 from agent.signing import trusted_keys, verify_manifest
-from agent.sources import Source, open_source
+from agent.sources import Source, SourceError, open_source
 from agent.spool import Spool
 from agent.updater import ModelStore, Outcome, Updater
 from agent.uploader import Uploader
@@ -86,11 +86,14 @@ class Agent:
         self.model_since = self.started_at
         self.model_refused: str | None = None
         self.outbox = Outbox(config.state_dir / OUTBOX_FILE, config.outbox)
-        self.source: Source = open_source(
-            config.source,
-            state_dir=config.state_dir,
-            decode_long_side=config.classifier.analysis_long_side,
-        )
+        try:
+            self.source: Source = open_source(
+                config.source,
+                state_dir=config.state_dir,
+                decode_long_side=config.classifier.analysis_long_side,
+            )
+        except SourceError as exc:
+            raise SourceError(f"source.uri: {exc}") from None
         self.stats = FrameStats()
         self.heartbeat = Heartbeat(config.state_dir, io_since=lambda: self.source.stats.io_since)
         self.notify = SdNotify()
@@ -188,7 +191,10 @@ class Agent:
                     self.store.drop(rel)  # it failed a check (ModelError is a ValueError)
                 else:  # the device (memory short at boot) or the runtime: kept for next time
                     log.error("stored model %s not loaded now, trying an earlier one: %s", rel, exc)
-        return self._load(resolve_manifest(self.config.model.path))
+        try:
+            return self._load(resolve_manifest(self.config.model.path))
+        except ModelError as exc:  # the bundled model: the setting that named it
+            raise ModelError(f"model.path: {exc}") from None
 
     def _on_model_outcome(self, outcome: Outcome) -> None:
         if outcome.served is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -196,21 +197,22 @@ def test_flags_beat_environment_beats_file(tmp_path: Path, monkeypatch: pytest.M
     assert config.source.extensions == (".png",) and config.mqtt.tls.enabled
 
 
-def _check_config(path: Path) -> subprocess.CompletedProcess[str]:
+def _check_config(path: Path, model: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "agent.cli", "check-config", str(path)],
         capture_output=True,
         text=True,
         check=True,
+        env={**os.environ, "CORROSION_MODEL__PATH": str(model)},
     )
 
 
-def test_check_config_masks_secrets(tmp_path: Path) -> None:
+def test_check_config_masks_secrets(tmp_path: Path, logistic_model: Path) -> None:
     path = write(tmp_path, '[mqtt]\nusername = "u"\npassword = "hunter2"\n')
-    out = _check_config(path)
+    out = _check_config(path, logistic_model)
     assert "hunter2" not in out.stdout + out.stderr
     stream = write(tmp_path, '[source]\nkind = "stream"\nuri = "rtsp://cam:pw123@h/s?token=t0k"\n')
-    shown = _check_config(stream).stdout
+    shown = _check_config(stream, logistic_model).stdout
     assert "pw123" not in shown and "t0k" not in shown and "rtsp://cam:***@h/s" in shown
     assert json.loads(out.stdout)["mqtt"]["password"] == "**********"
     bad = write(tmp_path, "[mqtt]\nprot = 1\n")
@@ -242,7 +244,7 @@ def test_agent_toml_is_the_generated_defaults() -> None:
     assert defaults == AgentConfig(device_id="x")
 
 
-def test_tls_and_state_dir_faults_name_the_setting(
+def test_faults_in_what_the_config_names_name_the_setting_and_the_file(
     tmp_path: Path, logistic_model: Path, pki: Pki
 ) -> None:
     """ssl's own errors name neither the file nor the setting (FileNotFoundError without a
@@ -270,6 +272,12 @@ def test_tls_and_state_dir_faults_name_the_setting(
          f"model.public_keys: {tmp_path}/none.pub.pem: cannot read public key: No such file"),
         ("run", f'state_dir = "{bogus}/state"\n{model}',
          f"state_dir ({bogus}/state): Not a directory"),
+        ("check-config", f'[model]\npath = "{tmp_path}/nomodel"\n',
+         f"model.path: {tmp_path}/nomodel: no model manifest here"),
+        ("run", model.replace(str(logistic_model.parent), f"{tmp_path}/nomodel"),
+         f"model.path: {tmp_path}/nomodel: no model manifest here"),
+        ("run", model.replace('"folder"', '"glob"').replace("/frames", "/framez/*.jpg"),
+         f"source.uri: {tmp_path}/framez/*.jpg: matches no image files"),
     ]  # fmt: skip
     for command, text, error in cases:
         config = write(tmp_path, text)
