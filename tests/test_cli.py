@@ -494,3 +494,19 @@ def test_synth_refuses_fewer_than_one_scene(
     assert info.value.code == 2
     assert f"argument --count: must be at least 1, got {count}" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_corrosion_export_without_the_export_extra_is_one_line() -> None:
+    """A device install has the script too; it crashed with a traceback from `import onnx`."""
+    code = (
+        "import sys; sys.modules['onnx'] = None\n"  # as if the extra were not installed
+        "from export.entry import main; sys.exit(main(['--help']))"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr == (
+        "error: corrosion-export needs the cloud-side packages (onnx is missing): "
+        "pip install 'corrosion-edge[export]'\n"
+    )
