@@ -36,7 +36,8 @@ BIG: dict[str, Any] = {"objective": "binary:logistic", "num_round": 300, "max_de
 
 
 def warn(msg: str) -> None:
-    print(f"bench/classify: {msg}", file=sys.stderr, flush=True)
+    """Named after the script running (resolution.py borrows it)."""
+    print(f"bench/{Path(sys.argv[0]).stem}: {msg}", file=sys.stderr, flush=True)
 
 
 def mosaic(photos: list[np.ndarray], start: int, width: int, height: int) -> tuple[np.ndarray, int]:
