@@ -53,7 +53,7 @@ from agent.policy import Policy
 from agent.signing import trusted_keys, verify_manifest
 from agent.sources import Source, SourceError, open_source
 from agent.spool import Spool
-from agent.updater import ModelStore, Outcome, Updater
+from agent.updater import ModelStore, Outcome, RollbackError, Updater
 from agent.uploader import Uploader
 
 log = logging.getLogger(__name__)
@@ -300,19 +300,24 @@ class Agent:
         except ValueError as exc:
             raise CommandError(str(exc)) from None
 
-    def _updater(self) -> Updater:
+    def _updater(self, why: str) -> Updater:
         if self.updater is None:
-            raise CommandError("no registry to pull from (model.registry is not set)")
+            raise CommandError(f"{why} (model.registry is not set)")
         return self.updater
 
     def _cmd_pull_model(self, _: PullModelCommand) -> dict[str, Any]:
-        self._updater().pull()
+        self._updater("no registry to pull from").pull()
         serving = self.detector.model.ref
         return {"requested": True, "serving": serving.model_dump(mode="json"), "see": "model"}
 
     def _cmd_rollback(self, _: RollbackCommand) -> dict[str, Any]:
-        self._updater().rollback()
-        serving = self.detector.model.ref
+        """What can be known now is this result's error; the swap (or a refusal only it
+        finds) goes on the retained `model` topic, from the updater thread."""
+        updater = self._updater("rollback: this device takes no model updates")
+        try:
+            serving = updater.rollback()
+        except RollbackError as exc:
+            raise CommandError(str(exc)) from None
         return {"requested": True, "serving": serving.model_dump(mode="json"), "see": "model"}
 
     def _cmd_set_threshold(self, request: SetThresholdCommand) -> dict[str, Any]:

@@ -73,6 +73,10 @@ class MissingFileError(Exception):
     """A file a published version names cannot be read from the registry."""
 
 
+class RollbackError(Exception):
+    """A rollback that cannot start, as known when it is asked: the command's error."""
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What happened at a check: a new model serving, a refusal, or nothing new."""
@@ -234,7 +238,9 @@ class Updater:
         self._etag: str | None = None
         self._missing: str | None = None  # the pointer key last found missing (warned once)
         self._refused: dict[str, float] = {}  # sha256 -> monotonic time it may be tried again
-        self._rollback_from: ModelRef | None = None  # what served when rollback was asked
+        self._rollback_from: ModelRef | None = None  # what served when the pending one was asked
+        self._asked = threading.Lock()  # guards _rollback_from: one rollback at a time
+        self._changing = threading.Lock()  # held while the history and what serves change
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._rollback = threading.Event()
@@ -254,11 +260,44 @@ class Updater:
         self._refused.clear()
         self._wake.set()
 
-    def rollback(self) -> None:
-        """Go back one from the version serving now (the `rollback` command)."""
-        self._rollback_from = self.serving()
-        self._rollback.set()
+    def rollback(self) -> ModelRef:
+        """Ask to go back one from the version serving now (the `rollback` command); returns
+        that version. The swap is the updater thread's, reported as an Outcome; what can be
+        known now raises RollbackError: the agent stopping, a rollback already pending, no
+        earlier version on disk.
+
+        Called on MQTT's network thread, so it never waits for the updater thread (which may
+        be downloading for minutes). The store's state.json is replaced atomically, so it may
+        be read from here; what serves and the history are read as one under `_changing`,
+        which the updater holds from recording a version to swapping it in and pruning. If
+        it holds it now, the request is taken unchecked and the updater thread decides, as
+        `_roll_back` always has (`asked` given way to the version being swapped in)."""
+        with self._asked:
+            if self._stop.is_set():
+                raise RollbackError("rollback: the agent is stopping")
+            if self._rollback_from is not None:
+                pending = self._rollback_from
+                raise RollbackError(
+                    f"rollback: one from {pending.name} {pending.version} is already pending; "
+                    "its outcome goes to the model topic"
+                )
+            if self._changing.acquire(blocking=False):
+                try:
+                    serving = self.serving()
+                    _, earlier = self._earlier(serving)
+                finally:
+                    self._changing.release()
+                if earlier is None:
+                    raise RollbackError(
+                        f"rollback: no earlier version on disk; {serving.name} "
+                        f"{serving.version} keeps serving"
+                    )
+            else:  # a version is being swapped in right now: the updater thread decides
+                serving = self.serving()
+            self._rollback_from = serving
+            self._rollback.set()
         self._wake.set()
+        return serving
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -266,7 +305,7 @@ class Updater:
             if rollback:  # cleared only once seen: a request landing now is not lost
                 self._rollback.clear()
             try:
-                outcome = self._roll_back(self._rollback_from) if rollback else self.check()
+                outcome = self._rolled_back() if rollback else self.check()
             except (BotoCoreError, ClientError) as exc:
                 log.warning("registry %s unreachable: %s", self.url, describe_error(exc))
             except Exception:  # a bug or a full disk must not end updates for good
@@ -458,18 +497,19 @@ class Updater:
         and the disk saying so; and frees the version's folder if it was just `installed`
         (no record names it: it would hold a full disk's last room until a restart)."""
         manifest = self._manifest_of(model.ref)
-        try:
-            self.store.serve(manifest, skip=skip, drop=drop, promotion=promotion)
-        except BaseException:
-            model.close()
-            if installed:
-                shutil.rmtree(manifest.parent, ignore_errors=True)
-            raise
-        self.detector.swap(model)  # the detector closes the old one between frames
-        try:
-            self.store.prune(self.config.keep_versions)
-        except OSError as exc:  # serving is recorded; old versions go at the next update
-            log.warning("old model versions not pruned: %s", exc)
+        with self._changing:  # `rollback` reads the history and what serves as one
+            try:
+                self.store.serve(manifest, skip=skip, drop=drop, promotion=promotion)
+            except BaseException:
+                model.close()
+                if installed:
+                    shutil.rmtree(manifest.parent, ignore_errors=True)
+                raise
+            self.detector.swap(model)  # the detector closes the old one between frames
+            try:
+                self.store.prune(self.config.keep_versions)
+            except OSError as exc:  # serving is recorded; old versions go at the next update
+                log.warning("old model versions not pruned: %s", exc)
         log.info("now serving %s %s", model.ref.name, model.ref.version)
         return Outcome(served=model.ref)
 
@@ -540,6 +580,22 @@ class Updater:
         sync_dir(folder)
         return folder / MANIFEST_FILE
 
+    def _earlier(self, ref: ModelRef) -> tuple[str, str | None]:
+        """Where `ref` is in the store, and the version stored before it (None: no earlier
+        version on disk, or `ref` is not a stored version: the bundled model)."""
+        history = self.store.history()
+        rel = str(self._manifest_of(ref).relative_to(self.store.root))
+        at = history.index(rel) if rel in history else 0
+        return rel, history[at - 1] if at else None
+
+    def _rolled_back(self) -> Outcome:
+        """The pending rollback, done (or refused): another may be asked from then on."""
+        try:
+            return self._roll_back(self._rollback_from)
+        finally:
+            with self._asked:
+                self._rollback_from = None
+
     def _roll_back(self, asked: ModelRef | None = None) -> Outcome:
         """Serve the version stored before the serving one, which is skipped and freed.
         `asked`: what served when the rollback was asked. An update that was being swapped in
@@ -553,13 +609,11 @@ class Updater:
                 f"{current.name} {current.version}; {asked.version} is skipped, send rollback "
                 f"again to leave {current.version}"
             )
-        history = self.store.history()
-        rel = str(self._manifest_of(current).relative_to(self.store.root))
-        at = history.index(rel) if rel in history else 0
-        if at == 0:
+        rel, earlier = self._earlier(current)
+        if earlier is None:  # gone since it was asked (checked then, unless mid-swap)
             return Outcome(refused="rollback: no earlier version on disk")
         try:
-            model = self.load(self.store.root / history[at - 1])
+            model = self.load(self.store.root / earlier)
         except Exception as exc:
             if not (isinstance(exc, ValueError) or runtime_fault(exc)):
                 raise

@@ -15,11 +15,12 @@ import pytest
 from onnxruntime.capi.onnxruntime_pybind11_state import RuntimeException
 
 from agent.config import AgentConfig
+from agent.contract import ModelRef
 from agent.daemon import Agent
 from agent.engine import model as engine_model
 from agent.engine.classifier import ColourModel
 from agent.engine.detector import Detector
-from agent.updater import ModelStore, Outcome, Updater
+from agent.updater import ModelStore, Outcome, RollbackError, Updater
 from tests.httpcut import CutProxy
 from tests.registry_helpers import NAME, Registry, train
 from tests.test_updates import updater
@@ -129,9 +130,11 @@ def test_a_rollback_asked_mid_download_goes_back_from_what_served(
     registry.publish(train(tmp_path / "4.0.0", "4.0.0", 25).parent)
     registry.point("4.0.0", signed=True)
 
+    asked: list[object] = []
+
     def command_arrives(request: Any, **_: Any) -> None:
-        if "/4.0.0/model.onnx" in request.url and not up._rollback_from:
-            up.rollback()  # from the MQTT thread, while 4.0.0 downloads
+        if "/4.0.0/model.onnx" in request.url and not asked:
+            asked.append(up.rollback())  # from the MQTT thread, while 4.0.0 downloads
 
     up.s3.meta.events.register("before-send.s3.GetObject", command_arrives)
     up.start()
@@ -191,6 +194,64 @@ def test_a_rollback_asked_as_an_update_swaps_in_skips_what_the_operator_saw(
     outcome = up._roll_back(up._rollback_from)
     assert outcome.refused is not None and "send rollback again to leave 4.0.0" in outcome.refused
     assert detector.model.ref.version == "4.0.0" and up.store.skipped() == {"3.0.0"}
+
+
+def test_a_rollback_that_cannot_start_is_refused_when_asked(
+    tmp_path: Path, registry: Registry, logistic_model: Path
+) -> None:
+    """With no earlier version on disk the request was taken, and only the retained `model`
+    topic said `refused`: the command's own result read ok. What can be known when it is
+    asked is refused then, and nothing is left pending; the swap stays the updater's."""
+    detector = Detector(ColourModel.load(logistic_model))
+    up = updater(registry, tmp_path, detector)
+    for serving in ("1.0.0", "2.0.0"):  # the bundled model; the first version installed
+        if serving != "1.0.0":
+            publish(registry, up, tmp_path, serving)
+        with pytest.raises(RollbackError) as refused:
+            up.rollback()
+        assert str(refused.value) == (
+            f"rollback: no earlier version on disk; {NAME} {serving} keeps serving"
+        )
+        assert not up._rollback.is_set() and up._rollback_from is None
+    publish(registry, up, tmp_path, "3.0.0")
+    assert up.rollback().version == "3.0.0"  # taken: the swap is the updater thread's
+    with pytest.raises(RollbackError, match=f"one from {NAME} 3.0.0 is already pending"):
+        up.rollback()  # one request, not two steps back: said, not silently merged
+    outcome = up._rolled_back()  # what the updater thread does with it
+    assert outcome.served is not None and outcome.served.version == "2.0.0"
+    with pytest.raises(RollbackError, match=f"no earlier version on disk; {NAME} 2.0.0"):
+        up.rollback()  # 2.0.0 is the oldest on disk now; nothing pending any more
+    up.start()
+    up.stop()
+    with pytest.raises(RollbackError, match="the agent is stopping"):
+        up.rollback()
+
+
+def test_a_rollback_asked_mid_swap_is_left_to_the_updater_thread(
+    tmp_path: Path, registry: Registry, logistic_model: Path
+) -> None:
+    """The check reads the history and what serves as one: while the updater holds them (an
+    update recorded, not swapped in yet) the request is neither refused nor waited on (MQTT's
+    network thread must not wait), and the updater thread answers on `model`."""
+    detector = Detector(ColourModel.load(logistic_model))
+    up = updater(registry, tmp_path, detector)
+    registry.publish(train(tmp_path / "2.0.0", "2.0.0", 40).parent)
+    registry.point("2.0.0", signed=True)
+    real = up.store.serve
+    asked: list[tuple[ModelRef, float]] = []
+
+    def serve(manifest: Path, **kwargs: Any) -> None:
+        real(manifest, **kwargs)  # 2.0.0 recorded; the bundled 1.0.0 still serves
+        started = time.monotonic()
+        asked.append((up.rollback(), time.monotonic() - started))  # from the MQTT thread
+
+    up.store.serve = serve  # type: ignore[method-assign]
+    assert up.check().served is not None
+    ((ref, took),) = asked
+    assert ref.version == "1.0.0" and took < 0.5  # taken unchecked, not refused, no wait
+    outcome = up._rolled_back()
+    assert outcome.refused is not None and "had already given way to" in outcome.refused
+    assert detector.model.ref.version == "2.0.0" and up._rollback_from is None
 
 
 def test_a_disk_full_after_the_load_leaves_nothing_behind(
