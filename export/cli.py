@@ -39,7 +39,7 @@ from export.convert import (
 )
 from export.datasets import DatasetError, build
 from export.synthetic import generate
-from export.train import fit, hyperparameters
+from export.train import FOLDER_METRICS, fit, hyperparameters, metrics_path
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -90,12 +90,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def provenance(model: Path) -> Provenance:
-    """What `train` or `sagemaker train` recorded of this model in the metrics.json beside
-    it. A record written for another model in the same folder (its `model` field names a
-    different file) is not this one's: it is left out, with a warning. A record without the
-    field (`sagemaker train` wrote none before) is taken."""
+    """What `train` or `sagemaker train` recorded of this model: its metrics_path, else the
+    folder's metrics.json that earlier versions wrote for whichever model was trained last.
+    A record written for another model (its `model` field names a different file) is not
+    this one's: it is left out, with a warning. A record without the field (`sagemaker
+    train` wrote none before) is taken."""
     trainer = f"corrosion-export {__version__}"
-    record_file = model.with_name("metrics.json")
+    record_file = metrics_path(model)
+    if not record_file.is_file():
+        record_file = model.with_name(FOLDER_METRICS)
     if not record_file.is_file():
         return Provenance(trainer=trainer)
     try:

@@ -62,6 +62,7 @@ UNPROVEN = "xgboost/onnxruntime parity not proven (exported with --skip-parity)"
 GOLDEN_COUNT = 128
 GOLDEN_MARGIN = 1e-4
 CHUNK = 1 << 20
+HEAD_BYTES = 32  # of a file that is no model, shown so that the user sees what it is
 
 
 class ConvertError(ValueError):
@@ -102,11 +103,21 @@ def load_booster(path: Path) -> xgb.Booster:
             raise ConvertError(f"{path}: cannot read the model: {exc.strerror or exc}") from None
     try:
         return legacy.booster(data)  # JSON, UBJ, or what xgboost >= 3.1 no longer reads
+    except legacy.NotAModelError as exc:  # a CSV, a training record: show what it is instead
+        raise ConvertError(f"{where}: not an XGBoost model ({exc}; {_head(data)})") from exc
     except legacy.LegacyFormatError as exc:
         raise ConvertError(
             f"{where}: cannot read this model ({str(exc).strip().splitlines()[0]}); if an older "
             "xgboost wrote it, load it there and save_model('model.json') to migrate"
         ) from exc
+
+
+def _head(data: bytes) -> str:
+    """The first bytes, escaped as Python writes bytes: text stays readable, binary exact."""
+    if not data:
+        return "it is empty"
+    more = "..." if len(data) > HEAD_BYTES else ""
+    return f"it starts with {str(data[:HEAD_BYTES])[1:]}{more}"
 
 
 def archive_member(path: Path) -> tuple[str, bytes]:

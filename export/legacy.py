@@ -7,9 +7,10 @@ The binary format is a fixed little-endian C layout written through dmlc-core st
 xgboost's JSON model schema, which current xgboost reads, so no old library is needed. Each
 tree's structure is checked first: xgboost trusts it, and a bad index crashes the process. A
 pickle is opened by an unpickler that builds nothing but a Booster's state from byte strings,
-so an untrusted file can neither run code nor allocate without bound. tests/test_legacy.py
-proves predictions equal to those of the xgboost versions that wrote its fixtures (0.90,
-1.0.2 and 1.7.6).
+so an untrusted file can neither run code nor allocate without bound. Bytes in none of
+these forms (a CSV, another JSON document, another object's pickle) raise NotAModelError,
+not counts read from them as if they were a header. tests/test_legacy.py proves predictions
+equal to those of the xgboost versions that wrote its fixtures (0.90, 1.0.2 and 1.7.6).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import io
 import json
 import math
 import pickle
+import re
 import struct
 import warnings
 from collections.abc import Callable
@@ -43,10 +45,21 @@ MAX_STRING = 1 << 20
 MAX_COUNT = 1 << 24
 MAX_CLASSES = 1 << 10  # prediction allocates rows x classes: a hostile count must not
 MAX_FEATURES = 1 << 20
+# What every binary model's header holds, whatever its counts: bytes without it are no model,
+# and counts read from them would be made up (a CSV read as a header gives 875637808 classes).
+OBJECTIVE_NAME = re.compile(r"[a-z_]+:[a-z_]+")  # binary:logistic, reg:linear, rank:ndcg...
+BOOSTERS = ("gbtree", "gblinear", "dart")
+LAST_BINARY_MAJOR = 3  # the major versions that had the binary format (3.1 dropped it)
+EXPECTED = "expected JSON, UBJ, the legacy binary or a pickled Booster"
 
 
 class LegacyFormatError(ValueError):
     """An old model that cannot be read; the message says what is wrong with it."""
+
+
+class NotAModelError(LegacyFormatError):
+    """Bytes that are no XGBoost model in any form read here (another JSON document, another
+    object's pickle, a CSV): advice on migrating an old model would mislead."""
 
 
 def is_pickle(data: bytes) -> bool:
@@ -62,17 +75,23 @@ def booster(data: bytes) -> xgb.Booster:
     if is_pickle(data):
         return _either("as a pickle", lambda: _from_snapshot(_unpickle(data)), data)
     if data.startswith(b"{"):
-        return _either("as JSON/UBJSON", lambda: _xgboost(data, snapshot=False), data)
-    return _from_snapshot(data)
+        return _either("as JSON/UBJSON", lambda: _document(data), data)
+    if data.startswith(SNAPSHOT_HEADER) or _binary_header(data):
+        return _from_snapshot(data)
+    raise NotAModelError(EXPECTED)
 
 
 def _either(first: str, attempt: Callable[[], xgb.Booster], data: bytes) -> xgb.Booster:
     """A pre-1.0 binary model starts with its base score, whose first byte can look like a
-    pickle or JSON: when reading it `first` way fails, it is read as binary, and an error
-    names both attempts."""
+    pickle or JSON: when reading it `first` way fails and it starts as a binary model does,
+    it is read as binary, and an error names both attempts."""
     try:
         return attempt()
     except LegacyFormatError as exc:
+        if not _binary_header(data):  # what the file looked like is all it can be
+            if isinstance(exc, NotAModelError):
+                raise
+            raise LegacyFormatError(f"{first}: {exc}") from None
         try:
             return _binary(data)
         except LegacyFormatError as binary:
@@ -92,6 +111,47 @@ def _xgboost(data: bytes, *, snapshot: bool) -> xgb.Booster:
     except xgb.core.XGBoostError as exc:
         raise LegacyFormatError(_first(exc)) from exc
     return out
+
+
+def _document(data: bytes) -> xgb.Booster:
+    """A JSON/UBJSON model. JSON without a `learner` is another document (a training record,
+    a manifest), which xgboost answers with a cast error that says nothing of the kind."""
+    try:
+        return _xgboost(data, snapshot=False)
+    except LegacyFormatError:
+        if _other_json(data):
+            raise NotAModelError("JSON without the `learner` an XGBoost model holds") from None
+        raise
+
+
+def _other_json(data: bytes) -> bool:
+    """JSON that parses but is no model document."""
+    try:
+        document = json.loads(data)
+    except ValueError:  # UBJSON, or broken JSON: only xgboost can say what is wrong
+        return False
+    return not (isinstance(document, dict) and "learner" in document)
+
+
+def _binary_header(data: bytes) -> bool:
+    """Whether `data` starts as a binary model does: learner parameters with 0/1 flags and a
+    version xgboost had, then an objective and a booster name. Counts are left out: a model
+    whose class count is damaged is still one, and its error says so."""
+    r = _Reader(data)
+    if data.startswith(BINARY_HEADER):
+        r.take(len(BINARY_HEADER), "header")
+    try:
+        _, _, _, extra, eval_metrics, major, *_ = r.unpack(LEARNER_PARAM, "the parameters")
+        objective, gbm = r.string("the objective name"), r.string("the booster name")
+    except LegacyFormatError:
+        return False
+    return (
+        extra in (0, 1)
+        and eval_metrics in (0, 1)
+        and major <= LAST_BINARY_MAJOR
+        and OBJECTIVE_NAME.fullmatch(objective) is not None
+        and gbm in BOOSTERS
+    )
 
 
 def _from_snapshot(raw: bytes) -> xgb.Booster:
@@ -340,7 +400,9 @@ class _Unpickler(pickle.Unpickler):
         }
         if (module, name) in allowed:
             return allowed[(module, name)]
-        raise LegacyFormatError(f"the pickle asks for {module}.{name}, not an xgboost Booster")
+        # xgboost's other classes (a pickled XGBClassifier) are models to migrate; others not
+        error = LegacyFormatError if module.partition(".")[0] == "xgboost" else NotAModelError
+        raise error(f"the pickle asks for {module}.{name}, not an xgboost Booster")
 
 
 def _unpickle(data: bytes) -> bytes:
@@ -351,8 +413,10 @@ def _unpickle(data: bytes) -> bytes:
         raise
     except Exception as exc:  # a corrupt pickle can fail in many ways; all mean the same
         raise LegacyFormatError(f"unreadable pickle ({type(exc).__name__}: {exc})") from None
-    state = getattr(obj, "state", None) if isinstance(obj, _State) else None
+    if not isinstance(obj, _State):
+        raise NotAModelError("the pickle holds no xgboost Booster")
+    state = getattr(obj, "state", None)
     handle = state.get("handle") if isinstance(state, dict) else None
     if not isinstance(handle, bytes | bytearray) or not handle:
-        raise LegacyFormatError("the pickle holds no xgboost Booster")
+        raise LegacyFormatError("the pickled xgboost Booster holds no model bytes")
     return bytes(handle)

@@ -23,6 +23,7 @@ from agent.contract import RegistryUrl
 from agent.engine.model import sha256_file
 from agent.s3 import RETRIES, error_code
 from export.registry import TRANSFER, aws_errors
+from export.train import metrics_path
 
 DEFAULT_VERSION = "1.7-1"
 VERSIONS = ("1.0-1", "1.2-1", "1.2-2", "1.3-1", "1.5-1", "1.7-1", "2.1-0")
@@ -225,7 +226,8 @@ def _why(described: Mapping[str, Any]) -> str:
 def write_record(
     described: Mapping[str, Any], params: Mapping[str, Any], train: str, model: Path
 ) -> None:
-    """metrics.json beside the model, the record `convert` copies into the manifest."""
+    """The model's metrics_path (model.tar.gz.metrics.json), the record `convert` copies into
+    the manifest."""
     metrics = {m["MetricName"]: m["Value"] for m in described.get("FinalMetricDataList", [])}
     record = {
         "model": model.name,
@@ -234,7 +236,7 @@ def write_record(
         "training_data_sha256": None if train.startswith("s3://") else sha256_file(Path(train)),
         "training_job": described.get("TrainingJobArn"),
     }
-    model.with_name("metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    metrics_path(model).write_text(json.dumps(record, indent=2) + "\n")
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,8 @@ AWS_PAYLOAD: dict[str, Any] = {
     "colsample_bytree": 0.9,
 }
 MODEL_SUFFIXES = (".json", ".ubj")  # XGBoost's own formats: stable across versions, convertible
+METRICS_SUFFIX = ".metrics.json"  # NAME.metrics.json: the training record of NAME.json
+FOLDER_METRICS = "metrics.json"  # the one record per folder that earlier versions wrote
 _COMMA, _NEWLINE = ord(","), ord("\n")
 _NOT_USED = re.compile(r"Parameters: \{(.*?)\} are not used")
 
@@ -163,7 +165,7 @@ def hyperparameters(
 
 def check_used(params: Mapping[str, Any]) -> None:
     """Refuse keys XGBoost would ignore: a misspelt `max_dept=4` trained with the default
-    depth and was recorded in metrics.json and the manifest as if it had been used.
+    depth and was recorded in the metrics and the manifest as if it had been used.
 
     XGBoost itself says which parameters it does not use (unknown, or meaningless with the
     objective and booster given), when a booster is configured; a round of nothing on two
@@ -287,10 +289,19 @@ def train(
     return Trained(booster, dict(params), metrics(vy, positive_score(booster, vx)), best)
 
 
+def metrics_path(model: Path) -> Path:
+    """The training record beside `model`, one per model so that a second model trained into
+    the folder leaves the first one's alone: model.json -> model.metrics.json, rgb.ubj ->
+    rgb.ubj.metrics.json, model.tar.gz -> model.tar.gz.metrics.json."""
+    return model.with_name(model.name.removesuffix(".json") + METRICS_SUFFIX)
+
+
 def model_path(out: Path) -> Path:
-    """--out is a .json/.ubj model file (metrics.json is written beside it) or a directory
-    that gets model.json; pickles and the legacy binary format are refused."""
-    if out.suffix.lower() in MODEL_SUFFIXES and out.name != "metrics.json":
+    """--out is a .json/.ubj model file (its metrics_path is written beside it) or a directory
+    that gets model.json; pickles, the legacy binary format and a record's name are refused."""
+    if out.name == FOLDER_METRICS or out.name.endswith(METRICS_SUFFIX):
+        raise ValueError(f"{out}: a training record's name, not a model's")
+    if out.suffix.lower() in MODEL_SUFFIXES:
         return out
     if not out.suffix or out.is_dir():
         return out / "model.json"
@@ -319,7 +330,8 @@ def fit(
     threads: int = 0,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """The `train` command: read, train, save the model and metrics.json; returns the record."""
+    """The `train` command: read, train, save the model and its metrics_path; returns the
+    record."""
     model_file = model_path(out)
     train_csv, validation, manifest = _inputs(source, validation)
     print("hyperparameters: " + json.dumps(dict(params)), file=sys.stderr)
@@ -376,7 +388,7 @@ def fit(
     }
     model_file.parent.mkdir(parents=True, exist_ok=True)
     trained.booster.save_model(str(model_file))
-    (model_file.parent / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    metrics_path(model_file).write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 

@@ -21,8 +21,8 @@ import pytest
 import xgboost as xgb
 
 from agent.cli import main as agent_main
-from agent.contract import DetectionMessage, ModelManifest
-from agent.engine.model import verify_file
+from agent.contract import DetectionMessage, ModelManifest, Provenance
+from agent.engine.model import sha256_file, verify_file
 from export.cli import main as export_main
 from export.convert import ConvertError, load_booster
 from export.synthetic import make_scene
@@ -211,7 +211,8 @@ def test_train_then_convert_softmax_with_full_parity(
         export_main(["train", str(csv_path), "--out", str(tmp_path / "t"), "--num-round", "15"])
         == 0
     )
-    assert json.loads((tmp_path / "t" / "metrics.json").read_text())["metrics"]["accuracy"] > 0.8
+    record = json.loads((tmp_path / "t" / "model.metrics.json").read_text())
+    assert record["metrics"]["accuracy"] > 0.8
     capsys.readouterr()
     code = export_main(
         ["convert", str(tmp_path / "t" / "model.json"), "--out", str(tmp_path / "m"),
@@ -237,11 +238,20 @@ def test_bad_csv_names_file_and_row(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "bad.csv: row 2 has class 7" in err
 
 
-def test_unreadable_booster_says_how_to_migrate(tmp_path: Path) -> None:
-    bogus = tmp_path / "xgboost-model"
-    bogus.write_bytes(b"\x00binf legacy format")
-    with pytest.raises(ConvertError, match="save_model"):
-        load_booster(bogus)
+def test_a_csv_given_as_the_model_is_named_not_counted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Read as a binary model's header, a CSV gave `875637808 classes of 959523888
+    features: unreadable` and advice on migrating an old model."""
+    data = tmp_path / "train.csv"
+    data.write_text("0,12,34,56\n1,200,80,60\n" * 50)
+    args = ["convert", str(data), "--out", str(tmp_path / "m"), "--name", "m"]
+    assert export_main([*args, "--version", "1.0.0"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {data}: not an XGBoost model (expected JSON, UBJ, the legacy binary or a "
+        "pickled Booster; it starts with '0,12,34,56\\n1,200,80,60\\n0,12,34,5'...)\n"
+    )
+    assert not (tmp_path / "m").exists()
 
 
 def tarball(path: Path, members: dict[str, bytes]) -> Path:
@@ -271,7 +281,11 @@ def test_sagemaker_tarball_is_read(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("members", "message"),
     [
-        ({"garbage.json": b"garbage!"}, "model.tar.gz!garbage.json: cannot read this model ("),
+        (
+            {"garbage.json": b"garbage!"},
+            "model.tar.gz!garbage.json: not an XGBoost model (expected JSON, UBJ, the legacy "
+            "binary or a pickled Booster; it starts with 'garbage!')",
+        ),
         (
             {"a.json": b"{}", "b.json": b"{}"},
             "model.tar.gz: no xgboost-model but 2 files (a.json, b.json); extract the model",
@@ -374,28 +388,52 @@ def _train(csv_path: Path, out: Path, rounds: int, seed: int) -> None:
     assert export_main([*args, "--objective", "binary:logistic"]) == 0
 
 
-def test_convert_takes_only_its_own_training_record(
+def _convert_record(model: Path, out: Path) -> Provenance:
+    args = ["convert", str(model), "--out", str(out), "--name", "m", "--version", "1.0.0"]
+    assert export_main([*args, "--skip-parity"]) == 0
+    return ModelManifest.read(out / "manifest.json").provenance
+
+
+def test_two_models_trained_into_one_folder_keep_their_own_records(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Two models trained into one folder share its metrics.json, which describes the
-    second: the first one's manifest must not claim that run's data and settings."""
-    _train(tmp_path / "a.csv", tmp_path / "two" / "a.json", 3, 1)
-    _train(tmp_path / "b.csv", tmp_path / "two" / "b.json", 4, 2)
-    for model, out in (("a.json", "ma"), ("b.json", "mb")):
-        code = export_main(
-            ["convert", str(tmp_path / "two" / model), "--out", str(tmp_path / out),
-             "--name", "m", "--version", "1.0.0", "--skip-parity"]
-        )  # fmt: skip
-        assert code == 0
-    assert "describes 'b.json', not a.json" in capsys.readouterr().err
-    first = ModelManifest.read(tmp_path / "ma" / "manifest.json").provenance
-    second = ModelManifest.read(tmp_path / "mb" / "manifest.json").provenance
-    assert first.training_data_sha256 is None and first.hyperparameters == {}
-    assert second.hyperparameters["num_round"] == 4
-    (tmp_path / "two" / "metrics.json").write_text("{not json")
-    args = ["convert", str(tmp_path / "two" / "b.json"), "--out", str(tmp_path / "mc")]
+    """They shared one metrics.json, which described the second: the first one's metrics
+    were lost at train time, and its convert warned that the manifest got none."""
+    two = tmp_path / "two"
+    _train(tmp_path / "a.csv", two / "model.json", 3, 1)
+    _train(tmp_path / "b.csv", two / "bin.json", 4, 2)
+    assert sorted(p.name for p in two.iterdir()) == [
+        "bin.json", "bin.metrics.json", "model.json", "model.metrics.json"
+    ]  # fmt: skip
+    capsys.readouterr()
+    first = _convert_record(two / "model.json", tmp_path / "ma")
+    second = _convert_record(two / "bin.json", tmp_path / "mb")
+    assert "describes" not in capsys.readouterr().err  # each record is its model's
+    assert (first.hyperparameters["num_round"], second.hyperparameters["num_round"]) == (3, 4)
+    assert first.training_data_sha256 == sha256_file(tmp_path / "a.csv")
+    assert second.training_data_sha256 == sha256_file(tmp_path / "b.csv")
+    (two / "bin.metrics.json").write_text("{not json")
+    args = ["convert", str(two / "bin.json"), "--out", str(tmp_path / "mc")]
     assert export_main([*args, "--name", "m", "--version", "1.0.0"]) == 2
-    assert "metrics.json: not a training record" in capsys.readouterr().err
+    assert f"{two / 'bin.metrics.json'}: not a training record" in capsys.readouterr().err
+
+
+def test_a_folder_metrics_json_of_earlier_versions_is_still_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Earlier versions wrote one metrics.json per folder: it is the record of the model it
+    names, and of no other."""
+    old = tmp_path / "old"
+    _train(tmp_path / "a.csv", old / "a.json", 3, 1)
+    _train(tmp_path / "b.csv", old / "b.json", 4, 2)
+    (old / "b.metrics.json").rename(old / "metrics.json")
+    (old / "a.metrics.json").unlink()
+    capsys.readouterr()
+    first = _convert_record(old / "a.json", tmp_path / "ma")
+    assert "describes 'b.json', not a.json: the manifest gets no" in capsys.readouterr().err
+    assert first.training_data_sha256 is None and first.hyperparameters == {}
+    second = _convert_record(old / "b.json", tmp_path / "mb")
+    assert second.hyperparameters["num_round"] == 4
 
 
 @pytest.mark.parametrize(

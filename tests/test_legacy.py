@@ -18,6 +18,7 @@ from export.convert import ConvertError, load_booster
 from tests.conftest import LEGACY_MODELS
 
 VERSIONS = ("0.90", "1.0.2", "1.7.6")
+EXPECTED = "expected JSON, UBJ, the legacy binary or a pickled Booster"
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -117,8 +118,8 @@ def test_a_huge_class_count_is_refused_before_any_allocation(tmp_path: Path) -> 
     model[4 + 8 : 4 + 12] = (10**9).to_bytes(4, "little")  # num_class
     bad = tmp_path / "model.bin"
     bad.write_bytes(bytes(model))
-    with pytest.raises(ConvertError, match="1000000000 classes of 3 features"):
-        load_booster(bad)
+    with pytest.raises(ConvertError, match=r"1000000000 classes of 3 features.*save_model"):
+        load_booster(bad)  # the rest of its header is a model's: it is one, damaged
 
 
 @pytest.mark.parametrize(
@@ -138,7 +139,7 @@ def test_a_pickle_cannot_make_memory(tmp_path: Path, body: bytes) -> None:
 def test_a_booster_pickle_with_a_strange_state_is_named(tmp_path: Path) -> None:
     bad = tmp_path / "xgboost-model"
     bad.write_bytes(b"\x80\x04cxgboost.core\nBooster\n)\x81]b.")  # Booster(), state [ ]
-    with pytest.raises(ConvertError, match="holds no xgboost Booster"):
+    with pytest.raises(ConvertError, match="the pickled xgboost Booster holds no model bytes"):
         load_booster(bad)
 
 
@@ -158,3 +159,36 @@ def test_an_old_binary_that_looks_like_a_pickle_or_json_still_reads(
         xgb.DMatrix(expected["colours"].astype(np.float32)), output_margin=True
     )
     np.testing.assert_allclose(got, expected["softmax_margin"] + (base - 0.5), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("data", "what"),
+    [
+        (b"0,12,34,56\n1,200,80,60\n" * 20, f"{EXPECTED}; it starts with '0,12,34,56\\n"),
+        (np.random.default_rng(0).bytes(4096), EXPECTED),
+        (b"binf" + bytes(200), EXPECTED),  # a header, but no objective, no booster name
+        (b"", f"{EXPECTED}; it is empty"),
+        (b'{"model": "model.json", "metrics": {}}', "JSON without the `learner`"),
+        (pickle.dumps(np.zeros(3)), "the pickle asks for numpy"),
+        (pickle.dumps({"handle": b"x"}), "the pickle holds no xgboost Booster"),
+    ],
+    ids=["csv", "random", "binf-zeros", "empty", "training-record", "numpy-pickle", "dict-pickle"],
+)
+def test_bytes_that_are_no_model_are_called_so(tmp_path: Path, data: bytes, what: str) -> None:
+    """Read as a binary model's header, a CSV gave `875637808 classes of 959523888
+    features` and garbage `-1765028909 classes`, with advice on migrating an old model."""
+    path = tmp_path / "xgboost-model"
+    path.write_bytes(data)
+    with pytest.raises(ConvertError) as caught:
+        load_booster(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: not an XGBoost model ("), message
+    assert what in message and "classes" not in message and "save_model" not in message
+
+
+def test_a_pickled_xgboost_estimator_is_a_model_to_migrate(tmp_path: Path) -> None:
+    """Not a Booster, but an XGBoost model all the same: its xgboost can save it as JSON."""
+    path = tmp_path / "xgboost-model"
+    path.write_bytes(b"\x80\x04cxgboost.sklearn\nXGBClassifier\n)\x81.")
+    with pytest.raises(ConvertError, match=r"cannot read this model \(as a pickle: .*XGBClass"):
+        load_booster(path)

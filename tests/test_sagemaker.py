@@ -164,7 +164,7 @@ def test_train_uploads_waits_downloads_and_converts(
         "train": f"s3://{s3_bucket}/work/jobs/{job}/train.csv",
         "validation": f"s3://{s3_bucket}/work/jobs/{job}/validation.csv",
     }
-    record = json.loads((out / "metrics.json").read_text())
+    record = json.loads((out / "model.tar.gz.metrics.json").read_text())
     assert record["hyperparameters"]["num_round"] == 5
     assert record["training_job"].endswith(f"training-job/{job}")
 

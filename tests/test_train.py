@@ -1,4 +1,4 @@
-"""`corrosion-export train`: the AWS payload locally, early stopping, metrics.json, CSV reading."""
+"""`corrosion-export train`: the AWS payload locally, early stopping, metrics, CSV reading."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def test_aws_payload_is_the_default_and_printed(
     err = capsys.readouterr().err
     printed = next(line for line in err.splitlines() if line.startswith("hyperparameters: "))
     assert json.loads(printed.removeprefix("hyperparameters: ")) == AWS_PAYLOAD
-    assert metrics_of(out / "metrics.json")["hyperparameters"] == AWS_PAYLOAD
+    assert metrics_of(out / "model.metrics.json")["hyperparameters"] == AWS_PAYLOAD
     learner = booster_config(out / "model.json")
     assert learner["objective"]["name"] == "multi:softmax"  # type: ignore[index]
     assert learner["learner_model_param"]["num_class"] == "2"  # type: ignore[index]
@@ -81,7 +81,7 @@ def test_metrics_json_fields(
     args = ["train", str(train_csv), "--validation", str(valid_csv), "--out", str(out)]
     assert export_main(args) == 0
     assert "early stopping: best iteration" in capsys.readouterr().err
-    record = metrics_of(out.with_name("metrics.json"))
+    record = metrics_of(out.with_name("rgb.ubj.metrics.json"))
     m = record["metrics"]
     assert isinstance(m, dict)
     assert set(m) == {"accuracy", "precision", "recall", "f1", "auc", "tp", "fp", "fn", "tn"}
@@ -107,7 +107,7 @@ def test_dataset_directory_is_read_and_cited(tmp_path: Path) -> None:
     data = tmp_path / "data"
     assert export_main(["dataset", "--masks", str(tmp_path / "m"), "--out", str(data)]) == 0
     assert export_main(["train", str(data), "--out", str(tmp_path / "model")]) == 0
-    record = metrics_of(tmp_path / "model" / "metrics.json")
+    record = metrics_of(tmp_path / "model" / "model.metrics.json")
     assert record["evaluated_on"] == "validation"
     digest = hashlib.sha256((data / "dataset.json").read_bytes()).hexdigest()
     assert record["dataset_json_sha256"] == digest
@@ -120,7 +120,7 @@ def test_binary_logistic_gives_probabilities(
     out = tmp_path / "m"
     args = ["train", str(train_csv), "--validation", str(valid_csv), "--out", str(out)]
     assert export_main([*args, "--objective", "binary:logistic"]) == 0
-    record = metrics_of(out / "metrics.json")
+    record = metrics_of(out / "model.metrics.json")
     assert "num_class" not in record["hyperparameters"]  # type: ignore[operator]
     booster = xgb.Booster(model_file=str(out / "model.json"))
     score = booster.inplace_predict(rust_pixels(500, 3)[0])
@@ -134,7 +134,7 @@ def test_set_overrides_any_hyperparameter(
     out = tmp_path / "m"
     sets = ["--set", "max_depth=2", "--set", "eta=0.5", "--set", "num_round=7"]
     assert export_main(["train", str(csvs[0]), "--out", str(out), *sets]) == 0
-    record = metrics_of(out / "metrics.json")
+    record = metrics_of(out / "model.metrics.json")
     assert record["hyperparameters"] == {**AWS_PAYLOAD, "max_depth": 2, "eta": 0.5, "num_round": 7}
     assert record["evaluated_on"].startswith("train")  # type: ignore[attr-defined]
     assert xgb.Booster(model_file=str(out / "model.json")).num_boosted_rounds() == 7
@@ -170,13 +170,25 @@ def test_rounds_below_one_are_refused(
     assert not (tmp_path / "m").exists()
 
 
-@pytest.mark.parametrize("name", ["model.pkl", "model.bin", "metrics.json"])
-def test_other_model_suffixes_are_refused(
-    tmp_path: Path, csvs: tuple[Path, Path], capsys: pytest.CaptureFixture[str], name: str
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("model.pkl", "save the model as .json or .ubj"),
+        ("model.bin", "save the model as .json or .ubj"),
+        ("metrics.json", "a training record's name, not a model's"),
+        ("model.metrics.json", "a training record's name, not a model's"),  # model.json's
+    ],
+)
+def test_other_model_suffixes_and_record_names_are_refused(
+    tmp_path: Path,
+    csvs: tuple[Path, Path],
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    message: str,
 ) -> None:
     out = tmp_path / name
     assert export_main(["train", str(csvs[0]), "--out", str(out)]) == 2
-    assert f"{out}: save the model as .json or .ubj" in capsys.readouterr().err
+    assert f"{out}: {message}" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -245,7 +257,7 @@ def test_set_refuses_keys_xgboost_would_ignore_and_other_class_counts(
     sets: list[str],
     message: str,
 ) -> None:
-    """A misspelt key trained with the default and was recorded in metrics.json (and the
+    """A misspelt key trained with the default and was recorded in its metrics (and the
     manifest) as if it had been used; num_class=3 trained a model convert cannot serve."""
     args = [arg for pair in sets for arg in ("--set", pair)]
     assert export_main(["train", str(csvs[0]), "--out", str(tmp_path / "m"), *args]) == 2
@@ -272,7 +284,7 @@ def test_one_class_validation_turns_early_stopping_off(
     warning = f"{valid}: no {missing} rows: early stopping is off and the metrics describe one "
     err = capsys.readouterr().err
     assert f"warning: {warning}" in err and "early stopping: best iteration" not in err
-    record = metrics_of(out / "metrics.json")
+    record = metrics_of(out / "model.metrics.json")
     assert record["boosted_rounds"] == 30 and record["early_stopping_rounds"] is None
     assert [w.startswith(warning) for w in record["warnings"]] == [True]  # type: ignore[union-attr]
 
@@ -285,5 +297,5 @@ def test_synth_voc_scenes_make_a_dataset_that_trains(tmp_path: Path) -> None:
     args = ["dataset", "--voc", str(tmp_path / "s"), "--label", "rust=1", "--out", str(data)]
     assert export_main(args) == 0
     assert export_main(["train", str(data), "--out", str(model), "--num-round", "5"]) == 0
-    record = metrics_of(model / "metrics.json")
+    record = metrics_of(model / "model.metrics.json")
     assert record["evaluated_on"] == "validation" and record["warnings"] == []
