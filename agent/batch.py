@@ -8,20 +8,24 @@ whether anything was refused.
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import cv2
 
 from agent import imageio
 from agent.archive import Entry, Refused
-from agent.contract import DetectionMessage
+from agent.contract import DetectionMessage, Gps
+from agent.durable import replace_file
 from agent.engine.detector import Analysis, Detector
 from agent.engine.overlay import render
 from agent.exif import PhotoMeta, read_exif
 
+MAP_FILE = "results.geojson"  # the geotagged photos, beside results.csv
 CSV_FIELDS = (
     "file",
     "corrosion_pct",
@@ -103,6 +107,7 @@ def run_batch(
         where = exc.filename or out_dir
         raise ValueError(f"{where}: cannot write the results: {exc.strerror or exc}") from None
     summary = Summary()
+    places: list[dict[str, Any]] = []
     with results as fh:
         writer = csv.writer(fh)
         writer.writerow(CSV_FIELDS)
@@ -121,7 +126,10 @@ def run_batch(
                         summary.unwritten.append(str(exc))
                         if on_unwritten:
                             on_unwritten(str(exc))
-                    writer.writerow(_row(item.name, analysis, read_exif(item.data)))
+                    meta = read_exif(item.data)
+                    writer.writerow(_row(item.name, analysis, meta))
+                    if meta.gps is not None:
+                        places.append(_feature(item.name, analysis, meta, meta.gps))
                     summary.analysed += 1
                     summary.flagged += analysis.flagged
                     if on_result:
@@ -130,7 +138,37 @@ def run_batch(
             summary.refused.append(reason)
             if on_refused:
                 on_refused(reason)
+    try:
+        _write_map(out_dir / MAP_FILE, places)
+    except OSError as exc:  # as an overlay: results.csv holds every row either way
+        summary.unwritten.append(f"{out_dir / MAP_FILE}: cannot write the map ({exc.strerror})")
+        if on_unwritten:
+            on_unwritten(summary.unwritten[-1])
     return summary
+
+
+def _feature(name: str, a: Analysis, meta: PhotoMeta, gps: Gps) -> dict[str, Any]:
+    """A GeoJSON point (RFC 7946: longitude first; altitude when the photo has one)."""
+    where = [gps.lon, gps.lat] if gps.alt is None else [gps.lon, gps.lat, gps.alt]
+    return {
+        "type": "Feature",
+        "geometry": {"type": "Point", "coordinates": where},
+        "properties": {
+            "file": name,
+            "corrosion_pct": round(a.corrosion_pct, 4),
+            "flagged": a.flagged,
+            "rust_probability": a.rust_probability,
+            "regions": len(a.regions),
+            "taken_at": meta.taken_at.isoformat() if meta.taken_at else None,
+        },
+    }
+
+
+def _write_map(path: Path, features: list[dict[str, Any]]) -> None:
+    """The geotagged photos as GeoJSON, for a GIS or a web map of where the rust is; whole or
+    not at all."""
+    collection = {"type": "FeatureCollection", "features": features}
+    replace_file(path, json.dumps(collection, indent=1).encode())
 
 
 def _row(name: str, a: Analysis, meta: PhotoMeta) -> list[str]:

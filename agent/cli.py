@@ -87,7 +87,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from agent.archive import iter_inputs
-    from agent.batch import run_batch
+    from agent.batch import MAP_FILE, run_batch
 
     detector = _detector(args)
     try:
@@ -99,15 +99,15 @@ def cmd_batch(args: argparse.Namespace) -> int:
             args.out,
             on_result=lambda name, a: print(_line(name, a), flush=True),
             on_refused=lambda reason: tqdm.write(f"refused: {reason}", file=sys.stderr),
-            on_unwritten=lambda why: tqdm.write(f"overlay not written: {why}", file=sys.stderr),
+            on_unwritten=lambda why: tqdm.write(f"not written: {why}", file=sys.stderr),
         )
     except ValueError as exc:  # not a folder or zip at all
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(
         f"{summary.analysed} analysed, {summary.flagged} flagged, {len(summary.refused)} refused, "
-        f"{len(summary.unwritten)} overlay(s) not written; "
-        f"results in {args.out / 'results.csv'}",
+        f"{len(summary.unwritten)} output file(s) not written; "
+        f"results in {args.out / 'results.csv'} (geotagged photos: {args.out / MAP_FILE})",
         file=sys.stderr,
     )
     return 0 if summary.ok else 1

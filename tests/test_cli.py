@@ -97,8 +97,8 @@ def test_batch_overlays_never_collide_and_one_unwritable_costs_only_itself(
     code = agent_main(["batch", str(frames), "--model", str(logistic_model), "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 1, err
-    assert "overlay not written: " in err and "b.jpg.overlay.jpg" in err
-    assert "3 analysed" in err and "1 overlay(s) not written" in err
+    assert "not written: " in err and "b.jpg.overlay.jpg" in err
+    assert "3 analysed" in err and "1 output file(s) not written" in err
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert sorted(r["file"] for r in rows) == ["a.jpg", "a.png", "b.jpg"]
     jpg, from_png = out / "overlays" / "a.jpg.overlay.jpg", out / "overlays" / "a.png.overlay.jpg"
@@ -175,6 +175,25 @@ def test_detect_and_batch_date_and_place_photos_by_their_exif(
     assert float(rows["DJI_0001.jpg"]["lon"]) == pytest.approx(151.21, abs=1e-2)
     assert float(rows["DJI_0001.jpg"]["alt"]) == pytest.approx(-58.5)
     assert [rows["plain.jpg"][k] for k in ("taken_at", "lat", "lon", "alt")] == ["", "", "", ""]
+    (place,) = json.loads((out / "results.geojson").read_text())["features"]  # GPS only
+    lon, lat, alt = place["geometry"]["coordinates"]
+    assert (lon, lat, alt) == pytest.approx((151.21, -33.865, -58.5), abs=1e-2)
+    assert place["properties"]["file"] == "DJI_0001.jpg"
+    assert place["properties"]["corrosion_pct"] == float(rows["DJI_0001.jpg"]["corrosion_pct"])
+    assert place["properties"]["taken_at"] == "2024-05-06T05:08:09+00:00"
+
+
+def test_a_map_that_cannot_be_written_costs_only_itself(
+    logistic_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    frames, out = tmp_path / "frames", tmp_path / "o"
+    frames.mkdir()
+    (frames / "a.jpg").write_bytes(with_exif(scene_jpeg(24), [TAKEN], SYDNEY))
+    (out / "results.geojson").mkdir(parents=True)  # in the way
+    code = agent_main(["batch", str(frames), "--model", str(logistic_model), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and f"not written: {out}/results.geojson: cannot write the map" in err
+    assert [r["file"] for r in csv.DictReader((out / "results.csv").open())] == ["a.jpg"]
 
 
 def test_bad_model_path_is_a_clear_error(
