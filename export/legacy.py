@@ -47,7 +47,8 @@ MAX_CLASSES = 1 << 10  # prediction allocates rows x classes: a hostile count mu
 MAX_FEATURES = 1 << 20
 # What every binary model's header holds, whatever its counts: bytes without it are no model,
 # and counts read from them would be made up (a CSV read as a header gives 875637808 classes).
-OBJECTIVE_NAME = re.compile(r"[a-z_]+:[a-z_]+")  # binary:logistic, reg:linear, rank:ndcg...
+OBJECTIVE_NAME = re.compile(r"(?:gpu:)?[a-z_]+:[a-z_]+")  # binary:logistic, rank:ndcg...
+GPU = "gpu:"  # 0.7x-0.90 objectives run on a GPU (gpu:binary:logistic): the same maths
 BOOSTERS = ("gbtree", "gblinear", "dart")
 LAST_BINARY_MAJOR = 3  # the major versions that had the binary format (3.1 dropped it)
 EXPECTED = "expected JSON, UBJ, the legacy binary or a pickled Booster"
@@ -227,6 +228,7 @@ def to_json(data: bytes) -> dict[str, Any]:
     if not 0 <= num_class <= MAX_CLASSES or not 0 < num_feature <= MAX_FEATURES:
         raise LegacyFormatError(f"{num_class} classes of {num_feature} features: unreadable")
     objective, gbm = r.string("the objective name"), r.string("the booster name")
+    objective = objective.removeprefix(GPU)
     if gbm != "gbtree":
         raise LegacyFormatError(f"booster {gbm!r}: only gbtree models hold pixel classifiers")
     ensemble = r.unpack(GBTREE_PARAM, "the tree ensemble parameters")

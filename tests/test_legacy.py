@@ -36,6 +36,24 @@ def test_old_models_predict_as_they_did(version: str, form: str) -> None:
     np.testing.assert_allclose(logistic.predict(probe), expected["logistic_probability"], atol=1e-6)
 
 
+def test_a_gpu_objective_of_xgboost_0_90_reads_as_its_cpu_twin(tmp_path: Path) -> None:
+    """0.7x-0.90 saved `gpu:binary:logistic` for models trained on a GPU: the same model,
+    which the header check called no XGBoost model at all."""
+    folder = LEGACY_MODELS / "xgboost-0.90"
+    data = (folder / "logistic.bin").read_bytes()
+    at = (4 if data.startswith(b"binf") else 0) + 136  # the objective, after the parameters
+    size = int.from_bytes(data[at : at + 8], "little")
+    assert data[at + 8 : at + 8 + size] == b"binary:logistic"
+    gpu = b"gpu:binary:logistic"
+    model = tmp_path / "gpu.bin"
+    model.write_bytes(data[:at] + len(gpu).to_bytes(8, "little") + gpu + data[at + 8 + size :])
+    expected = np.load(folder / "expected.npz")
+    probe = xgb.DMatrix(expected["colours"].astype(np.float32))
+    booster = load_booster(model)
+    assert json_objective(booster) == "binary:logistic"
+    np.testing.assert_allclose(booster.predict(probe), expected["logistic_probability"], atol=1e-6)
+
+
 def json_objective(booster: xgb.Booster) -> str:
     return str(json.loads(booster.save_config())["learner"]["objective"]["name"])
 
