@@ -185,21 +185,23 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _bundled_manifest(path: Path) -> None:
-    """The model `run` would serve is there and its manifest reads (not loaded: check-config
-    stays quick, and the model's own checks run at start)."""
+    """A bundled model that is there must have a manifest that reads (not loaded: check-config
+    stays quick, and the model's own checks run at start). One that is not there is only a
+    warning: the model is often installed after the config (docs/DEPLOY.md), and a relative
+    path is resolved where the service starts (its state dir), not in this shell."""
     from agent.contract import ModelManifest
-    from agent.engine.model import resolve_manifest
+    from agent.engine.model import ModelError, resolve_manifest
 
     try:
-        ModelManifest.read(resolve_manifest(path))
+        manifest = resolve_manifest(path)
+    except ModelError as exc:
+        where = "" if path.is_absolute() else f" (looked for relative to {Path.cwd()})"
+        print(f"warning: model.path: {exc}{where}: run needs it there", file=sys.stderr)
+        return
+    try:
+        ModelManifest.read(manifest)
     except ValueError as exc:
-        hint = (
-            ""
-            if path.is_absolute()
-            else f" (relative to {Path.cwd()}; the service resolves it in its working "
-            "directory, the state dir)"
-        )
-        raise ConfigError(f"model.path: {exc}{hint}") from None
+        raise ConfigError(f"model.path: {exc}") from None
 
 
 def cmd_health(args: argparse.Namespace) -> int:

@@ -193,7 +193,7 @@ class Agent:
                     log.error("stored model %s not loaded now, trying an earlier one: %s", rel, exc)
         try:
             return self._load(resolve_manifest(self.config.model.path))
-        except ModelError as exc:  # the bundled model: the setting that named it
+        except ValueError as exc:  # the bundled model's checks, its manifest's: the setting
             raise ModelError(f"model.path: {exc}") from None
 
     def _on_model_outcome(self, outcome: Outcome) -> None:

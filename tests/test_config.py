@@ -225,6 +225,16 @@ def test_check_config_masks_secrets(tmp_path: Path, logistic_model: Path) -> Non
     assert res.returncode == 2 and "mqtt.prot" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_check_config_warns_of_a_bundled_model_not_installed_yet(tmp_path: Path) -> None:
+    """DEPLOY checks the config before the model is copied into the state dir, where the
+    service resolves a relative model.path: not there from this shell is no error."""
+    res = _check_config(write(tmp_path, "[mqtt]\nenabled = false\n"), Path("not-here"))
+    assert "warning: model.path: not-here: no model manifest here (looked for relative to " in (
+        res.stderr
+    )
+    assert res.stderr.endswith(": OK\n")
+
+
 def test_shipped_configs_are_valid() -> None:
     files = sorted((ROOT / "config").glob("*.toml"))
     assert {f.name for f in files} >= {
@@ -272,13 +282,19 @@ def test_faults_in_what_the_config_names_name_the_setting_and_the_file(
          f"model.public_keys: {tmp_path}/none.pub.pem: cannot read public key: No such file"),
         ("run", f'state_dir = "{bogus}/state"\n{model}',
          f"state_dir ({bogus}/state): Not a directory"),
-        ("check-config", f'[model]\npath = "{tmp_path}/nomodel"\n',
-         f"model.path: {tmp_path}/nomodel: no model manifest here"),
+        ("check-config", f'[model]\npath = "{bogus}"\n',
+         f"model.path: {bogus}: invalid manifest: "),
         ("run", model.replace(str(logistic_model.parent), f"{tmp_path}/nomodel"),
          f"model.path: {tmp_path}/nomodel: no model manifest here"),
         ("run", model.replace('"folder"', '"glob"').replace("/frames", "/framez/*.jpg"),
          f"source.uri: {tmp_path}/framez/*.jpg: matches no image files"),
+        ("run", model.replace(str(logistic_model.parent), str(bogus)),
+         f"model.path: {bogus}: invalid manifest: "),
+        ("run", f'state_dir = "{tmp_path}/st"\n{model}',
+         f"state_dir: cannot open the seen-files record {tmp_path}/st/seen-files.sqlite: "),
     ]  # fmt: skip
+    (tmp_path / "st").mkdir()
+    (tmp_path / "st" / "seen-files.sqlite").write_text("not a database, nor the source's fault")
     for command, text, error in cases:
         config = write(tmp_path, text)
         res = subprocess.run(

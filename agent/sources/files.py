@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Final
 
 from agent import imageio
-from agent.config import SourceConfig
+from agent.config import ConfigError, SourceConfig
 from agent.sources.base import Failed, Frame, Pacer, Source, SourceError
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,10 @@ class FolderSource(Source):
             self._walked: dict[str, int] = {}  # folder -> mtime_ns, at the last quiet walk
             self._walked_at = -float("inf")
         except (OSError, sqlite3.Error) as exc:
-            raise SourceError(f"{config.uri}: cannot open the record {record}: {exc}") from exc
+            # the state dir's fault, not the source's: named as a config setting
+            raise ConfigError(
+                f"state_dir: cannot open the seen-files record {record}: {exc}"
+            ) from exc
 
     def frames(self, stop: threading.Event) -> Iterator[Frame | Failed]:
         self.stats.state = "open"
