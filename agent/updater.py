@@ -306,13 +306,12 @@ class Updater:
                 self._rollback.clear()
             try:
                 outcome = self._rolled_back() if rollback else self.check()
+                if outcome.served or outcome.refused:
+                    self.report(outcome)
             except (BotoCoreError, ClientError) as exc:
                 log.warning("registry %s unreachable: %s", self.url, describe_error(exc))
             except Exception:  # a bug or a full disk must not end updates for good
                 log.exception("model update failed; the current model keeps serving")
-            else:
-                if outcome.served or outcome.refused:
-                    self.report(outcome)
             self._wake.wait(self.config.poll_s)
             self._wake.clear()
 

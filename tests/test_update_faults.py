@@ -347,3 +347,31 @@ def test_the_store_frees_folders_no_record_names(tmp_path: Path) -> None:
     (root / "state.json").write_text(json.dumps({"history": [f"{NAME}/2.0.0/manifest.json"]}))
     ModelStore(root)
     assert kept.is_dir() and not orphan.exists()
+
+
+def test_a_report_that_raises_ends_neither_the_updater_nor_its_rollbacks(
+    tmp_path: Path, registry: Registry, logistic_model: Path
+) -> None:
+    """The report ran outside the loop's handlers: one raising ended the updater thread, and
+    every rollback after it was accepted and never done, then refused as pending forever."""
+    detector = Detector(ColourModel.load(logistic_model))
+    up = updater(registry, tmp_path, detector, poll_s=0.2)
+    publish(registry, up, tmp_path, "2.0.0", "3.0.0", "4.0.0")
+
+    def report(outcome: Outcome) -> None:
+        raise RuntimeError("the link raised")
+
+    up.report = report
+    up.start()
+    try:
+        for version in ("3.0.0", "2.0.0"):
+            up.rollback()
+            deadline = time.monotonic() + 10
+            while detector.model.ref.version != version and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert detector.model.ref.version == version
+            while up._rollback_from is not None and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        up.stop()
+        detector.close()
