@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Callable, Iterable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -106,6 +107,8 @@ def run_batch(
     except OSError as exc:  # one line naming what is in the way, as for any bad argument
         where = exc.filename or out_dir
         raise ValueError(f"{where}: cannot write the results: {exc.strerror or exc}") from None
+    with suppress(OSError):  # an earlier run's map beside this run's rows; in the way: below
+        (out_dir / MAP_FILE).unlink(missing_ok=True)
     summary = Summary()
     places: list[dict[str, Any]] = []
     with results as fh:
@@ -148,12 +151,13 @@ def run_batch(
 
 
 def _feature(name: str, a: Analysis, meta: PhotoMeta, gps: Gps) -> dict[str, Any]:
-    """A GeoJSON point (RFC 7946: longitude first; altitude when the photo has one)."""
-    where = [gps.lon, gps.lat] if gps.alt is None else [gps.lon, gps.lat, gps.alt]
+    """A GeoJSON point (RFC 7946: longitude first). EXIF altitude is above sea level, where a
+    third coordinate would be above the WGS 84 ellipsoid (up to ~100 m apart): a property."""
     return {
         "type": "Feature",
-        "geometry": {"type": "Point", "coordinates": where},
+        "geometry": {"type": "Point", "coordinates": [gps.lon, gps.lat]},
         "properties": {
+            "altitude_msl_m": gps.alt,
             "file": name,
             "corrosion_pct": round(a.corrosion_pct, 4),
             "flagged": a.flagged,

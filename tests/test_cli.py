@@ -20,8 +20,11 @@ import numpy as np
 import pytest
 import xgboost as xgb
 
+from agent.archive import iter_inputs
+from agent.batch import run_batch
 from agent.cli import main as agent_main
 from agent.contract import DetectionMessage, ModelManifest, Provenance
+from agent.engine.detector import Detector
 from agent.engine.model import sha256_file, verify_file
 from export.cli import main as export_main
 from export.convert import ConvertError, load_booster
@@ -175,12 +178,21 @@ def test_detect_and_batch_date_and_place_photos_by_their_exif(
     assert float(rows["DJI_0001.jpg"]["lon"]) == pytest.approx(151.21, abs=1e-2)
     assert float(rows["DJI_0001.jpg"]["alt"]) == pytest.approx(-58.5)
     assert [rows["plain.jpg"][k] for k in ("taken_at", "lat", "lon", "alt")] == ["", "", "", ""]
+
     (place,) = json.loads((out / "results.geojson").read_text())["features"]  # GPS only
-    lon, lat, alt = place["geometry"]["coordinates"]
-    assert (lon, lat, alt) == pytest.approx((151.21, -33.865, -58.5), abs=1e-2)
+    lon, lat = place["geometry"]["coordinates"]  # RFC 7946's order; altitude is above sea level:
+    assert (lon, lat) == pytest.approx((151.21, -33.865), abs=1e-3)  # not the ellipsoid's
+    assert place["properties"]["altitude_msl_m"] == pytest.approx(-58.5)
     assert place["properties"]["file"] == "DJI_0001.jpg"
     assert place["properties"]["corrosion_pct"] == float(rows["DJI_0001.jpg"]["corrosion_pct"])
     assert place["properties"]["taken_at"] == "2024-05-06T05:08:09+00:00"
+
+    def interrupt(name: str, _: object) -> None:
+        raise KeyboardInterrupt  # Ctrl-C during the next run
+
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(Detector.load(logistic_model), iter_inputs(photos), out, on_result=interrupt)
+    assert not (out / "results.geojson").exists(), "the last run's map beside this run's rows"
 
 
 def test_a_map_that_cannot_be_written_costs_only_itself(
