@@ -39,8 +39,10 @@ class PhotoMeta:
 
 # exifread reads a tag's values one at a time, and follows offsets anywhere in the file: a
 # 32 KB photo with a few thousand crafted entries kept it busy for seconds, a zip of them
-# for hours. Camera EXIF takes at most ~100 reads (measured on ../shared/data's photos).
-MAX_READS: Final = 5000
+# for hours. Camera EXIF takes at most ~100 reads (measured on ../shared/data's photos), a
+# one-page TIFF with 999 strips ~2,100 (multispectral drone cameras write TIFF); this many
+# cost ~40 ms at worst.
+MAX_READS: Final = 20000
 
 
 class _Budget(io.BytesIO):
