@@ -64,6 +64,23 @@ UPLOAD_DRAIN_S = 60.0  # ... and for S3 to take the captures (while it is reacha
 STOP_BUDGET_S = 7.0  # SIGTERM to exit, after the source has stopped (systemd allows 15)
 
 
+def _flush_within(uploader: Uploader, budget: float | None) -> None:
+    """The hour's manifests go up at stop (between flushes they lag by up to
+    `manifest_every_s`); on a signal only within `budget`, since a slow S3 must not break
+    the stop's time limit: what is left goes up at the next start (uploaded whole, so a PUT
+    cut short replaces nothing)."""
+    if budget is None:
+        uploader.flush()
+        return
+    flusher = threading.Thread(target=uploader.flush, name="manifest-flush", daemon=True)
+    flusher.start()
+    flusher.join(budget)
+    if flusher.is_alive():
+        log.warning(
+            "capture manifests not uploaded within %.1f s; they go up at the next start", budget
+        )
+
+
 class Agent:
     """One daemon run. Construct, then `run()`; `stop()` may come from any thread."""
 
@@ -409,8 +426,8 @@ class Agent:
                 )
                 self._wait(lambda: uploader.draining, UPLOAD_DRAIN_S)
                 deadline = time.monotonic() + STOP_BUDGET_S
-            if uploader.stop(left(2.0)) and draining():
-                uploader.flush()  # on a signal the manifests wait for the next start
+            if uploader.stop(left(2.0)):
+                _flush_within(uploader, None if draining() else left(2.0))
             if self.spool.depth:
                 log.warning(
                     "%d capture(s) (%s) wait in the spool %s; they go up at the next start",

@@ -3,16 +3,19 @@
 Per capture: the image, then the mask, then the sidecar (its presence marks a complete
 capture), each with an S3 checksum and metadata, through boto3's managed transfer
 (multipart above `multipart_mb`, botocore's standard retry mode underneath). Then a
-notice on `uploads` and a line in the hour's JSON Lines manifest, re-uploaded whole while
-the hour's captures come in. When S3 cannot be reached the uploader waits with full-jitter
-backoff up to `retry_max_s` and the captures wait on disk. Multipart uploads left
-unfinished by a killed agent are aborted at start; the capture is then sent again whole.
+notice on `uploads` and a line in the hour's JSON Lines manifest, re-uploaded whole every
+`manifest_every_s` while the hour's captures come in (re-uploaded after each capture, an
+hour's manifests grew with the square of its captures: 529 MB for 1,500, bench/soak.py).
+When S3 cannot be reached the uploader waits with full-jitter backoff up to `retry_max_s`
+and the captures wait on disk. Multipart uploads left unfinished by a killed agent are
+aborted at start; the capture is then sent again whole.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -47,7 +50,6 @@ from agent.spool import Spool, Spooled
 
 log = logging.getLogger(__name__)
 
-MANIFEST_EVERY_S = 30.0
 # What S3 or the link can answer an upload with: boto3 wraps an error reply to upload_file
 # in S3UploadFailedError, which is neither a ClientError nor a BotoCoreError.
 S3_ERRORS = (BotoCoreError, ClientError, S3UploadFailedError, OSError)
@@ -150,7 +152,7 @@ class Uploader:
         self.manifests.mkdir(exist_ok=True)
         self._dirty: set[Path] = set(self.manifests.glob("*.jsonl"))
         self._frame_ids: dict[Path, set[str]] = {}  # of each hour's file, once read
-        self._manifest_at = 0.0
+        self._manifest_at = -math.inf  # a start uploads what an earlier run left dirty
         self.reachable = True
         self._outage = False  # no answer, or one about the bucket, since the last it took
         self._stop = threading.Event()
@@ -182,7 +184,7 @@ class Uploader:
             try:
                 capture = self.spool.next()
                 talked = capture is not None and self._upload(capture)  # did S3 answer?
-                if time.monotonic() - self._manifest_at > MANIFEST_EVERY_S or capture is None:
+                if time.monotonic() - self._manifest_at >= self.config.manifest_every_s:
                     talked = self._flush_manifests() or talked
             except FileNotFoundError as exc:  # evicted or cleaned away under us: not S3's fault
                 log.warning("capture file gone during upload: %s", exc.filename)

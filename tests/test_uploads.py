@@ -346,6 +346,66 @@ def test_sigterm_cuts_a_finished_runs_upload_drain_short(
     assert "SIGTERM: stopping" in agent.text() and "stopped: 3 frames" in agent.text()
 
 
+def test_the_hours_manifest_goes_up_every_manifest_every_s_not_after_each_capture(
+    tmp_path: Path, logistic_model: Path, broker: Broker, target: S3, *,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Whenever the spool ran empty (a device keeping up: after each capture) the whole
+    hour's manifest and its Batch Transform twin went up again: 529 MB of re-uploads for an
+    hour's 1,500 captures (bench/soak.py), on a drone's cellular link."""
+    from agent.config import UploadConfig
+    from agent.contract.messages import Topics
+    from agent.outbox import Outbox
+    from agent.spool import Spool
+    from agent.uploader import Uploader
+
+    names = write_frames(tmp_path / "frames", 8)
+    proxy = Proxy(target.port)
+    proxy.cut()  # the agent only spools
+    settings = agent_settings(
+        tmp_path, logistic_model, broker.port, tmp_path / "frames", device="hourly-dev",
+        upload=upload_settings(target.bucket, proxy.url),
+    )  # fmt: skip
+    try:
+        first = AgentProcess(write_config(tmp_path / "a.toml", settings), "--exit-when-done")
+        assert first.wait(60) == 0, first.text()
+    finally:
+        proxy.close()
+    state = tmp_path / "state"
+    spool = Spool(state / "spool", 1 << 30)
+    real_next, real_put = Spool.next, Uploader._put
+    turns = iter(range(1 << 20))
+    puts: list[str] = []
+
+    def keeping_up(self: Spool) -> Any:  # one capture, then an empty spool, as in the field
+        return real_next(self) if next(turns) % 2 == 0 else None
+
+    def put(self: Uploader, path: Path, key: str, *args: Any) -> None:
+        puts.append(key)
+        real_put(self, path, key, *args)
+
+    monkeypatch.setattr(Spool, "next", keeping_up)
+    monkeypatch.setattr(Uploader, "_put", put)
+    config = UploadConfig(**upload_settings(target.bucket, f"http://127.0.0.1:{target.port}"))
+    outbox = Outbox(state / "outbox.sqlite")
+    uploader = Uploader(
+        config, device_id="hourly-dev", spool=spool, outbox=outbox, topics=Topics("c/h/")
+    )
+    uploader.start()
+    try:
+        assert wait(lambda: len(keys(target.client, target.bucket, ".json")) == len(names), 30)
+    finally:
+        assert uploader.stop(5)
+    uploader.flush()  # as the daemon does at stop
+    # with the first capture (so what an earlier run left waits no longer), then at stop
+    assert sum(k.endswith(".jsonl") for k in puts) == 2, puts
+    (key,) = keys(target.client, target.bucket, ".jsonl")
+    body = target.client.get_object(Bucket=target.bucket, Key=key)["Body"].read()
+    assert len(body.splitlines()) == len(names)
+    spool.close()
+    outbox.close()
+
+
 def test_manifest_lines_survive_a_missing_newline_and_a_newer_schema(tmp_path: Path) -> None:
     """A complete last line cut before its newline once merged with the next append (both
     then dropped), and a line this version cannot validate was thrown away, here and on S3."""

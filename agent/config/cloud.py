@@ -138,6 +138,12 @@ class UploadConfig(Area):
     retry_max_s: float = Field(
         default=300.0, gt=0.0, le=86400.0, description="Longest wait before retrying S3"
     )
+    manifest_every_s: float = Field(
+        default=300.0,
+        ge=1.0,
+        le=3600.0,
+        description="The hour's capture manifests go up whole at most this often (and at stop)",
+    )
     upload_mask: bool = Field(default=True, description="Upload the corroded mask as PNG")
     jpeg_quality: int = Field(
         default=92, ge=50, le=100, description="JPEG quality of camera frames (encoded once)"
