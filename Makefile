@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO := demo
 DATA ?= ../shared/data
 
-PHONY_EXTRA := run-batch config bench-daemon bench-updates bench-folder docker-test
+PHONY_EXTRA := run-batch config bench-daemon bench-updates bench-folder bench-soak docker-test
 .PHONY: $(PHONY_EXTRA) run test lint bench bench-classify bench-resolution demo schemas system-deps clean
 .PHONY: model evaluate bench-features
 
@@ -83,6 +83,11 @@ bench-updates: $(STAMP) demo
 ## CPU per rescan of a watched folder full of analysed photos: ours against the os.walk scan.
 bench-folder: $(STAMP)
 	PYTHONPATH=. $(PY) bench/folder.py
+
+## Ten minutes of the daemon as a process on a live folder (15 1080p JPEGs/s, MQTT, S3 uploads):
+## RSS, fds, threads and state files sampled every 10 s; growth per hour after a warm-up.
+bench-soak: $(STAMP) system-deps demo
+	PYTHONPATH=. $(PY) bench/soak.py --data $(DATA)
 
 ## Corrosion % error and decode time of reduced-size JPEG decoding on the real photos.
 bench-resolution: $(STAMP)
