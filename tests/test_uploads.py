@@ -21,7 +21,12 @@ import cv2
 import numpy as np
 import pytest
 
+from agent.config import UploadConfig
 from agent.contract.captures import CaptureSidecar, ManifestLine, UploadNotice
+from agent.contract.messages import Topics
+from agent.outbox import Outbox
+from agent.spool import Spool
+from agent.uploader import Uploader
 from tests.agentproc import AgentProcess, Subscriber, agent_settings, write_config, write_frames
 from tests.broker import Broker
 from tests.netproxy import Proxy
@@ -78,6 +83,33 @@ def spool_files(spool: Path) -> int:
             with contextlib.suppress(FileNotFoundError):  # uploaded or evicted meanwhile
                 total += path.stat().st_size
     return total
+
+
+def spooled_offline(
+    tmp: Path, model: Path, broker: Broker, target: S3, *, device: str, frames: int
+) -> Spool:
+    """A finished run whose S3 was unreachable throughout: every capture waits in the spool."""
+    write_frames(tmp / "frames", frames)
+    proxy = Proxy(target.port)
+    proxy.cut()
+    settings = agent_settings(
+        tmp, model, broker.port, tmp / "frames", device=device,
+        upload=upload_settings(target.bucket, proxy.url),
+    )  # fmt: skip
+    try:
+        first = AgentProcess(write_config(tmp / "a.toml", settings), "--exit-when-done")
+        assert first.wait(60) == 0, first.text()
+    finally:
+        proxy.close()
+    return Spool(tmp / "state" / "spool", 1 << 30)
+
+
+def direct_uploader(state: Path, spool: Spool, target: S3, device: str) -> tuple[Uploader, Outbox]:
+    """An uploader in this process (so a test can wrap its methods) on S3 direct."""
+    config = UploadConfig(**upload_settings(target.bucket, f"http://127.0.0.1:{target.port}"))
+    outbox = Outbox(state / "outbox.sqlite")
+    topics = Topics(f"corrosion/{device}/")
+    return Uploader(config, device_id=device, spool=spool, outbox=outbox, topics=topics), outbox
 
 
 def spool_rows(state: Path) -> int:
@@ -353,26 +385,7 @@ def test_the_hours_manifest_goes_up_every_manifest_every_s_not_after_each_captur
     """Whenever the spool ran empty (a device keeping up: after each capture) the whole
     hour's manifest and its Batch Transform twin went up again: 529 MB of re-uploads for an
     hour's 1,500 captures (bench/soak.py), on a drone's cellular link."""
-    from agent.config import UploadConfig
-    from agent.contract.messages import Topics
-    from agent.outbox import Outbox
-    from agent.spool import Spool
-    from agent.uploader import Uploader
-
-    names = write_frames(tmp_path / "frames", 8)
-    proxy = Proxy(target.port)
-    proxy.cut()  # the agent only spools
-    settings = agent_settings(
-        tmp_path, logistic_model, broker.port, tmp_path / "frames", device="hourly-dev",
-        upload=upload_settings(target.bucket, proxy.url),
-    )  # fmt: skip
-    try:
-        first = AgentProcess(write_config(tmp_path / "a.toml", settings), "--exit-when-done")
-        assert first.wait(60) == 0, first.text()
-    finally:
-        proxy.close()
-    state = tmp_path / "state"
-    spool = Spool(state / "spool", 1 << 30)
+    spool = spooled_offline(tmp_path, logistic_model, broker, target, device="hourly-dev", frames=8)
     real_next, real_put = Spool.next, Uploader._put
     turns = iter(range(1 << 20))
     puts: list[str] = []
@@ -386,14 +399,10 @@ def test_the_hours_manifest_goes_up_every_manifest_every_s_not_after_each_captur
 
     monkeypatch.setattr(Spool, "next", keeping_up)
     monkeypatch.setattr(Uploader, "_put", put)
-    config = UploadConfig(**upload_settings(target.bucket, f"http://127.0.0.1:{target.port}"))
-    outbox = Outbox(state / "outbox.sqlite")
-    uploader = Uploader(
-        config, device_id="hourly-dev", spool=spool, outbox=outbox, topics=Topics("c/h/")
-    )
+    uploader, outbox = direct_uploader(tmp_path / "state", spool, target, "hourly-dev")
     uploader.start()
     try:
-        assert wait(lambda: len(keys(target.client, target.bucket, ".json")) == len(names), 30)
+        assert wait(lambda: len(keys(target.client, target.bucket, ".json")) == 8, 30)
     finally:
         assert uploader.stop(5)
     uploader.flush()  # as the daemon does at stop
@@ -401,7 +410,7 @@ def test_the_hours_manifest_goes_up_every_manifest_every_s_not_after_each_captur
     assert sum(k.endswith(".jsonl") for k in puts) == 2, puts
     (key,) = keys(target.client, target.bucket, ".jsonl")
     body = target.client.get_object(Bucket=target.bucket, Key=key)["Body"].read()
-    assert len(body.splitlines()) == len(names)
+    assert len(body.splitlines()) == 8
     spool.close()
     outbox.close()
 
@@ -459,26 +468,8 @@ def test_a_capture_that_always_fails_holds_up_no_other(
     time (a key a bucket policy denies) was retried at the head of the queue forever."""
     from botocore.exceptions import ClientError
 
-    from agent.config import UploadConfig
-    from agent.contract.messages import Topics
-    from agent.outbox import Outbox
-    from agent.spool import Spool
-    from agent.uploader import Uploader
-
-    write_frames(tmp_path / "frames", 4)
-    proxy = Proxy(target.port)
-    proxy.cut()  # the agent only spools
-    settings = agent_settings(
-        tmp_path, logistic_model, broker.port, tmp_path / "frames", device="hol-dev",
-        upload=upload_settings(target.bucket, proxy.url),
-    )  # fmt: skip
-    try:
-        first = AgentProcess(write_config(tmp_path / "a.toml", settings), "--exit-when-done")
-        assert first.wait(60) == 0, first.text()
-    finally:
-        proxy.close()
+    spool = spooled_offline(tmp_path, logistic_model, broker, target, device="hol-dev", frames=4)
     state = tmp_path / "state"
-    spool = Spool(state / "spool", 1 << 30)
     poison = spool.next()
     assert poison is not None and spool.depth == 4
     real_put = Uploader._put
@@ -490,11 +481,7 @@ def test_a_capture_that_always_fails_holds_up_no_other(
         real_put(self, path, key, *args)
 
     monkeypatch.setattr(Uploader, "_put", put)
-    config = UploadConfig(**upload_settings(target.bucket, f"http://127.0.0.1:{target.port}"))
-    outbox = Outbox(state / "outbox.sqlite")
-    uploader = Uploader(
-        config, device_id="hol-dev", spool=spool, outbox=outbox, topics=Topics("corrosion/hol/")
-    )
+    uploader, outbox = direct_uploader(state, spool, target, "hol-dev")
     uploader.start()
     try:
         assert wait(lambda: len(keys(target.client, target.bucket, ".json")) >= 3, 30)
