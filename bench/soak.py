@@ -329,7 +329,8 @@ def main() -> None:
         sys.exit(f"bench/soak: no model at {args.model}: run `make demo` first")
     if args.warmup_minutes >= args.minutes:
         sys.exit("bench/soak: --warmup-minutes must be shorter than --minutes")
-    signal.signal(signal.SIGTERM, interrupted)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # also when started with SIGINT ignored
+        signal.signal(sig, interrupted)
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         os.environ[name] = "bench"
     os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
@@ -402,7 +403,8 @@ def main() -> None:
                 time.sleep(max(0.0, due - time.monotonic()))
                 tick += 1
                 if agent.poll() is not None:
-                    sys.exit(f"bench/soak: the agent exited ({agent.returncode}); see {log}")
+                    tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+                    sys.exit(f"bench/soak: the agent exited ({agent.returncode}):\n{tail}")
                 if args.tracemalloc and not warmed and due - t0 >= args.warmup_minutes * 60:
                     snaps.append(snapshot(agent, traces, 1))
                     traced_from = counter.count("detections")
@@ -528,4 +530,8 @@ def report(args: argparse.Namespace, what: str, samples: list[Sample], end: Tota
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt as exc:  # everything is stopped and removed by now
+        warn(f"interrupted ({exc or 'SIGINT'}); processes stopped, temp dir removed")
+        sys.exit(130)
