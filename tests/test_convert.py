@@ -103,7 +103,7 @@ def test_an_oversized_archive_member_is_refused_before_it_is_read(
 def test_an_out_that_cannot_be_written_is_named_not_the_staging_folder(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A read-only or immutable --out failed naming `.convert-XXXX.partial` inside it."""
+    """A read-only or immutable --out failed naming its random staging folder inside it."""
     (tmp_path / "logistic.json").write_bytes(model_bytes(tmp_path))
     out = tmp_path / "out"
     out.mkdir()
