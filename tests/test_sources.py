@@ -281,6 +281,75 @@ def test_folder_record_forgets_files_long_gone(tmp_path: Path) -> None:
     db.close()
 
 
+def seen_rows(state: Path) -> dict[str, float | None]:
+    """The seen-files record on disk: path -> gone_at."""
+    with sqlite3.connect(state / "seen-files.sqlite") as db:
+        rows = dict(db.execute("SELECT path, gone_at FROM seen"))
+    db.close()
+    return rows
+
+
+def test_folder_memory_holds_what_the_folder_holds_and_a_returning_file_is_not_repeated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The soak's leak: a gateway whose inbox turns over 15 frames/s kept every file it ever
+    saw in memory for 30 days. Files gone at a check leave memory (the disk still knows them),
+    so a card pulled and put back, or a sync tool's round trip, repeats nothing."""
+    monkeypatch.setattr("agent.sources.files._PRUNE_AFTER_SEEN", 0)  # a check at every poll
+    folder, state, card, now = tmp_path / "in", tmp_path / "state", tmp_path / "card", time.time()
+    kept = write(folder / "kept.jpg", jpeg(), now - 30)
+    away = [write(folder / f"{n}.jpg", jpeg(), now - 20 + i) for i, n in enumerate("ab")]
+    source = FolderSource(cfg("folder", folder), state_dir=state)
+    drain = Drain(source)
+    drain.wait(lambda items: len(items) == 3)
+    card.mkdir()
+    for path in away:
+        path.rename(card / path.name)  # keeps size and mtime
+    drain.wait(lambda _: len(source._seen) == 1)
+    assert source._seen == {("kept.jpg", kept.stat().st_size, kept.stat().st_mtime_ns)}
+    assert seen_rows(state)["kept.jpg"] is None
+    assert all(seen_rows(state)[p.name] is not None for p in away)
+    (card / "a.jpg").rename(folder / "a.jpg")  # back while the agent watches
+    drain.wait(lambda _: len(source._seen) == 2)
+    drain.stopped()
+    source.close()
+    assert names(drain.items) == ["kept.jpg", "a.jpg", "b.jpg"]
+    assert seen_rows(state)["a.jpg"] is None
+    # A restart loads only what the folder held; b.jpg back after it is not repeated either.
+    (card / "b.jpg").rename(folder / "b.jpg")
+    restarted = FolderSource(cfg("folder", folder, exit_when_done=True), state_dir=state)
+    assert {key[0] for key in restarted._seen} == {"kept.jpg", "a.jpg"}
+    assert Drain(restarted).finish() == []
+    restarted.close()
+    assert set(seen_rows(state).values()) == {None}
+
+
+def test_folder_record_keeps_only_the_most_recently_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Disk is bounded too: beyond _KEEP_GONE records of gone files, the longest gone go,
+    and a record left mostly free pages by that is compacted."""
+    monkeypatch.setattr("agent.sources.files._KEEP_GONE", 2)
+    folder, state = tmp_path / "in", tmp_path / "state"
+    write(folder / "here.jpg", jpeg(), time.time() - 60)
+    assert names(run_folder(folder, state)) == ["here.jpg"]
+    day, record = 86400.0, state / "seen-files.sqlite"
+    with sqlite3.connect(record) as db:
+        for age, name in enumerate(["newest", "newer", "older", "oldest"], start=1):
+            gone_at = time.time() - age * day
+            db.execute("INSERT INTO seen VALUES (?, 1, 2, 0.0, ?)", (f"{name}.jpg", gone_at))
+        earlier = ((f"cam/IMG_{i:06d}.jpg", time.time() - 5 * day) for i in range(5000))
+        db.executemany("INSERT INTO seen VALUES (?, 1, 2, 0.0, ?)", earlier)
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+    before = record.stat().st_size
+    with caplog.at_level(logging.INFO, logger="agent.sources.files"):
+        assert run_folder(folder, state) == []
+    assert set(seen_rows(state)) == {"here.jpg", "newest.jpg", "newer.jpg"}
+    assert "forgot 5002 file(s) long gone" in caplog.text
+    assert record.stat().st_size < before / 10
+
+
 def test_folder_record_from_before_gone_at_is_upgraded(tmp_path: Path) -> None:
     folder, state = tmp_path / "in", tmp_path / "state"
     old = write(folder / "old.jpg", jpeg(), time.time() - 60).stat()

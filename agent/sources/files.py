@@ -29,10 +29,18 @@ _MAGIC: Final = re.compile(r"[*?[]")
 # A read error may pass (permissions fixed, a flaky mount back): retried with this backoff.
 _RETRY_MIN_S: Final = 2.0
 _RETRY_MAX_S: Final = 300.0
-# A record of a file absent from the folder at every hourly check for this long is dropped
-# (a sync tool that puts a file back sooner, or a mount that was down, repeats nothing).
+# Memory holds the seen files the folder held at the last hourly check (and those seen since);
+# a file gone from it stays on disk only, so a sync tool that puts it back, or a card or mount
+# that was out, repeats nothing. Disk keeps the most recently gone _KEEP_GONE files (88 bytes
+# each) for at most _FORGET_AFTER_S: a gateway whose inbox turns over 1.3M frames a day would
+# otherwise hold every one for a month (bench/RESULTS.md, "Soak").
 _FORGET_AFTER_S: Final = 30 * 86400.0
+_KEEP_GONE: Final = 250_000
+# The check runs hourly, and sooner once this many files were seen since the last: memory
+# then holds at most this many gone files (1.5 MB), whatever the frame rate. A check costs
+# about 0.1 s on a full record (make bench-seen).
 _PRUNE_EVERY_S: Final = 3600.0
+_PRUNE_AFTER_SEEN: Final = 5000
 # A quiet folder (nothing new, nothing settling or unreadable) whose folders' mtimes have not
 # changed is not walked again for up to this long: walking an inbox of 20,000 analysed
 # photos costs 134 ms of CPU (make bench-folder), once every poll_s before. The full walk
@@ -150,9 +158,10 @@ class FolderSource(Source):
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(seen)")}
             if "gone_at" not in columns:  # a record from before gone_at
                 self._db.execute("ALTER TABLE seen ADD COLUMN gone_at REAL")
-            rows = self._db.execute("SELECT path, size, mtime_ns FROM seen")
+            rows = self._db.execute("SELECT path, size, mtime_ns FROM seen WHERE gone_at IS NULL")
             self._seen: set[tuple[str, int, int]] = {(p, s, m) for p, s, m in rows}
             self._pruned_at = -float("inf")
+            self._prune_at_seen = 0  # the check also runs once _seen is this large
             self._root_listed = True  # the last scan could list the folder itself
             self._walked: dict[str, int] = {}  # folder -> mtime_ns, at the last quiet walk
             self._walked_at = -float("inf")
@@ -189,7 +198,7 @@ class FolderSource(Source):
     def _scan(self) -> tuple[list[_File], bool]:
         """Unseen files that have settled, oldest first; and whether others are settling."""
         now = time.monotonic()
-        prune = now - self._pruned_at >= _PRUNE_EVERY_S
+        prune = now - self._pruned_at >= _PRUNE_EVERY_S or len(self._seen) >= self._prune_at_seen
         if not prune and now - self._walked_at < _QUIET_WALK_S and self._unchanged():
             return [], False
         self._walked = {}
@@ -202,7 +211,7 @@ class FolderSource(Source):
             key = file.key
             if prune:
                 present.add(key)
-            if key in self._seen:
+            if key in self._seen or self._came_back(key):
                 continue
             if key in unreadable:
                 self._unreadable[key] = unreadable[key]
@@ -222,6 +231,7 @@ class FolderSource(Source):
         if prune and self._root_listed:  # a folder that cannot be listed says nothing is gone
             self._pruned_at = now
             self._forget_gone(present)
+            self._prune_at_seen = len(self._seen) + _PRUNE_AFTER_SEEN
         return sorted(ready, key=lambda f: (f.mtime_ns, f.rel)), bool(settling)
 
     def _unchanged(self) -> bool:
@@ -310,36 +320,62 @@ class FolderSource(Source):
         log.debug("%s; next try in %.0f s", reason, wait)
         return None
 
-    def _forget_gone(self, present: set[tuple[str, int, int]]) -> None:
-        """Bound the record (and this set) by what the folder holds, not all it ever held:
-        a file missing at every check for _FORGET_AFTER_S is forgotten."""
-        now = time.time()
+    def _came_back(self, key: tuple[str, int, int]) -> bool:
+        """Whether a file not in memory is on the record: it was gone and is back (or the
+        record is from before the last start). A point lookup, made only for files not seen."""
         where = "path=? AND size=? AND mtime_ns=?"
         try:
+            if self._db.execute(f"SELECT 1 FROM seen WHERE {where}", key).fetchone() is None:
+                return False
+            self._db.execute(f"UPDATE seen SET gone_at=NULL WHERE {where}", key)
+        except sqlite3.Error as exc:  # analysed again rather than skipped unseen
+            log.error("%s: cannot look up %s in the record of seen files: %s", self.uri,
+                      key[0], exc)  # fmt: skip
+            return False
+        self._seen.add(key)
+        return True
+
+    def _forget_gone(self, present: set[tuple[str, int, int]]) -> None:
+        """Bound memory by what the folder holds and the record by _KEEP_GONE and
+        _FORGET_AFTER_S: the files seen and missing now leave memory and are marked gone;
+        the work is proportional to the hour's turnover, not to the record."""
+        now = time.time()
+        gone = self._seen - present
+        try:
             self._db.execute("BEGIN IMMEDIATE")
-            missed = self._db.execute(
-                "SELECT path, size, mtime_ns FROM seen WHERE gone_at NOT NULL"
-            )
-            back = [key for key in map(tuple, missed) if key in present]
-            self._db.executemany(f"UPDATE seen SET gone_at=NULL WHERE {where}", back)
             self._db.executemany(
-                f"UPDATE seen SET gone_at=? WHERE {where} AND gone_at IS NULL",
-                ((now, *key) for key in self._seen - present),
+                "UPDATE seen SET gone_at=? WHERE path=? AND size=? AND mtime_ns=?",
+                ((now, *key) for key in gone),
             )
-            cutoff = (now - _FORGET_AFTER_S,)
-            gone = self._db.execute(
-                "SELECT path, size, mtime_ns FROM seen WHERE gone_at < ?", cutoff
-            ).fetchall()
-            self._db.execute("DELETE FROM seen WHERE gone_at < ?", cutoff)
+            forgot = self._db.execute(
+                "DELETE FROM seen WHERE gone_at < ?", (now - _FORGET_AFTER_S,)
+            ).rowcount
+            forgot += self._db.execute(
+                "DELETE FROM seen WHERE rowid IN (SELECT rowid FROM seen WHERE gone_at NOT NULL"
+                " ORDER BY gone_at DESC, rowid DESC LIMIT -1 OFFSET ?)",
+                (_KEEP_GONE,),
+            ).rowcount
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             log.error("%s: cannot prune the record of seen files: %s", self.uri, exc)
             return
-        self._seen.difference_update(gone)
-        if gone:
-            log.info("%s: forgot %d file(s) gone from the folder", self.uri, len(gone))
+        self._seen -= gone
+        if forgot:
+            log.info("%s: forgot %d file(s) long gone from the folder", self.uri, forgot)
+            self._shrink()
+
+    def _shrink(self) -> None:
+        """Give the disk back once most of the record is free pages (SQLite keeps them): a
+        record from before _KEEP_GONE, or a burst of files long gone."""
+        try:
+            free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+            if 2 * free > self._db.execute("PRAGMA page_count").fetchone()[0]:
+                self._db.execute("VACUUM")
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:  # the record is still right, only larger than needed
+            log.warning("%s: cannot compact the record of seen files: %s", self.uri, exc)
 
     def _mark(self, file: _File) -> None:
         self._seen.add(file.key)
