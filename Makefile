@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO := demo
 DATA ?= ../shared/data
 
-PHONY_EXTRA := run-batch config bench-daemon bench-updates bench-folder bench-soak docker-test
+PHONY_EXTRA := run-batch config bench-daemon bench-updates bench-folder bench-seen bench-soak docker-test
 .PHONY: $(PHONY_EXTRA) run test lint bench bench-classify bench-resolution demo schemas system-deps clean
 .PHONY: model evaluate bench-features
 
@@ -63,7 +63,7 @@ lint: $(STAMP)
 schemas: $(STAMP)
 	$(VENV)/bin/corrosion-agent schemas --out docs/schemas
 
-bench: bench-classify bench-resolution bench-daemon bench-updates bench-folder
+bench: bench-classify bench-resolution bench-daemon bench-updates bench-folder bench-seen
 
 ## Pixel engine against xgboost and onnxruntime on the same frames (reads $(DATA) for the AWS model).
 bench-classify: $(STAMP)
@@ -83,6 +83,11 @@ bench-updates: $(STAMP) demo
 ## CPU per rescan of a watched folder full of analysed photos: ours against the os.walk scan.
 bench-folder: $(STAMP)
 	PYTHONPATH=. $(PY) bench/folder.py
+
+## A day at 15 frames/s through a watched folder: the seen-files record's start, memory and
+## hourly check, against the same steps before they were bounded.
+bench-seen: $(STAMP)
+	PYTHONPATH=. $(PY) bench/seen_record.py
 
 ## Ten minutes of the daemon as a process on a live folder (15 1080p JPEGs/s, MQTT, S3 uploads):
 ## RSS, fds, threads and state files sampled every 10 s; growth per hour after a warm-up.

@@ -1,0 +1,142 @@
+"""The watched folder's record of seen files on a gateway whose inbox turns over fast.
+
+Run as `make bench-seen`. A camera writing 15 frames/s into the inbox, and a sync tool taking
+them away, pass 1.3M files a day through the folder. The record (seen-files.sqlite) must
+remember files after they go, so that one put back is not analysed twice, but neither
+memory nor the hourly check may grow with all the files it ever saw.
+
+The record is built as a day at `--fps` leaves it: `--present` files still in the folder,
+the last hour's files analysed and gone since the last hourly check, the rest gone at
+earlier checks. Timed on it, in one run: a start (FolderSource opening the record) and the
+first scan (the hourly check), against the same two steps as they were before 2026-11-22
+(every record loaded into memory; an UPDATE per file ever seen and now missing), and then
+the steady state: the next hourly check after another hour's turnover. `set_mb` is the
+memory the set of seen files holds (tracemalloc). No real data: the files are empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from agent.config import SourceConfig
+from agent.sources import FolderSource
+from agent.sources.files import _SEEN_SCHEMA
+
+T = TypeVar("T")
+Keys = set[tuple[str, int, int]]
+
+
+def timed(run: Callable[[], T]) -> tuple[T, float, float]:
+    """run()'s result, wall milliseconds and the traced memory it kept, in MB."""
+    tracemalloc.start()
+    start = time.perf_counter()
+    result = run()
+    ms = 1000.0 * (time.perf_counter() - start)
+    kept = tracemalloc.get_traced_memory()[0] / 1e6
+    tracemalloc.stop()
+    return result, ms, kept
+
+
+def build(record: Path, inbox: Path, *, files: int, hour: int, present: int) -> None:
+    """A record of `files` files: the last `present` in the inbox, the `hour` before them
+    gone since the last check (gone_at NULL), the rest gone at earlier checks."""
+    inbox.mkdir()
+    now = time.time()
+    gone_before = files - hour - present
+    rows = []
+    for i in range(files):
+        name = f"cam/{i // 100_000:03d}/IMG_{i:08d}.jpg"
+        gone_at = now - 3600.0 - (gone_before - i) / 15.0 if i < gone_before else None
+        rows.append((name, 0, 0, now, gone_at))
+    inbox.joinpath("cam").mkdir()
+    for name, *_ in rows[files - present :]:
+        path = inbox / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    mtimes = {name: (inbox / name).stat().st_mtime_ns for name, *_ in rows[files - present :]}
+    rows = [(n, 0, mtimes.get(n, 0), s, g) for n, _, _, s, g in rows]
+    with sqlite3.connect(record) as db:
+        db.execute(_SEEN_SCHEMA)
+        db.executemany("INSERT INTO seen VALUES (?, ?, ?, ?, ?)", rows)
+    db.close()
+
+
+def old_start(record: Path) -> Keys:
+    """The start as it was: every record into memory."""
+    with sqlite3.connect(record) as db:
+        seen = {(p, s, m) for p, s, m in db.execute("SELECT path, size, mtime_ns FROM seen")}
+    db.close()
+    return seen
+
+
+def old_check(record: Path, seen: Keys, present: Keys) -> None:
+    """The hourly check as it was: an UPDATE per file ever seen and missing now."""
+    now, where = time.time(), "path=? AND size=? AND mtime_ns=?"
+    db = sqlite3.connect(record, isolation_level=None)
+    db.execute("BEGIN IMMEDIATE")
+    missed = db.execute("SELECT path, size, mtime_ns FROM seen WHERE gone_at NOT NULL")
+    back = [key for key in map(tuple, missed) if key in present]
+    db.executemany(f"UPDATE seen SET gone_at=NULL WHERE {where}", back)
+    db.executemany(
+        f"UPDATE seen SET gone_at=? WHERE {where} AND gone_at IS NULL",
+        ((now, *key) for key in seen - present),
+    )
+    db.execute("DELETE FROM seen WHERE gone_at < ?", (now - 30 * 86400.0,))
+    db.execute("ROLLBACK")  # leave the record as built, for the new code
+    db.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--fps", type=float, default=15.0, help="frames a second into the inbox")
+    ap.add_argument("--hours", type=float, default=24.0, help="hours of frames on the record")
+    ap.add_argument("--present", type=int, default=1000, help="files still in the inbox")
+    args = ap.parse_args()
+    hour = int(args.fps * 3600)
+    files = int(args.fps * 3600 * args.hours)
+    with tempfile.TemporaryDirectory() as tmp:
+        state, inbox = Path(tmp, "state"), Path(tmp, "inbox")
+        state.mkdir()
+        record = state / "seen-files.sqlite"
+        build(record, inbox, files=files, hour=hour, present=args.present)
+        print(f"record: {files:,} files ({args.hours:g} h at {args.fps:g} frames/s), "
+              f"{args.present:,} in the inbox, {record.stat().st_size / 1e6:.1f} MB")  # fmt: skip
+        seen, old_start_ms, old_mb = timed(lambda: old_start(record))
+        present = {k for k in seen if k[2]}  # the files in the inbox carry their mtime
+        _, old_check_ms, _ = timed(lambda: old_check(record, seen, present))
+        seen.clear()  # before the new start is measured
+        config = SourceConfig(kind="folder", uri=str(inbox), recursive=True)
+        source, start_ms, set_mb = timed(lambda: FolderSource(config, state_dir=state))
+        _, check_ms, _ = timed(source._scan)
+        kept = record.stat().st_size / 1e6
+        # Another hour: as many files again analysed and gone, then the next check.
+        source._seen.update((f"cam/next/IMG_{i:08d}.jpg", 0, 0) for i in range(hour))
+        source._pruned_at = -float("inf")
+        _, steady_ms, _ = timed(source._scan)
+        left = len(source._seen)
+        source.close()
+    print(f"{'':<24} {'before':>10} {'now':>10} {'ratio':>8}")
+    for label, before, now in [
+        ("start: ms", old_start_ms, start_ms),
+        ("start: set MB", old_mb, set_mb),
+        ("first check: ms", old_check_ms, check_ms),
+    ]:
+        print(f"{label:<24} {before:>10.1f} {now:>10.1f} {before / now:>7.1f}x")
+    print(f"next check (an hour on): {steady_ms:.0f} ms, {left:,} files left in memory, "
+          f"record {kept:.1f} MB after the first check")  # fmt: skip
+    print(
+        f"files={files} old_start_ms={old_start_ms:.0f} start_ms={start_ms:.0f} "
+        f"old_set_mb={old_mb:.1f} set_mb={set_mb:.1f} old_check_ms={old_check_ms:.0f} "
+        f"check_ms={check_ms:.0f} steady_check_ms={steady_ms:.0f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
