@@ -185,13 +185,17 @@ class ModelStore:
     ) -> None:
         """Record `manifest` as serving (from a pointer of a trusted `promotion`), in one
         write with `drop` (a version rolled back from) forgotten and `skip`ped, whose folder
-        then goes: a crash leaves either state, never half."""
+        then goes: a crash leaves either state, never half. Versions stored after `drop` (kept
+        at boot while memory was short) go with it: left before the version rolled back to,
+        the next rollback would have gone forward to them; the channel brings them again."""
         rel = str(manifest.relative_to(self.root))
-        history = [h for h in self.history() if h not in (rel, drop)] + [rel]
+        history = self.history()
+        gone = history[history.index(drop) :] if drop in history else []
+        history = [h for h in history if h != rel and h not in gone] + [rel]
         skips = self.skipped() | ({skip} if skip else set())
         self._write(history=history, skip=sorted(skips), **self._promoted(promotion))
-        if drop is not None:
-            shutil.rmtree((self.root / drop).parent, ignore_errors=True)
+        for version in gone:
+            shutil.rmtree((self.root / version).parent, ignore_errors=True)
 
     def drop(self, rel: str) -> None:
         """Forget a stored version (unusable at boot) and free its folder."""

@@ -375,3 +375,32 @@ def test_a_report_that_raises_ends_neither_the_updater_nor_its_rollbacks(
     finally:
         up.stop()
         detector.close()
+
+
+def test_a_rollback_never_goes_forward_to_a_version_kept_at_boot(
+    tmp_path: Path, registry: Registry, logistic_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """4.0.0 could not load at boot (memory short) and was kept for the next; 3.0.0 served.
+    A rollback from 3.0.0 to 2.0.0 left 4.0.0 before it in the history, so a second rollback
+    "went back" to 4.0.0, the newest version and the one that had failed."""
+    agent = _agent(tmp_path, registry, logistic_model)
+    assert agent.updater is not None
+    publish(registry, agent.updater, tmp_path, "2.0.0", "3.0.0", "4.0.0")
+    _close(agent)
+    real = engine_model.PixelModel.check_golden
+
+    def golden(model: engine_model.PixelModel) -> Any:
+        if "4.0.0" in str(model.path):
+            raise RuntimeError("Failed to allocate memory for requested buffer")
+        return real(model)
+
+    monkeypatch.setattr(engine_model.PixelModel, "check_golden", golden)
+    agent = _agent(tmp_path, registry, logistic_model)
+    assert agent.updater is not None and agent.detector.model.ref.version == "3.0.0"
+    outcome = agent.updater._roll_back()
+    assert outcome.served is not None and outcome.served.version == "2.0.0"
+    assert agent.updater._roll_back() == Outcome(refused="rollback: no earlier version on disk")
+    assert agent.detector.model.ref.version == "2.0.0"
+    store = tmp_path / "state" / "models" / NAME
+    assert sorted(p.name for p in store.iterdir()) == ["2.0.0"]
+    _close(agent)
