@@ -315,8 +315,7 @@ class MqttLink:
         name = self.topics.command_name(message.topic)
         if name is None or not message.payload:  # zero bytes: a retained command cleared
             return
-        result = self.commands.handle(name, bytes(message.payload), retained=message.retain)
-        topic, correlation = self.topics.command_result(result.command), None
+        topic, correlation = None, None
         props = message.properties if self._v5 else None
         if props is not None:  # the caller's; a sender may make them huge, so they are capped
             response = getattr(props, "ResponseTopic", None)
@@ -329,6 +328,10 @@ class MqttLink:
             data = getattr(props, "CorrelationData", None)
             if isinstance(data, bytes) and len(data) <= MAX_CORRELATION:
                 correlation = data
+        result = self.commands.handle(
+            name, bytes(message.payload), retained=message.retain, correlation=correlation
+        )
+        topic = topic or self.topics.command_result(result.command)
         self.outbox.put(topic, result.model_dump_json().encode(), correlation=correlation)
 
     # ------------------------------------------------------------------ publisher thread

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
-from agent.commands import CommandError, Commands
+from agent.commands import MAX_REMEMBERED, CommandError, Commands
 from agent.contract.messages import PingCommand, SetThresholdCommand
 
 
@@ -101,3 +102,45 @@ def test_reconnect_backoff_is_full_jitter_capped() -> None:
         waits = [full_jitter(attempt, 0.5, 30.0) for _ in range(200)]
         assert all(0.5 <= w <= min(30.0, 0.5 * 2**attempt) for w in waits)
     assert len({round(full_jitter(5, 0.5, 30.0), 6) for _ in range(50)}) > 40  # spread out
+
+
+def counting() -> tuple[Commands, list[str]]:
+    """Commands whose `snapshot` (not idempotent) counts its runs."""
+    runs: list[str] = []
+    c = Commands("dev-1", max_bytes=1024)
+
+    def snapshot(r: PingCommand) -> dict[str, Any]:
+        runs.append(r.request_id or "")
+        return {"run": len(runs)}
+
+    c.register("snapshot", PingCommand, snapshot)
+    return c, runs
+
+
+def test_a_repeated_request_is_answered_again_not_run_again() -> None:
+    """A sender's QoS 1 retry, or the broker's redelivery after a reconnect, ran a rollback or
+    a snapshot twice: a rollback twice goes back two versions."""
+    c, runs = counting()
+    first = c.handle("snapshot", b'{"request_id": "r1"}')
+    again = c.handle("snapshot", b'{"request_id": "r1"}')
+    assert first.ok and again == first and runs == ["r1"]  # the same answer, its time too
+    assert c.handle("snapshot", b'{"request_id": "r2"}').result == {"run": 2}
+    assert [c.handle("snapshot", b"{}").result for _ in range(2)] == [{"run": 3}, {"run": 4}]
+    by_correlation = [c.handle("snapshot", b"{}", correlation=b"\x01") for _ in range(2)]
+    assert by_correlation[0] == by_correlation[1] and len(runs) == 5  # MQTT 5's request name
+    other = c.handle("snapshot", b'{"request_id": "r1", "note": "x"}')
+    assert not other.ok and other.request_id == "r1" and len(runs) == 5
+    assert (
+        other.error
+        == "request 'r1' was an earlier, different snapshot request; name each request anew"
+    )
+
+
+def test_a_retained_refusal_is_not_remembered_and_old_requests_are_forgotten() -> None:
+    c, runs = counting()
+    refused = c.handle("snapshot", b'{"request_id": "r1"}', retained=True)
+    assert not refused.ok and runs == []
+    assert c.handle("snapshot", b'{"request_id": "r1"}').ok and runs == ["r1"]  # sent live
+    for i in range(MAX_REMEMBERED):
+        c.handle("snapshot", json.dumps({"request_id": f"n{i}"}).encode())
+    assert c.handle("snapshot", b'{"request_id": "r1"}').result == {"run": MAX_REMEMBERED + 2}

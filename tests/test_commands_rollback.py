@@ -83,7 +83,7 @@ def test_rollback_over_mqtt_answers_what_it_knows_and_the_swap_goes_on_model(
         models = sub.payloads("/model")
         return str(models[-1]["serving"]["version"]) if models else ""
 
-    def rollback(request_id: str) -> dict[str, Any]:
+    def rollback(request_id: str, answers: int = 1) -> dict[str, Any]:
         payload = json.dumps({"request_id": request_id}).encode()
         pub.publish("corrosion/rb-dev/cmd/rollback", payload, qos=1).wait_for_publish(5)
 
@@ -91,8 +91,8 @@ def test_rollback_over_mqtt_answers_what_it_knows_and_the_swap_goes_on_model(
             results = sub.payloads("/cmd/rollback/result")
             return [r for r in results if r["request_id"] == request_id]
 
-        assert sub.wait_for(lambda: len(answered()) == 1, 10), agent.text()[-2000:]
-        return answered()[0]
+        assert sub.wait_for(lambda: len(answered()) == answers, 10), agent.text()[-2000:]
+        return answered()[-1]
 
     try:
         assert sub.wait_for(lambda: len(sub.payloads("/detections")) == 1), agent.text()[-2000:]
@@ -112,6 +112,9 @@ def test_rollback_over_mqtt_answers_what_it_knows_and_the_swap_goes_on_model(
         assert taken["result"]["requested"] is True and taken["result"]["see"] == "model"
         assert taken["result"]["serving"]["version"] == "3.0.0"
         assert sub.wait_for(lambda: serving() == "2.0.0", 20), agent.text()[-2000:]
+        # The sender's retry of the same request: the first answer again, no second rollback
+        # (which went on to "no earlier version", or back a second version with one there).
+        assert rollback("back", answers=2) == taken
 
         oldest = rollback("oldest")  # 3.0.0 is gone and skipped: 2.0.0 is the oldest
         assert oldest["ok"] is False and oldest["error"] == (

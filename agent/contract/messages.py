@@ -253,7 +253,8 @@ class CommandRequest(Strict):
     request_id: str | None = Field(
         default=None,
         max_length=128,
-        description="Echoed in the result; MQTT v5 may use correlation data instead",
+        description="Echoed in the result; names the request, which runs once: the same "
+        "request again is answered again, not run (MQTT v5 may use correlation data instead)",
     )
 
 
