@@ -214,6 +214,29 @@ class ModelStore:
     def incoming(self) -> Path:
         return Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.root))
 
+    @property
+    def _pending(self) -> Path:
+        # Not in state.json: written on MQTT's thread, which must not race the updater's writes.
+        return self.root / "rollback.json"
+
+    def ask_rollback(self, asked: ModelRef) -> None:
+        """Remember a rollback taken from `asked` until it is done: one answered ok and then
+        cut off by a stop is done at the next start."""
+        replace_file(self._pending, asked.model_dump_json().encode())
+
+    def asked_rollback(self) -> ModelRef | None:
+        try:
+            return ModelRef.model_validate_json(self._pending.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValidationError) as exc:
+            log.error("pending rollback %s unreadable, dropped: %s", self._pending, exc)
+            self.rollback_done()
+            return None
+
+    def rollback_done(self) -> None:
+        self._pending.unlink(missing_ok=True)
+
 
 class Updater:
     """Owns the updater thread; the frame loop never waits on it."""
@@ -242,12 +265,15 @@ class Updater:
         self._etag: str | None = None
         self._missing: str | None = None  # the pointer key last found missing (warned once)
         self._refused: dict[str, float] = {}  # sha256 -> monotonic time it may be tried again
-        self._rollback_from: ModelRef | None = None  # what served when the pending one was asked
+        # what served when the pending one was asked; one a stop cut off is done first
+        self._rollback_from: ModelRef | None = store.asked_rollback()
         self._asked = threading.Lock()  # guards _rollback_from: one rollback at a time
         self._changing = threading.Lock()  # held while the history and what serves change
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._rollback = threading.Event()
+        if self._rollback_from is not None:
+            self._rollback.set()
         self._thread = threading.Thread(target=self._run, name="updater", daemon=True)
 
     def start(self) -> None:
@@ -298,6 +324,10 @@ class Updater:
                     )
             else:  # a version is being swapped in right now: the updater thread decides
                 serving = self.serving()
+            try:
+                self.store.ask_rollback(serving)
+            except OSError as exc:  # a full disk: still done, unless a stop comes first
+                log.warning("rollback from %s not recorded on disk: %s", serving.version, exc)
             self._rollback_from = serving
             self._rollback.set()
         self._wake.set()
@@ -598,6 +628,7 @@ class Updater:
         finally:
             with self._asked:
                 self._rollback_from = None
+                self.store.rollback_done()
 
     def _roll_back(self, asked: ModelRef | None = None) -> Outcome:
         """Serve the version stored before the serving one, which is skipped and freed.
@@ -605,6 +636,8 @@ class Updater:
         then has replaced it already: going back from the new version would undo what the
         operator did not see, so the version asked about is only skipped."""
         current = self.serving()
+        if asked is not None and asked != current and asked.version in self.store.skipped():
+            return Outcome()  # done already: a stop came before the record of it went
         if asked is not None and asked != current:
             self.store.skip(asked.version)
             return Outcome(

@@ -404,3 +404,35 @@ def test_a_rollback_never_goes_forward_to_a_version_kept_at_boot(
     store = tmp_path / "state" / "models" / NAME
     assert sorted(p.name for p in store.iterdir()) == ["2.0.0"]
     _close(agent)
+
+
+def test_a_rollback_answered_ok_and_cut_off_by_a_stop_is_done_at_the_next_start(
+    tmp_path: Path, registry: Registry, logistic_model: Path
+) -> None:
+    """`cmd/rollback` answered ok ("see model"), then SIGTERM came before the updater thread
+    (busy downloading, say) reached it: the request was dropped without a word."""
+    detector = Detector(ColourModel.load(logistic_model))
+    up = updater(registry, tmp_path, detector)
+    publish(registry, up, tmp_path, "2.0.0", "3.0.0")
+    assert up.rollback().version == "3.0.0"  # answered ok; the process ends before the thread
+    pending = tmp_path / "models" / "rollback.json"
+    assert json.loads(pending.read_text())["version"] == "3.0.0"
+
+    reports: list[Outcome] = []
+    restarted = updater(registry, tmp_path, detector)  # the next start, 3.0.0 serving
+    restarted.report = reports.append
+    with pytest.raises(RollbackError, match=f"one from {NAME} 3.0.0 is already pending"):
+        restarted.rollback()
+    restarted.start()
+    deadline = time.monotonic() + 10
+    while not reports and time.monotonic() < deadline:
+        time.sleep(0.02)
+    restarted.stop()
+    assert [o.served.version for o in reports if o.served] == ["2.0.0"]
+    assert not pending.exists() and restarted.store.skipped() == {"3.0.0"}
+
+    # Done, and the stop came before its record went: nothing is done or said twice.
+    pending.write_text(detector.model.ref.model_copy(update={"version": "3.0.0"}).model_dump_json())
+    again = updater(registry, tmp_path, detector)
+    assert again._rolled_back() == Outcome() and detector.model.ref.version == "2.0.0"
+    assert not pending.exists()
