@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -98,9 +98,11 @@ def run_batch(
     on_result: Callable[[str, Analysis], None] | None = None,
     on_refused: Callable[[str], None] | None = None,
     on_unwritten: Callable[[str], None] | None = None,
+    zone: tzinfo | None = None,
 ) -> Summary:
     """Analyse every entry; results.csv and overlays go to out_dir. An overlay that cannot
-    be written (a full disk, a name the file system refuses) costs only that overlay."""
+    be written (a full disk, a name the file system refuses) costs only that overlay.
+    `zone`: the camera's clock, for EXIF times without an offset (None: local time)."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         results = (out_dir / "results.csv").open("w", newline="")
@@ -129,7 +131,7 @@ def run_batch(
                         summary.unwritten.append(str(exc))
                         if on_unwritten:
                             on_unwritten(str(exc))
-                    meta = read_exif(item.data)
+                    meta = read_exif(item.data, zone)
                     writer.writerow(_row(item.name, analysis, meta))
                     if meta.gps is not None:
                         places.append(_feature(item.name, analysis, meta, meta.gps))
@@ -193,7 +195,7 @@ def _row(name: str, a: Analysis, meta: PhotoMeta) -> list[str]:
 
 
 def detect_file(
-    detector: Detector, path: Path, *, device_id: str, index: int = 0
+    detector: Detector, path: Path, *, device_id: str, index: int = 0, zone: tzinfo | None = None
 ) -> tuple[DetectionMessage, Analysis, imageio.Decoded]:
     """One image from disk to a DetectionMessage: captured_at and gps from the photo's EXIF
     (a drone's card is copied off hours later), else captured_at is the file's mtime."""
@@ -202,7 +204,7 @@ def detect_file(
     except OSError as exc:
         raise imageio.ImageError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     analysis, decoded = analyse_bytes(detector, data, str(path))
-    meta = read_exif(data)
+    meta = read_exif(data, zone)
     captured = meta.taken_at or datetime.fromtimestamp(path.stat().st_mtime, UTC)
     message = analysis.message(
         device_id=device_id, source=str(path), frame_index=index, captured_at=captured, gps=meta.gps

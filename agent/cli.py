@@ -10,6 +10,7 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import tzinfo
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ from pydantic import ValidationError
 
 from agent import __version__
 from agent.config import AgentConfig, ClassifierConfig, ConfigError, TlsConfig
+from agent.exif import camera_zone
 from agent.health import heartbeat_age
 from agent.memory import tune_malloc
 
@@ -63,7 +65,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     for i, path in enumerate(args.images):
         try:
             message, analysis, decoded = detect_file(
-                detector, path, device_id=args.device_id, index=i
+                detector, path, device_id=args.device_id, index=i, zone=args.camera_tz
             )
         except imageio.ImageError as exc:
             print(f"refused: {exc}", file=sys.stderr)
@@ -100,6 +102,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
             on_result=lambda name, a: print(_line(name, a), flush=True),
             on_refused=lambda reason: tqdm.write(f"refused: {reason}", file=sys.stderr),
             on_unwritten=lambda why: tqdm.write(f"not written: {why}", file=sys.stderr),
+            zone=args.camera_tz,
         )
     except ValueError as exc:  # not a folder or zip at all
         print(f"error: {exc}", file=sys.stderr)
@@ -253,6 +256,21 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--flag-pct", type=float, default=None, help="flag threshold %% (default: the model's)"
     )
+    p.add_argument(
+        "--camera-tz",
+        type=_zone,
+        default=None,
+        metavar="ZONE",
+        help="the camera clock's zone, for EXIF times without an offset: Australia/Sydney, "
+        "+10:00 or UTC (default: this computer's)",
+    )
+
+
+def _zone(text: str) -> tzinfo | None:
+    try:
+        return camera_zone(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parser() -> argparse.ArgumentParser:

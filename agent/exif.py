@@ -12,14 +12,15 @@ import logging
 import math
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from typing import Any, Final
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import exifread
 
 from agent.contract.messages import Gps
 
-__all__ = ["PhotoMeta", "read_exif"]
+__all__ = ["PhotoMeta", "camera_zone", "read_exif"]
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +60,36 @@ class _Budget(io.BytesIO):
         return super().read(size)
 
 
-def read_exif(data: bytes) -> PhotoMeta:
-    """Parse EXIF from encoded image bytes (JPEG, TIFF, PNG, WebP)."""
+def camera_zone(text: str) -> tzinfo | None:
+    """The zone of a camera's clock: "" (None: this device's local time), an offset such as
+    "+10:00", "UTC", or an IANA name such as "Australia/Sydney" (with its daylight saving).
+    A gateway often runs in UTC while the camera beside it keeps local time."""
+    text = text.strip()
+    if not text:
+        return None
+    if text.upper() in ("UTC", "Z"):
+        return UTC
+    if (fixed := _offset(text)) is not None:
+        return fixed
+    try:
+        return ZoneInfo(text)
+    except (ZoneInfoNotFoundError, ValueError):  # ValueError: "../etc", an absolute path
+        raise ValueError(
+            f"unknown time zone {text!r}: an IANA name such as Australia/Sydney (from the "
+            "system's tz database), an offset such as +10:00, or UTC"
+        ) from None
+
+
+def read_exif(data: bytes, zone: tzinfo | None = None) -> PhotoMeta:
+    """Parse EXIF from encoded image bytes (JPEG, TIFF, PNG, WebP). `zone`: the camera's
+    clock, for a time without an offset tag (None: this device's local time)."""
     try:
         tags = exifread.process_file(_Budget(data), details=False)
     # exifread raises anything from struct.error to IndexError on hostile EXIF.
     except Exception as exc:
         log.debug("unreadable EXIF ignored: %r", exc)
         return PhotoMeta(None, None)
-    return PhotoMeta(_taken_at(tags), _gps(tags))
+    return PhotoMeta(_taken_at(tags, zone), _gps(tags))
 
 
 def _text(tags: dict[str, Any], key: str) -> str | None:
@@ -75,8 +97,8 @@ def _text(tags: dict[str, Any], key: str) -> str | None:
     return values.strip().strip("\x00").strip() if isinstance(values, str) else None
 
 
-def _taken_at(tags: dict[str, Any]) -> datetime | None:
-    """DateTimeOriginal with its sub-seconds; without OffsetTimeOriginal it is taken to be
+def _taken_at(tags: dict[str, Any], zone: tzinfo | None) -> datetime | None:
+    """DateTimeOriginal with its sub-seconds; without OffsetTimeOriginal it is in `zone`, or
     this device's local time, which is what a camera set up on site usually writes."""
     raw = _text(tags, "EXIF DateTimeOriginal")
     if not raw:
@@ -89,6 +111,8 @@ def _taken_at(tags: dict[str, Any]) -> datetime | None:
         tz = _offset(_text(tags, "EXIF OffsetTimeOriginal"))
         if tz is not None:
             return taken.replace(tzinfo=tz).astimezone(UTC)
+        if zone is not None:
+            return taken.replace(tzinfo=zone).astimezone(UTC)
         return taken.astimezone().astimezone(UTC)  # naive: interpreted as local time
     except (ValueError, OverflowError, OSError):  # "0000:00:00 00:00:00" and friends
         return None

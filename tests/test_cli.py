@@ -187,6 +187,26 @@ def test_detect_and_batch_date_and_place_photos_by_their_exif(
     assert place["properties"]["corrosion_pct"] == float(rows["DJI_0001.jpg"]["corrosion_pct"])
     assert place["properties"]["taken_at"] == "2024-05-06T05:08:09+00:00"
 
+    # A camera kept Sydney time without writing its offset; the workstation is elsewhere.
+    (photos / "DJI_0002.jpg").write_bytes(with_exif(scene_jpeg(24), [TAKEN]))
+    argv = ["batch", str(photos), "--model", str(logistic_model), "--out", str(out)]
+    assert agent_main([*argv, "--camera-tz", "Australia/Sydney"]) == 0
+    rows = {r["file"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert rows["DJI_0002.jpg"]["taken_at"] == "2024-05-05T21:08:09+00:00"
+    assert rows["DJI_0001.jpg"]["taken_at"] == "2024-05-06T05:08:09+00:00"  # its offset wins
+    code = agent_main(["detect", str(photos / "DJI_0002.jpg"), "--model", str(logistic_model),
+                       "--json", "--camera-tz", "+10:00"])  # fmt: skip
+    out_json = capsys.readouterr().out.splitlines()[-1]
+    assert code == 0
+    assert DetectionMessage.model_validate_json(out_json).captured_at == datetime(
+        2024, 5, 5, 21, 8, 9, tzinfo=UTC
+    )
+    with pytest.raises(SystemExit) as bad:
+        agent_main([*argv, "--camera-tz", "Sydney"])
+    assert bad.value.code == 2
+    assert "--camera-tz: unknown time zone 'Sydney'" in capsys.readouterr().err
+    (photos / "DJI_0002.jpg").unlink()
+
     def interrupt(name: str, _: object) -> None:
         raise KeyboardInterrupt  # Ctrl-C during the next run
 

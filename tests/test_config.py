@@ -45,6 +45,11 @@ def write(tmp_path: Path, text: str) -> Path:
             "model: registry is set and require_signature is true, but public_keys",
         ),
         ("[mqtt\n", "not valid TOML"),
+        (
+            '[source]\ncamera_tz = "Sydney"\n',
+            "source.camera_tz: unknown time zone 'Sydney': an IANA name such as Australia/Sydney",
+        ),
+        ('[source]\ncamera_tz = "+25:00"\n', "source.camera_tz: unknown time zone '+25:00'"),
     ],
 )
 def test_errors_name_file_and_field(tmp_path: Path, text: str, error: str) -> None:

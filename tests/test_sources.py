@@ -807,6 +807,28 @@ def test_exif_time_without_offset_is_local_time(
 
 
 @pytest.mark.parametrize(
+    ("zone", "utc"),
+    [
+        ("Australia/Sydney", datetime(2024, 5, 5, 21, 8, 9, tzinfo=UTC)),  # AEST, +10:00
+        ("America/New_York", datetime(2024, 5, 6, 11, 8, 9, tzinfo=UTC)),  # EDT: DST, -04:00
+        ("+05:30", datetime(2024, 5, 6, 1, 38, 9, tzinfo=UTC)),
+        ("UTC", datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)),
+    ],
+)
+def test_exif_time_without_offset_is_in_the_cameras_zone_when_one_is_set(
+    tmp_path: Path, zone: str, utc: datetime
+) -> None:
+    """A gateway running in UTC read a camera's local clock as UTC: hours off."""
+    path = write(tmp_path / "a.jpg", with_exif(jpeg(), [TAKEN]))
+    (item,) = Drain(GlobSource(cfg("glob", path, camera_tz=zone))).finish()
+    assert isinstance(item, Frame) and item.captured_at == utc
+    tagged = write(tmp_path / "b.jpg", with_exif(jpeg(), [TAKEN, ascii_tag(0x9011, "+02:00")]))
+    (item,) = Drain(GlobSource(cfg("glob", tagged, camera_tz=zone))).finish()
+    assert isinstance(item, Frame)  # the photo's own offset wins
+    assert item.captured_at == datetime(2024, 5, 6, 5, 8, 9, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
     ("data", "local"),
     [
         pytest.param(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from agent.exif import camera_zone
 
 
 class Area(BaseModel):
@@ -145,6 +147,18 @@ class SourceConfig(Area):
         description="Stop the agent when a file source is exhausted (folder: nothing new left); "
         "otherwise it idles, answering commands, until stopped",
     )
+    camera_tz: str = Field(
+        default="",
+        max_length=64,
+        description="Zone of the camera's clock for EXIF times without an offset: an IANA name "
+        '("Australia/Sydney"), "+10:00" or "UTC"; empty: this device\'s local time',
+    )
+
+    @field_validator("camera_tz")
+    @classmethod
+    def _zone_known(cls, value: str) -> str:
+        camera_zone(value)
+        return value
 
 
 class HealthConfig(Area):

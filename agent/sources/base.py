@@ -19,7 +19,7 @@ import numpy.typing as npt
 from agent import imageio
 from agent.config import SourceConfig
 from agent.contract.messages import Gps, SourceState, SourceStatus
-from agent.exif import read_exif
+from agent.exif import camera_zone, read_exif
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ class Source(ABC):
         self._stale = False
         self._config = config
         self._long_side = decode_long_side
+        self._zone = camera_zone(config.camera_tz)
 
     @abstractmethod
     def frames(self, stop: threading.Event) -> Iterator[Frame | Failed]:
@@ -180,7 +181,7 @@ class Source(ABC):
             decoded = imageio.decode(data, str(path), max_long_side=self._long_side)
         except imageio.ImageError as exc:
             return self._failed(str(path), str(exc))
-        meta = read_exif(data)
+        meta = read_exif(data, self._zone)
         return Frame(
             image=decoded.image,
             full_size=decoded.full_size,
