@@ -5,9 +5,11 @@ encoding, JSON and fields are checked in that order and the first problem become
 error of the result. A handler that raises gives an error result too; the agent carries on.
 New commands (the model updater's) register themselves; this module knows none of them.
 
-A request that names itself (a `request_id`, or MQTT 5 correlation data) runs once: the same
-request again, a sender's QoS 1 retry or the broker's redelivery after a reconnect, gets the
-first answer again instead of a second rollback or snapshot.
+A command registered `once` (rollback, snapshot: running it twice is not running it once)
+and named by its sender (a `request_id`, or MQTT 5 correlation data with its response topic)
+runs once: the same request again within REMEMBER_S, a sender's QoS 1 resend (the broker
+forwards it as a new message) or a retry after a lost answer, gets the first answer again.
+Only an answer whose command ran is remembered; the memory is this process's.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,9 +32,10 @@ log = logging.getLogger(__name__)
 
 R = TypeVar("R", bound=CommandRequest)
 MAX_NAME = 64  # longer command names are cut in results and in their result topic
-# Answers remembered for repeats: a retry comes within seconds, a redelivery at the next
-# connect; a few hundred requests cover both at any sane command rate.
+# Answers remembered for repeats: a resend comes within seconds, an operator's retry within
+# minutes; later, the same name is a new request (scripts reuse fixed ids).
 MAX_REMEMBERED = 256
+REMEMBER_S = 600.0
 
 
 class CommandError(Exception):
@@ -42,6 +46,7 @@ class CommandError(Exception):
 class _Entry(Generic[R]):
     request: type[R]
     handler: Callable[[R], dict[str, Any]]
+    once: bool
 
     def run(self, data: dict[str, Any]) -> dict[str, Any]:
         # strict: `true` or "3.5" for a number is the caller's mistake, not 1.0 or 3.5
@@ -55,11 +60,22 @@ class Commands:
         self.device_id = device_id
         self.max_bytes = max_bytes
         self._entries: dict[str, _Entry[Any]] = {}
-        # (command, request id) -> (sha256 of the payload, the answer); one thread handles
-        self._answered: OrderedDict[tuple[str, str], tuple[bytes, CommandResult]] = OrderedDict()
+        # (command, how named, name) -> (sha256 of the payload, the answer, monotonic time
+        # answered), oldest first; only the MQTT network thread handles commands
+        self._answered: OrderedDict[tuple[str, ...], tuple[bytes, CommandResult, float]] = (
+            OrderedDict()
+        )
 
-    def register(self, name: str, request: type[R], handler: Callable[[R], dict[str, Any]]) -> None:
-        self._entries[name] = _Entry(request, handler)
+    def register(
+        self,
+        name: str,
+        request: type[R],
+        handler: Callable[[R], dict[str, Any]],
+        *,
+        once: bool = False,
+    ) -> None:
+        """`once`: a repeat of a named request gets the first answer instead of a second run."""
+        self._entries[name] = _Entry(request, handler, once)
 
     @property
     def names(self) -> list[str]:
@@ -72,35 +88,48 @@ class Commands:
         *,
         retained: bool = False,
         correlation: bytes | None = None,
+        reply_to: str | None = None,
     ) -> CommandResult:
         """The answer to one request. A `retained` one is refused: the broker hands it over
-        again at every connect, and a command must run once. `correlation`: MQTT 5
-        correlation data, which names the request when it carries no request_id."""
+        again at every connect, and a command must run once. `correlation` and `reply_to`:
+        MQTT 5 correlation data and response topic, which name a request without a
+        request_id (correlation data means something only to its sender)."""
         command = name[:MAX_NAME]
         data: Any = None
         try:
             data = self._parse(payload)  # first, so that every error echoes its request_id
         except CommandError as exc:
             return self._result(command, data, error=str(exc))
-        key = _request_id(data) or (correlation.hex() if correlation else None)
-        if key is None or retained:  # a retained one is refused, and may be sent live next
+        entry = self._entries.get(name)
+        request_id = _request_id(data)
+        if request_id:
+            key: tuple[str, ...] | None = (command, "request_id", request_id)
+        elif correlation:
+            key = (command, "correlation", reply_to or "", correlation.hex())
+        else:
+            key = None
+        if key is None or retained or entry is None or not entry.once:
             return self._run(name, command, data, retained)
+        now = time.monotonic()
+        while self._answered and next(iter(self._answered.values()))[2] < now - REMEMBER_S:
+            self._answered.popitem(last=False)
         digest = hashlib.sha256(payload).digest()
-        earlier = self._answered.get((command, key))
+        earlier = self._answered.get(key)
         if earlier is not None:
             if earlier[0] != digest:
                 return self._result(
                     command,
                     data,
-                    error=f"request {key!r} was an earlier, different {command} request; "
-                    "name each request anew",
+                    error=f"request {key[-1]!r} was a different {command} request "
+                    f"{now - earlier[2]:.0f} s ago; name each request anew",
                 )
-            log.info("%s request %r again (a retry or redelivery): answered, not run", command, key)
+            log.info("%s request %r again (a resend or retry): answered, not run", command, key[-1])
             return earlier[1]
         result = self._run(name, command, data, retained)
-        self._answered[command, key] = (digest, result)
-        if len(self._answered) > MAX_REMEMBERED:
-            self._answered.popitem(last=False)
+        if result.ok:  # one refused did not run: its retry may
+            self._answered[key] = (digest, result, now)
+            if len(self._answered) > MAX_REMEMBERED:
+                self._answered.popitem(last=False)
         return result
 
     def _run(self, name: str, command: str, data: dict[str, Any], retained: bool) -> CommandResult:

@@ -295,10 +295,10 @@ class Agent:
         c = self.commands
         c.register("ping", PingCommand, lambda _: {"pong": datetime.now(UTC).isoformat()})
         c.register("status", StatusCommand, self._cmd_status)
-        c.register("snapshot", SnapshotCommand, self._cmd_snapshot)
+        c.register("snapshot", SnapshotCommand, self._cmd_snapshot, once=True)
         c.register("set-threshold", SetThresholdCommand, self._cmd_set_threshold)
         c.register("pull-model", PullModelCommand, self._cmd_pull_model)
-        c.register("rollback", RollbackCommand, self._cmd_rollback)
+        c.register("rollback", RollbackCommand, self._cmd_rollback, once=True)
 
     def _cmd_status(self, _: StatusCommand) -> dict[str, Any]:
         return {

@@ -329,7 +329,11 @@ class MqttLink:
             if isinstance(data, bytes) and len(data) <= MAX_CORRELATION:
                 correlation = data
         result = self.commands.handle(
-            name, bytes(message.payload), retained=message.retain, correlation=correlation
+            name,
+            bytes(message.payload),
+            retained=message.retain,
+            correlation=correlation,
+            reply_to=topic,
         )
         topic = topic or self.topics.command_result(result.command)
         self.outbox.put(topic, result.model_dump_json().encode(), correlation=correlation)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from agent.commands import MAX_REMEMBERED, CommandError, Commands
-from agent.contract.messages import PingCommand, SetThresholdCommand
+from agent.contract.messages import PingCommand, SetThresholdCommand, SnapshotCommand
 
 
 def commands() -> Commands:
@@ -105,42 +105,57 @@ def test_reconnect_backoff_is_full_jitter_capped() -> None:
 
 
 def counting() -> tuple[Commands, list[str]]:
-    """Commands whose `snapshot` (not idempotent) counts its runs."""
+    """Commands whose `snapshot` (run once) counts its runs and refuses while "busy"."""
     runs: list[str] = []
     c = Commands("dev-1", max_bytes=1024)
 
-    def snapshot(r: PingCommand) -> dict[str, Any]:
+    def snapshot(r: SnapshotCommand) -> dict[str, Any]:
+        if r.note == "busy":
+            raise CommandError("busy now")
         runs.append(r.request_id or "")
         return {"run": len(runs)}
 
-    c.register("snapshot", PingCommand, snapshot)
+    c.register("snapshot", SnapshotCommand, snapshot, once=True)
+    c.register("ping", PingCommand, lambda _: {"run": len(runs)})
     return c, runs
 
 
-def test_a_repeated_request_is_answered_again_not_run_again() -> None:
-    """A sender's QoS 1 retry, or the broker's redelivery after a reconnect, ran a rollback or
-    a snapshot twice: a rollback twice goes back two versions."""
+def test_a_repeated_request_is_answered_again_not_run_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A sender's QoS 1 resend (forwarded by the broker as a new message) or a retry after a
+    lost answer ran a rollback or a snapshot twice: a rollback twice goes back two versions."""
     c, runs = counting()
     first = c.handle("snapshot", b'{"request_id": "r1"}')
     again = c.handle("snapshot", b'{"request_id": "r1"}')
     assert first.ok and again == first and runs == ["r1"]  # the same answer, its time too
     assert c.handle("snapshot", b'{"request_id": "r2"}').result == {"run": 2}
     assert [c.handle("snapshot", b"{}").result for _ in range(2)] == [{"run": 3}, {"run": 4}]
-    by_correlation = [c.handle("snapshot", b"{}", correlation=b"\x01") for _ in range(2)]
-    assert by_correlation[0] == by_correlation[1] and len(runs) == 5  # MQTT 5's request name
+    # MQTT 5: correlation data names a request only together with its sender's topic.
+    one = [c.handle("snapshot", b"{}", correlation=b"\x01", reply_to="a/res") for _ in range(2)]
+    assert one[0] == one[1] and len(runs) == 5
+    assert c.handle("snapshot", b"{}", correlation=b"\x01", reply_to="b/res").ok and len(runs) == 6
     other = c.handle("snapshot", b'{"request_id": "r1", "note": "x"}')
-    assert not other.ok and other.request_id == "r1" and len(runs) == 5
-    assert (
-        other.error
-        == "request 'r1' was an earlier, different snapshot request; name each request anew"
-    )
+    assert not other.ok and other.request_id == "r1" and len(runs) == 6
+    assert other.error is not None
+    assert other.error.startswith("request 'r1' was a different snapshot request 0 s ago")
+    # Commands that are not `once` (ping, status) run every time, fixed id or not.
+    assert [c.handle("ping", b'{"request_id": "p"}').result for _ in range(2)] == [
+        {"run": 6},
+        {"run": 6},
+    ]
+    monkeypatch.setattr("agent.commands.REMEMBER_S", 0.0)  # later, the same name is new
+    assert c.handle("snapshot", b'{"request_id": "r1"}').result == {"run": 7}
 
 
-def test_a_retained_refusal_is_not_remembered_and_old_requests_are_forgotten() -> None:
+def test_only_requests_that_ran_are_remembered_and_not_for_ever() -> None:
     c, runs = counting()
     refused = c.handle("snapshot", b'{"request_id": "r1"}', retained=True)
     assert not refused.ok and runs == []
     assert c.handle("snapshot", b'{"request_id": "r1"}').ok and runs == ["r1"]  # sent live
+    busy = b'{"request_id": "b", "note": "busy"}'
+    assert c.handle("snapshot", busy).error == "busy now"
+    assert c.handle("snapshot", busy).error == "busy now"  # refused again: not remembered
     for i in range(MAX_REMEMBERED):
         c.handle("snapshot", json.dumps({"request_id": f"n{i}"}).encode())
     assert c.handle("snapshot", b'{"request_id": "r1"}').result == {"run": MAX_REMEMBERED + 2}

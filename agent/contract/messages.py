@@ -253,8 +253,8 @@ class CommandRequest(Strict):
     request_id: str | None = Field(
         default=None,
         max_length=128,
-        description="Echoed in the result; names the request, which runs once: the same "
-        "request again is answered again, not run (MQTT v5 may use correlation data instead)",
+        description="Echoed in the result; a rollback or snapshot sent again under the same id "
+        "within 10 minutes gets the first answer, not a second run (MQTT v5: correlation data)",
     )
 
 
