@@ -198,8 +198,14 @@ class Agent:
         return self._load(manifest)
 
     def _boot_model(self) -> ServingModel:
-        """The last good registry model on disk (a device may boot offline), else the bundled."""
+        """The last good registry model on disk (a device may boot offline), else the bundled.
+        A version rolled back from never serves again by itself (a rollback the stop cut off
+        leaves it in the history)."""
+        skipped = self.store.skipped()
         for rel in reversed(self.store.history()):
+            if Path(rel).parent.name in skipped:
+                log.info("stored model %s was rolled back from: not served", rel)
+                continue
             try:
                 return self._load_from_store(self.store.root / rel)
             except Exception as exc:  # never a failed start while an earlier model remains

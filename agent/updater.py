@@ -189,18 +189,33 @@ class ModelStore:
         at boot while memory was short) go with it: left before the version rolled back to,
         the next rollback would have gone forward to them; the channel brings them again."""
         rel = str(manifest.relative_to(self.root))
-        history = self.history()
-        gone = history[history.index(drop) :] if drop in history else []
-        history = [h for h in history if h != rel and h not in gone] + [rel]
+        gone = self._from(drop)
+        history = [h for h in self.history() if h != rel and h not in gone] + [rel]
         skips = self.skipped() | ({skip} if skip else set())
         self._write(history=history, skip=sorted(skips), **self._promoted(promotion))
-        for version in gone:
-            shutil.rmtree((self.root / version).parent, ignore_errors=True)
+        self._free(gone)
+
+    def forget(self, rel: str, *, skip: str) -> None:
+        """Forget `rel` (a version rolled back from that does not serve: kept at boot) and
+        the versions after it, skip `skip`, and free their folders."""
+        gone = self._from(rel)
+        history = [h for h in self.history() if h not in gone]
+        self._write(history=history, skip=sorted(self.skipped() | {skip}))
+        self._free(gone)
+
+    def _from(self, rel: str | None) -> list[str]:
+        """`rel` and the versions stored after it."""
+        history = self.history()
+        return history[history.index(rel) :] if rel in history else []
+
+    def _free(self, rels: list[str]) -> None:
+        for rel in rels:
+            shutil.rmtree((self.root / rel).parent, ignore_errors=True)
 
     def drop(self, rel: str) -> None:
         """Forget a stored version (unusable at boot) and free its folder."""
         self._write(history=[h for h in self.history() if h != rel])
-        shutil.rmtree((self.root / rel).parent, ignore_errors=True)
+        self._free([rel])
 
     def prune(self, keep: int) -> None:
         history = self.history()
@@ -215,27 +230,35 @@ class ModelStore:
         return Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.root))
 
     @property
-    def _pending(self) -> Path:
-        # Not in state.json: written on MQTT's thread, which must not race the updater's writes.
+    def pending(self) -> Path:
+        """The rollback taken and not done yet. Not in state.json: it is written on MQTT's
+        thread, which must not race the updater thread's writes."""
         return self.root / "rollback.json"
 
     def ask_rollback(self, asked: ModelRef) -> None:
         """Remember a rollback taken from `asked` until it is done: one answered ok and then
         cut off by a stop is done at the next start."""
-        replace_file(self._pending, asked.model_dump_json().encode())
+        replace_file(self.pending, asked.model_dump_json().encode())
 
     def asked_rollback(self) -> ModelRef | None:
         try:
-            return ModelRef.model_validate_json(self._pending.read_bytes())
+            return ModelRef.model_validate_json(self.pending.read_bytes())
         except FileNotFoundError:
             return None
         except (OSError, ValidationError) as exc:
-            log.error("pending rollback %s unreadable, dropped: %s", self._pending, exc)
+            log.error("pending rollback %s unreadable, dropped: %s", self.pending, exc)
             self.rollback_done()
             return None
 
     def rollback_done(self) -> None:
-        self._pending.unlink(missing_ok=True)
+        """Durably: a refused rollback back after a power cut would be tried again."""
+        try:
+            if self.pending.is_dir():  # not ours; in the way of the next record too
+                shutil.rmtree(self.pending)
+            self.pending.unlink(missing_ok=True)
+            sync_dir(self.root)
+        except OSError as exc:
+            log.error("pending rollback %s not removed: %s", self.pending, exc)
 
 
 class Updater:
@@ -327,7 +350,8 @@ class Updater:
             try:
                 self.store.ask_rollback(serving)
             except OSError as exc:  # a full disk: still done, unless a stop comes first
-                log.warning("rollback from %s not recorded on disk: %s", serving.version, exc)
+                log.warning("rollback from %s not recorded in %s: %s", serving.version,
+                            self.store.pending, exc)  # fmt: skip
             self._rollback_from = serving
             self._rollback.set()
         self._wake.set()
@@ -617,34 +641,56 @@ class Updater:
         """Where `ref` is in the store, and the version stored before it (None: no earlier
         version on disk, or `ref` is not a stored version: the bundled model)."""
         history = self.store.history()
+        at = self._at(history, ref)
         rel = str(self._manifest_of(ref).relative_to(self.store.root))
-        at = history.index(rel) if rel in history else 0
-        return rel, history[at - 1] if at else None
+        return rel, history[at - 1] if at > 0 else None
+
+    def _at(self, history: list[str], ref: ModelRef | None) -> int:
+        """Where `ref` is in the history; -1 for none or the bundled model."""
+        if ref is None:
+            return -1
+        rel = str(self._manifest_of(ref).relative_to(self.store.root))
+        return history.index(rel) if rel in history else -1
 
     def _rolled_back(self) -> Outcome:
         """The pending rollback, done (or refused): another may be asked from then on."""
         try:
             return self._roll_back(self._rollback_from)
+        except Exception as exc:  # answered ok ("see model"): the model topic must say
+            log.exception("rollback failed")
+            return Outcome(refused=f"rollback failed: {exc}")
         finally:
             with self._asked:
                 self._rollback_from = None
                 self.store.rollback_done()
 
+    def _given_way(self, asked: ModelRef, current: ModelRef) -> Outcome:
+        """A rollback asked of `asked`, which no longer serves. Done already (a stop came
+        before its record went); kept at boot while an earlier version serves (done once
+        `asked` is forgotten, or the next boot would serve it); or replaced by an update being
+        swapped in: going back from that would undo what the operator did not see, so
+        `asked` is only skipped."""
+        if asked.version in self.store.skipped():
+            return Outcome()
+        history = self.store.history()
+        at = self._at(history, asked)
+        if at > self._at(history, current):
+            self.store.forget(history[at], skip=asked.version)
+            log.info("rollback from %s: %s serves already", asked.version, current.version)
+            return Outcome()
+        self.store.skip(asked.version)
+        return Outcome(
+            refused=f"rollback: {asked.name} {asked.version} had already given way to "
+            f"{current.name} {current.version}; {asked.version} is skipped, send rollback "
+            f"again to leave {current.version}"
+        )
+
     def _roll_back(self, asked: ModelRef | None = None) -> Outcome:
         """Serve the version stored before the serving one, which is skipped and freed.
-        `asked`: what served when the rollback was asked. An update that was being swapped in
-        then has replaced it already: going back from the new version would undo what the
-        operator did not see, so the version asked about is only skipped."""
+        `asked`: what served when the rollback was asked, if it no longer does."""
         current = self.serving()
-        if asked is not None and asked != current and asked.version in self.store.skipped():
-            return Outcome()  # done already: a stop came before the record of it went
         if asked is not None and asked != current:
-            self.store.skip(asked.version)
-            return Outcome(
-                refused=f"rollback: {asked.name} {asked.version} had already given way to "
-                f"{current.name} {current.version}; {asked.version} is skipped, send rollback "
-                f"again to leave {current.version}"
-            )
+            return self._given_way(asked, current)
         rel, earlier = self._earlier(current)
         if earlier is None:  # gone since it was asked (checked then, unless mid-swap)
             return Outcome(refused="rollback: no earlier version on disk")

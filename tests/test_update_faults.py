@@ -436,3 +436,65 @@ def test_a_rollback_answered_ok_and_cut_off_by_a_stop_is_done_at_the_next_start(
     again = updater(registry, tmp_path, detector)
     assert again._rolled_back() == Outcome() and detector.model.ref.version == "2.0.0"
     assert not pending.exists()
+
+
+def test_a_pending_rollback_from_a_version_kept_at_boot_is_finished_not_refused(
+    tmp_path: Path, registry: Registry, logistic_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Answered ok, cut off by a stop; at the next start 3.0.0 could not load (memory short,
+    kept) and 2.0.0 served. The pending rollback only skipped 3.0.0 and said it "had already
+    given way"; 3.0.0 stayed last in the history, and the boot after served it again, the
+    version the operator rolled back from, for good (its channel version skipped)."""
+    agent = _agent(tmp_path, registry, logistic_model)
+    assert agent.updater is not None
+    publish(registry, agent.updater, tmp_path, "2.0.0", "3.0.0")
+    assert agent.updater.rollback().version == "3.0.0"  # answered ok; a stop before the thread
+    _close(agent)
+    real = engine_model.PixelModel.check_golden
+
+    def golden(model: engine_model.PixelModel) -> Any:
+        if "3.0.0" in str(model.path):
+            raise RuntimeError("Failed to allocate memory for requested buffer")
+        return real(model)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine_model.PixelModel, "check_golden", golden)
+        agent = _agent(tmp_path, registry, logistic_model)
+        assert agent.updater is not None and agent.detector.model.ref.version == "2.0.0"
+        assert agent.updater._rolled_back() == Outcome()  # done: nothing refused
+        assert agent.updater.store.history() == [f"{NAME}/2.0.0/manifest.json"]
+        assert agent.updater.store.skipped() == {"3.0.0"}
+        _close(agent)
+    agent = _agent(tmp_path, registry, logistic_model)  # memory back: 2.0.0 still serves
+    assert agent.detector.model.ref.version == "2.0.0" and agent.updater is not None
+    assert agent.updater.check() == Outcome() and agent.detector.model.ref.version == "2.0.0"
+    _close(agent)
+
+
+def test_boot_never_serves_a_version_rolled_back_from(
+    tmp_path: Path, registry: Registry, logistic_model: Path
+) -> None:
+    agent = _agent(tmp_path, registry, logistic_model)
+    assert agent.updater is not None
+    publish(registry, agent.updater, tmp_path, "2.0.0", "3.0.0")
+    _close(agent)
+    store = ModelStore(tmp_path / "state" / "models")
+    store.skip("3.0.0")  # as a rollback the stop cut off between its two writes may leave it
+    agent = _agent(tmp_path, registry, logistic_model)
+    assert agent.detector.model.ref.version == "2.0.0"
+    _close(agent)
+
+
+def test_a_rollback_that_fails_unexpectedly_is_said_on_model_and_its_record_goes(
+    tmp_path: Path, registry: Registry, logistic_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    detector = Detector(ColourModel.load(logistic_model))
+    up = updater(registry, tmp_path, detector)
+    publish(registry, up, tmp_path, "2.0.0", "3.0.0")
+    up.rollback()
+    monkeypatch.setattr(up, "_serve", lambda *a, **k: (_ for _ in ()).throw(KeyError("bug")))
+    assert up._rolled_back() == Outcome(refused="rollback failed: 'bug'")
+    assert not up.store.pending.exists() and up._rollback_from is None
+    up.store.pending.mkdir()  # not a file: neither read nor in the way of a start
+    assert updater(registry, tmp_path, detector)._rollback_from is None
+    assert not up.store.pending.exists()
