@@ -324,6 +324,41 @@ def test_folder_memory_holds_what_the_folder_holds_and_a_returning_file_is_not_r
     assert set(seen_rows(state).values()) == {None}
 
 
+def test_a_sub_folder_that_cannot_be_listed_is_out_of_sight_not_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the folder itself was guarded: a camera's share mounted under the inbox, down at
+    a check, had its files marked gone; past _KEEP_GONE newer gone files (4.6 h at 15
+    frames/s) they would be analysed and published again when it came back."""
+    monkeypatch.setattr("agent.sources.files._PRUNE_AFTER_SEEN", 0)  # a check at every poll
+    folder, state, now = tmp_path / "in", tmp_path / "state", time.time()
+    for i, name in enumerate(["cam1/a.jpg", "cam2/b.jpg", "cam2/c.jpg"]):
+        write(folder / name, jpeg(), now - 30 + i)
+    source = FolderSource(cfg("folder", folder, recursive=True), state_dir=state)
+    drain = Drain(source)
+    drain.wait(lambda items: len(items) == 3)
+    real_scandir = os.scandir
+    down = threading.Event()
+
+    def scandir(top: str) -> Any:
+        if top.endswith("cam2"):
+            down.set()
+            raise OSError(116, "Stale file handle")
+        return real_scandir(top)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    (folder / "cam1" / "a.jpg").unlink()
+    drain.wait(lambda _: down.is_set() and len(source._seen) == 2)
+    monkeypatch.setattr(os, "scandir", real_scandir)
+    drain.stopped()
+    source.close()
+    assert {key[0] for key in source._seen} == {"cam2/b.jpg", "cam2/c.jpg"}
+    rows = seen_rows(state)
+    assert rows["cam2/b.jpg"] is None and rows["cam2/c.jpg"] is None
+    assert rows["cam1/a.jpg"] is not None  # really gone
+    assert names(drain.items) == ["cam1/a.jpg", "cam2/b.jpg", "cam2/c.jpg"]
+
+
 def test_folder_record_keeps_only_the_most_recently_gone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

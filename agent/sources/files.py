@@ -51,6 +51,8 @@ _QUIET_WALK_S: Final = 60.0
 _SEEN_SCHEMA: Final = """CREATE TABLE IF NOT EXISTS seen (path TEXT NOT NULL, size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL, seen_at REAL NOT NULL, gone_at REAL,
     PRIMARY KEY (path, size, mtime_ns))"""
+# The bounds read and delete gone files by when they went; files there are not indexed.
+_GONE_INDEX: Final = "CREATE INDEX IF NOT EXISTS seen_gone ON seen (gone_at) WHERE gone_at NOT NULL"
 
 
 def _read(path: Path) -> bytes:
@@ -148,7 +150,8 @@ class FolderSource(Source):
         self._settling: dict[str, tuple[int, int, float]] = {}
         self._misnamed: set[str] = set()  # reported once each
         self._unreadable: dict[tuple[str, int, int], tuple[float, float]] = {}  # retry at, wait
-        record = state_dir / "seen-files.sqlite"
+        self._record = record = state_dir / "seen-files.sqlite"
+        self._unlisted: list[str] = []  # sub-folders the last walk could not list ("a/b/")
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(record, isolation_level=None, check_same_thread=False)
@@ -158,6 +161,7 @@ class FolderSource(Source):
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(seen)")}
             if "gone_at" not in columns:  # a record from before gone_at
                 self._db.execute("ALTER TABLE seen ADD COLUMN gone_at REAL")
+            self._db.execute(_GONE_INDEX)
             rows = self._db.execute("SELECT path, size, mtime_ns FROM seen WHERE gone_at IS NULL")
             self._seen: set[tuple[str, int, int]] = {(p, s, m) for p, s, m in rows}
             self._pruned_at = -float("inf")
@@ -207,11 +211,15 @@ class FolderSource(Source):
         unreadable = self._unreadable
         self._unreadable = {}  # forget files that went away
         present: set[tuple[str, int, int]] = set()
+        back: list[tuple[str, int, int]] = []
         for file in self._files():
             key = file.key
             if prune:
                 present.add(key)
-            if key in self._seen or self._came_back(key):
+            if key in self._seen:
+                continue
+            if self._on_record(key):
+                back.append(key)
                 continue
             if key in unreadable:
                 self._unreadable[key] = unreadable[key]
@@ -228,6 +236,7 @@ class FolderSource(Source):
             self._walked_at = now  # a quiet walk: until its folders change, nothing will
         else:
             self._walked = {}  # walk again at the next poll
+        self._record_back(back)
         if prune and self._root_listed:  # a folder that cannot be listed says nothing is gone
             self._pruned_at = now
             self._forget_gone(present)
@@ -248,6 +257,7 @@ class FolderSource(Source):
         read before it is listed, goes into self._walked."""
         stack = [(str(self._root), "")]
         was_listed, self._root_listed = self._root_listed, False
+        self._unlisted = []
         while stack:
             top, prefix = stack.pop()
             try:
@@ -256,6 +266,7 @@ class FolderSource(Source):
             except OSError as exc:  # removed or unreadable since it was listed
                 if not prefix and was_listed:  # once per outage, not every poll
                     log.warning("%s: cannot list the folder: %s", self.uri, exc)
+                self._unlisted.append(prefix)  # what it holds is not gone, only unseen now
                 continue
             self._root_listed = self._root_listed or not prefix
             for entry in entries:
@@ -320,46 +331,68 @@ class FolderSource(Source):
         log.debug("%s; next try in %.0f s", reason, wait)
         return None
 
-    def _came_back(self, key: tuple[str, int, int]) -> bool:
-        """Whether a file not in memory is on the record: it was gone and is back (or the
-        record is from before the last start). A point lookup, made only for files not seen."""
-        where = "path=? AND size=? AND mtime_ns=?"
+    def _on_record(self, key: tuple[str, int, int]) -> bool:
+        """Whether a file not in memory is on the record (gone at a check and back, or seen
+        before this start and gone then): a point lookup, made only for files not seen."""
         try:
-            if self._db.execute(f"SELECT 1 FROM seen WHERE {where}", key).fetchone() is None:
-                return False
-            self._db.execute(f"UPDATE seen SET gone_at=NULL WHERE {where}", key)
+            where = "path=? AND size=? AND mtime_ns=?"
+            found = self._db.execute(f"SELECT 1 FROM seen WHERE {where}", key).fetchone()
         except sqlite3.Error as exc:  # analysed again rather than skipped unseen
-            log.error("%s: cannot look up %s in the record of seen files: %s", self.uri,
-                      key[0], exc)  # fmt: skip
+            log.error("%s: cannot look up %s in %s: %s", self.uri, key[0], self._record, exc)
             return False
-        self._seen.add(key)
-        return True
+        if found is not None:
+            self._seen.add(key)
+        return found is not None
+
+    def _record_back(self, keys: list[tuple[str, int, int]]) -> None:
+        """Files back in the folder are not gone: one transaction for a card put back."""
+        if not keys:
+            return
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany(
+                "UPDATE seen SET gone_at=NULL WHERE path=? AND size=? AND mtime_ns=?", keys
+            )
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:  # still in memory: skipped until restart all the same
+            self._abort(f"cannot record {len(keys)} file(s) back in the folder", exc)
+
+    def _abort(self, what: str, exc: sqlite3.Error) -> None:
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+        log.error("%s: %s in %s: %s", self.uri, what, self._record, exc)
 
     def _forget_gone(self, present: set[tuple[str, int, int]]) -> None:
         """Bound memory by what the folder holds and the record by _KEEP_GONE and
         _FORGET_AFTER_S: the files seen and missing now leave memory and are marked gone;
-        the work is proportional to the hour's turnover, not to the record."""
+        the work follows the turnover since the last check, not the record's size. Files
+        under a sub-folder that could not be listed are not missing, only out of sight."""
         now = time.time()
-        gone = self._seen - present
+        gone = {
+            key
+            for key in self._seen - present
+            if not any(key[0].startswith(prefix) for prefix in self._unlisted)
+        }
         try:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany(
                 "UPDATE seen SET gone_at=? WHERE path=? AND size=? AND mtime_ns=?",
                 ((now, *key) for key in gone),
             )
-            forgot = self._db.execute(
-                "DELETE FROM seen WHERE gone_at < ?", (now - _FORGET_AFTER_S,)
-            ).rowcount
-            forgot += self._db.execute(
-                "DELETE FROM seen WHERE rowid IN (SELECT rowid FROM seen WHERE gone_at NOT NULL"
-                " ORDER BY gone_at DESC, rowid DESC LIMIT -1 OFFSET ?)",
+            cutoff = now - _FORGET_AFTER_S
+            kept = self._db.execute(  # the newest gone beyond the count kept: it goes too
+                "SELECT gone_at FROM seen WHERE gone_at NOT NULL ORDER BY gone_at DESC"
+                " LIMIT 1 OFFSET ?",
                 (_KEEP_GONE,),
-            ).rowcount
+            ).fetchone()
+            if kept is not None and kept[0] >= cutoff:
+                where, cutoff = "gone_at <= ?", kept[0]
+            else:
+                where = "gone_at < ?"
+            forgot = self._db.execute(f"DELETE FROM seen WHERE {where}", (cutoff,)).rowcount
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            log.error("%s: cannot prune the record of seen files: %s", self.uri, exc)
+            self._abort("cannot prune the record of seen files", exc)
             return
         self._seen -= gone
         if forgot:
@@ -375,7 +408,7 @@ class FolderSource(Source):
                 self._db.execute("VACUUM")
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:  # the record is still right, only larger than needed
-            log.warning("%s: cannot compact the record of seen files: %s", self.uri, exc)
+            log.warning("%s: cannot compact %s: %s", self.uri, self._record, exc)
 
     def _mark(self, file: _File) -> None:
         self._seen.add(file.key)
@@ -385,7 +418,8 @@ class FolderSource(Source):
                 (*file.key, time.time()),
             )
         except sqlite3.Error as exc:  # e.g. disk full: still skipped until restart
-            log.error("%s: cannot record %s as seen: %s", self.uri, file.rel, exc)
+            log.error("%s: cannot record %s as seen in %s: %s", self.uri, file.rel, self._record,
+                      exc)  # fmt: skip
 
 
 def _utf8(name: str) -> bool:
