@@ -10,7 +10,8 @@ the last hour's files analysed and gone since the last hourly check, the rest go
 earlier checks. Timed on it, in one run: a start (FolderSource opening the record) and the
 first scan (the hourly check), against the same two steps as they were before 2026-11-22
 (every record loaded into memory; an UPDATE per file ever seen and now missing), and then
-the steady state: the next hourly check after another hour's turnover. `set_mb` is the
+the steady state: the next check after another hour's turnover (the hourly check), and after
+5,000 files (the check's other trigger). `set_mb` is the
 memory the set of seen files holds (tracemalloc). No real data: the files are empty.
 """
 
@@ -27,7 +28,7 @@ from typing import TypeVar
 
 from agent.config import SourceConfig
 from agent.sources import FolderSource
-from agent.sources.files import _SEEN_SCHEMA
+from agent.sources.files import _PRUNE_AFTER_SEEN, _SEEN_SCHEMA
 
 T = TypeVar("T")
 Keys = set[tuple[str, int, int]]
@@ -44,16 +45,16 @@ def timed(run: Callable[[], T]) -> tuple[T, float, float]:
     return result, ms, kept
 
 
-def build(record: Path, inbox: Path, *, files: int, hour: int, present: int) -> None:
-    """A record of `files` files: the last `present` in the inbox, the `hour` before them
-    gone since the last check (gone_at NULL), the rest gone at earlier checks."""
+def build(record: Path, inbox: Path, *, files: int, fps: float, present: int) -> None:
+    """A record of `files` files at `fps`: the last `present` in the inbox, the hour's before
+    them gone since the last check (gone_at NULL), the rest gone at earlier checks."""
     inbox.mkdir()
     now = time.time()
-    gone_before = files - hour - present
+    gone_before = files - int(fps * 3600) - present
     rows = []
     for i in range(files):
         name = f"cam/{i // 100_000:03d}/IMG_{i:08d}.jpg"
-        gone_at = now - 3600.0 - (gone_before - i) / 15.0 if i < gone_before else None
+        gone_at = now - 3600.0 - (gone_before - i) / fps if i < gone_before else None
         rows.append((name, 0, 0, now, gone_at))
     inbox.joinpath("cam").mkdir()
     for name, *_ in rows[files - present :]:
@@ -105,7 +106,7 @@ def main() -> None:
         state, inbox = Path(tmp, "state"), Path(tmp, "inbox")
         state.mkdir()
         record = state / "seen-files.sqlite"
-        build(record, inbox, files=files, hour=hour, present=args.present)
+        build(record, inbox, files=files, fps=args.fps, present=args.present)
         print(f"record: {files:,} files ({args.hours:g} h at {args.fps:g} frames/s), "
               f"{args.present:,} in the inbox, {record.stat().st_size / 1e6:.1f} MB")  # fmt: skip
         seen, old_start_ms, old_mb = timed(lambda: old_start(record))
@@ -116,10 +117,11 @@ def main() -> None:
         source, start_ms, set_mb = timed(lambda: FolderSource(config, state_dir=state))
         _, check_ms, _ = timed(source._scan)
         kept = record.stat().st_size / 1e6
-        # Another hour: as many files again analysed and gone, then the next check.
-        source._seen.update((f"cam/next/IMG_{i:08d}.jpg", 0, 0) for i in range(hour))
-        source._pruned_at = -float("inf")
-        _, steady_ms, _ = timed(source._scan)
+        # Files analysed (recorded as _mark does) and gone since, then the next check: an
+        # hour's at the hourly check; as many as trigger one sooner.
+        steady_ms, trigger_ms = (
+            after(source, count, tag) for count, tag in ((hour, "h"), (_PRUNE_AFTER_SEEN, "t"))
+        )
         left = len(source._seen)
         source.close()
     print(f"{'':<24} {'before':>10} {'now':>10} {'ratio':>8}")
@@ -129,13 +131,27 @@ def main() -> None:
         ("first check: ms", old_check_ms, check_ms),
     ]:
         print(f"{label:<24} {before:>10.1f} {now:>10.1f} {before / now:>7.1f}x")
-    print(f"next check (an hour on): {steady_ms:.0f} ms, {left:,} files left in memory, "
-          f"record {kept:.1f} MB after the first check")  # fmt: skip
+    print(f"record {kept:.1f} MB after the first check; then a check with {hour:,} files gone "
+          f"since the last: {steady_ms:.0f} ms; with {_PRUNE_AFTER_SEEN:,}: {trigger_ms:.0f} ms; "
+          f"{left:,} files left in memory")  # fmt: skip
     print(
         f"files={files} old_start_ms={old_start_ms:.0f} start_ms={start_ms:.0f} "
         f"old_set_mb={old_mb:.1f} set_mb={set_mb:.1f} old_check_ms={old_check_ms:.0f} "
-        f"check_ms={check_ms:.0f} steady_check_ms={steady_ms:.0f}"
+        f"check_ms={check_ms:.0f} hour_check_ms={steady_ms:.0f} trigger_check_ms={trigger_ms:.0f}"
     )
+
+
+def after(source: FolderSource, count: int, tag: str) -> float:
+    """Milliseconds of the check after `count` files were analysed and went."""
+    now = time.time()
+    keys = [(f"cam/{tag}/IMG_{i:08d}.jpg", 0, 0) for i in range(count)]
+    db = source._db
+    db.execute("BEGIN")
+    db.executemany("INSERT INTO seen VALUES (?, ?, ?, ?, NULL)", ((*k, now) for k in keys))
+    db.execute("COMMIT")
+    source._seen.update(keys)
+    source._pruned_at = -float("inf")
+    return timed(source._scan)[1]
 
 
 if __name__ == "__main__":
