@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from typing import Any, Final
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 import exifread
 
@@ -74,10 +74,12 @@ def camera_zone(text: str) -> tzinfo | None:
     try:
         return ZoneInfo(text)
     except (ZoneInfoNotFoundError, ValueError):  # ValueError: "../etc", an absolute path
-        raise ValueError(
-            f"unknown time zone {text!r}: an IANA name such as Australia/Sydney (from the "
-            "system's tz database), an offset such as +10:00, or UTC"
-        ) from None
+        pass
+    known = "" if available_timezones() else " (this system has no tz database: install tzdata)"
+    raise ValueError(
+        f"unknown time zone {text!r}{known}: an IANA name such as Australia/Sydney, an offset "
+        "such as +10:00, or UTC"
+    )
 
 
 def read_exif(data: bytes, zone: tzinfo | None = None) -> PhotoMeta:

@@ -47,7 +47,7 @@ def write(tmp_path: Path, text: str) -> Path:
         ("[mqtt\n", "not valid TOML"),
         (
             '[source]\ncamera_tz = "Sydney"\n',
-            "source.camera_tz: unknown time zone 'Sydney': an IANA name such as Australia/Sydney",
+            "source.camera_tz: unknown time zone 'Sydney': an IANA name such as Australia/Sydney,",
         ),
         ('[source]\ncamera_tz = "+25:00"\n', "source.camera_tz: unknown time zone '+25:00'"),
     ],

@@ -863,6 +863,18 @@ def test_exif_time_without_offset_is_in_the_cameras_zone_when_one_is_set(
     assert item.captured_at == datetime(2024, 5, 6, 5, 8, 9, tzinfo=UTC)
 
 
+def test_a_zone_name_on_a_system_without_a_tz_database_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A minimal gateway image without tzdata rejected Australia/Sydney as misspelt."""
+    monkeypatch.setattr(agent.exif, "ZoneInfo", lambda key: (_ for _ in ()).throw(
+        agent.exif.ZoneInfoNotFoundError(key)))  # fmt: skip
+    monkeypatch.setattr(agent.exif, "available_timezones", set)
+    with pytest.raises(ValueError, match="this system has no tz database: install tzdata"):
+        agent.exif.camera_zone("Australia/Sydney")
+    assert agent.exif.camera_zone("+10:00") is not None  # an offset needs none
+
+
 @pytest.mark.parametrize(
     ("data", "local"),
     [
