@@ -73,27 +73,35 @@ def _outage(exc: Exception) -> bool:
     return True
 
 
-def _records(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a local hourly manifest. A line a power cut tore (not a JSON
-    object) is dropped and the file replaced without it, so it neither blocks the upload nor
-    spoils the next line; a line this version cannot validate (a newer agent's) stays."""
-    kept: list[str] = []
-    records: list[dict[str, Any]] = []
+def _field(path: Path, name: str) -> list[str]:
+    """Field `name` of each JSON object of a local hourly manifest, read a line at a time
+    (an hour's dicts at once made the flush's peak memory 20 MB at 5 captures/s). A line a
+    power cut tore (not a JSON object) is dropped and the file replaced without it, so it
+    neither blocks the upload nor spoils the next line; a line this version cannot validate
+    (a newer agent's) stays."""
+    values: list[str] = []
     torn = 0
-    for text in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(text)
-        except ValueError:
-            record = None
-        if isinstance(record, dict):
-            kept.append(text)
-            records.append(record)
-        else:
-            torn += bool(text.strip())
+    with path.open(errors="replace") as fh:
+        for text in fh:
+            record = _object(text)
+            if record is None:
+                torn += bool(text.strip())
+            elif isinstance(value := record.get(name), str):
+                values.append(value)
     if torn:
         log.warning("%s: %d unreadable line(s) dropped", path, torn)
-        replace_file(path, "".join(line + "\n" for line in kept).encode())
-    return records
+        with path.open(errors="replace") as fh:
+            kept = b"".join(line.encode() for line in fh if _object(line) is not None)
+        replace_file(path, kept)
+    return values
+
+
+def _object(text: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _append(path: Path, line: str) -> None:
@@ -360,7 +368,7 @@ class Uploader:
             path.write_bytes(body)
         ids = self._frame_ids.get(path)
         if ids is None:  # read once per hour's file, not once per capture
-            ids = self._frame_ids[path] = {str(r.get("frame-id")) for r in _records(path)}
+            ids = self._frame_ids[path] = set(_field(path, "frame-id"))
         if sidecar.frame_id in ids:
             return  # a repeat after a crash between the upload and the spool's bookkeeping
         _append(path, line.model_dump_json(by_alias=True))
@@ -377,9 +385,8 @@ class Uploader:
             hour = datetime.strptime(path.stem, "%Y%m%d%H").replace(tzinfo=UTC)
             key = capture_manifest_key(self.config.prefix, self.device_id, hour)
             meta = {"device": self.device_id}
-            records = _records(path)  # first: it drops a line a power cut tore
+            refs = _field(path, "source-ref")  # first: it drops a line a power cut tore
             self._put(path, key, "application/x-ndjson", meta)
-            refs = [r["source-ref"] for r in records if isinstance(r.get("source-ref"), str)]
             transform = path.with_suffix(TRANSFORM_SUFFIX)
             transform.write_text(json.dumps(transform_manifest(refs)))
             self._put(

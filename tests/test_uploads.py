@@ -418,14 +418,14 @@ def test_the_hours_manifest_goes_up_every_manifest_every_s_not_after_each_captur
 def test_manifest_lines_survive_a_missing_newline_and_a_newer_schema(tmp_path: Path) -> None:
     """A complete last line cut before its newline once merged with the next append (both
     then dropped), and a line this version cannot validate was thrown away, here and on S3."""
-    from agent.uploader import _append, _records
+    from agent.uploader import _append, _field
 
     path = tmp_path / "2026112114.jsonl"
     newer = json.dumps({"source-ref": "s3://b/k0.jpg", "frame-id": "0" * 32, "new-field": 1})
     last = json.dumps({"source-ref": "s3://b/k1.jpg", "frame-id": "1" * 32})
     path.write_text(newer + "\n" + last)  # no newline after the last line
     _append(path, json.dumps({"source-ref": "s3://b/k2.jpg", "frame-id": "2" * 32}))
-    refs = [r["source-ref"] for r in _records(path)]
+    refs = _field(path, "source-ref")
     assert refs == ["s3://b/k0.jpg", "s3://b/k1.jpg", "s3://b/k2.jpg"]
     assert path.read_text().startswith(newer + "\n")  # kept byte for byte
 
