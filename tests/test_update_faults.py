@@ -82,6 +82,20 @@ def _close(agent: Agent) -> None:
     agent.detector.close()
 
 
+def memory_short_for(
+    patch: pytest.MonkeyPatch, version: str, error: type[Exception] = RuntimeError
+) -> None:
+    """onnxruntime failing `version`'s golden samples, as when memory is short at boot."""
+    real = engine_model.PixelModel.check_golden
+
+    def golden(model: engine_model.PixelModel) -> Any:
+        if version in str(model.path):
+            raise error("Failed to allocate memory for requested buffer")
+        return real(model)
+
+    patch.setattr(engine_model.PixelModel, "check_golden", golden)
+
+
 @pytest.mark.parametrize("error", [RuntimeException, RuntimeError])
 def test_onnxruntime_failing_at_boot_falls_back_and_keeps_the_stored_model(
     tmp_path: Path,
@@ -98,14 +112,7 @@ def test_onnxruntime_failing_at_boot_falls_back_and_keeps_the_stored_model(
     assert agent.updater is not None
     publish(registry, agent.updater, tmp_path, "2.0.0", "3.0.0")
     _close(agent)
-    real = engine_model.PixelModel.check_golden
-
-    def golden(model: engine_model.PixelModel) -> Any:
-        if "3.0.0" in str(model.path):
-            raise error("Failed to allocate memory for requested buffer")
-        return real(model)
-
-    monkeypatch.setattr(engine_model.PixelModel, "check_golden", golden)
+    memory_short_for(monkeypatch, "3.0.0", error)
     agent = _agent(tmp_path, registry, logistic_model)
     assert agent.detector.model.ref.version == "2.0.0"
     _close(agent)
@@ -387,14 +394,7 @@ def test_a_rollback_never_goes_forward_to_a_version_kept_at_boot(
     assert agent.updater is not None
     publish(registry, agent.updater, tmp_path, "2.0.0", "3.0.0", "4.0.0")
     _close(agent)
-    real = engine_model.PixelModel.check_golden
-
-    def golden(model: engine_model.PixelModel) -> Any:
-        if "4.0.0" in str(model.path):
-            raise RuntimeError("Failed to allocate memory for requested buffer")
-        return real(model)
-
-    monkeypatch.setattr(engine_model.PixelModel, "check_golden", golden)
+    memory_short_for(monkeypatch, "4.0.0")
     agent = _agent(tmp_path, registry, logistic_model)
     assert agent.updater is not None and agent.detector.model.ref.version == "3.0.0"
     outcome = agent.updater._roll_back()
@@ -450,15 +450,8 @@ def test_a_pending_rollback_from_a_version_kept_at_boot_is_finished_not_refused(
     publish(registry, agent.updater, tmp_path, "2.0.0", "3.0.0")
     assert agent.updater.rollback().version == "3.0.0"  # answered ok; a stop before the thread
     _close(agent)
-    real = engine_model.PixelModel.check_golden
-
-    def golden(model: engine_model.PixelModel) -> Any:
-        if "3.0.0" in str(model.path):
-            raise RuntimeError("Failed to allocate memory for requested buffer")
-        return real(model)
-
     with monkeypatch.context() as patch:
-        patch.setattr(engine_model.PixelModel, "check_golden", golden)
+        memory_short_for(patch, "3.0.0")
         agent = _agent(tmp_path, registry, logistic_model)
         assert agent.updater is not None and agent.detector.model.ref.version == "2.0.0"
         assert agent.updater._rolled_back() == Outcome()  # done: nothing refused
