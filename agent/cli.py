@@ -266,6 +266,18 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _offsets_joined(argv: Sequence[str]) -> list[str]:
+    """`--camera-tz -05:30` as `--camera-tz=-05:30`: argparse takes a value starting with
+    "-" for an option, and every camera west of Greenwich has one."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] == "--camera-tz" and arg.startswith("-"):
+            out[-1] = f"--camera-tz={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def _zone(text: str) -> tzinfo | None:
     try:
         return camera_zone(text)
@@ -333,7 +345,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_args(_offsets_joined(sys.argv[1:] if argv is None else argv))
     tune_malloc()
     try:
         return int(args.func(args))

@@ -103,9 +103,9 @@ class Commands:
         entry = self._entries.get(name)
         request_id = _request_id(data)
         if request_id:
-            key: tuple[str, ...] | None = (command, "request_id", request_id)
+            key: tuple[str, ...] | None = (command, f"request_id {request_id!r}")
         elif correlation:
-            key = (command, "correlation", reply_to or "", correlation.hex())
+            key = (command, f"correlation data {correlation!r}", reply_to or "")
         else:
             key = None
         if key is None or retained or entry is None or not entry.once:
@@ -120,10 +120,10 @@ class Commands:
                 return self._result(
                     command,
                     data,
-                    error=f"request {key[-1]!r} was a different {command} request "
+                    error=f"{key[1]} was a different {command} request "
                     f"{now - earlier[2]:.0f} s ago; name each request anew",
                 )
-            log.info("%s request %r again (a resend or retry): answered, not run", command, key[-1])
+            log.info("%s with %s again (a resend or retry): answered, not run", command, key[1])
             return earlier[1]
         result = self._run(name, command, data, retained)
         if result.ok:  # one refused did not run: its retry may

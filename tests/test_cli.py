@@ -194,13 +194,13 @@ def test_detect_and_batch_date_and_place_photos_by_their_exif(
     rows = {r["file"]: r for r in csv.DictReader((out / "results.csv").open())}
     assert rows["DJI_0002.jpg"]["taken_at"] == "2024-05-05T21:08:09+00:00"
     assert rows["DJI_0001.jpg"]["taken_at"] == "2024-05-06T05:08:09+00:00"  # its offset wins
-    code = agent_main(["detect", str(photos / "DJI_0002.jpg"), "--model", str(logistic_model),
-                       "--json", "--camera-tz", "+10:00"])  # fmt: skip
-    out_json = capsys.readouterr().out.splitlines()[-1]
-    assert code == 0
-    assert DetectionMessage.model_validate_json(out_json).captured_at == datetime(
-        2024, 5, 5, 21, 8, 9, tzinfo=UTC
-    )
+    for zone, utc in (("+10:00", datetime(2024, 5, 5, 21, 8, 9, tzinfo=UTC)),
+                      ("-04:00", datetime(2024, 5, 6, 11, 8, 9, tzinfo=UTC))):  # fmt: skip
+        code = agent_main(["detect", str(photos / "DJI_0002.jpg"), "--model",
+                           str(logistic_model), "--json", "--camera-tz", zone])  # fmt: skip
+        out_json = capsys.readouterr().out.splitlines()[-1]
+        assert code == 0  # a negative offset is the option's value, not another option
+        assert DetectionMessage.model_validate_json(out_json).captured_at == utc
     with pytest.raises(SystemExit) as bad:
         agent_main([*argv, "--camera-tz", "Sydney"])
     assert bad.value.code == 2

@@ -138,7 +138,7 @@ def test_a_repeated_request_is_answered_again_not_run_again(
     other = c.handle("snapshot", b'{"request_id": "r1", "note": "x"}')
     assert not other.ok and other.request_id == "r1" and len(runs) == 6
     assert other.error is not None
-    assert other.error.startswith("request 'r1' was a different snapshot request 0 s ago")
+    assert other.error.startswith("request_id 'r1' was a different snapshot request 0 s ago")
     # Commands that are not `once` (ping, status) run every time, fixed id or not.
     assert [c.handle("ping", b'{"request_id": "p"}').result for _ in range(2)] == [
         {"run": 6},

@@ -771,20 +771,26 @@ def test_bad_configurations_fail_at_open_naming_the_uri(
     assert mask_uri(uri) in str(caught.value) and "secret" not in str(caught.value)
 
 
-def test_a_folder_not_there_at_start_is_watched_for(tmp_path: Path) -> None:
+def test_a_folder_not_there_at_start_is_watched_for(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A card or mount not up at boot made the start fail; a supervisor gave up after a few
-    restarts, though a folder that vanishes while running was always waited for."""
+    restarts, though a folder that vanishes while running was always waited for. The wait is
+    said once, and its end too (a user walk saw a second warning, and nothing at the end)."""
     inbox = tmp_path / "media" / "inbox"
-    source = open_source(cfg("folder", inbox), state_dir=tmp_path / "state")
-    drain = Drain(source)
-    try:
-        time.sleep(0.2)
-        write(inbox / "a.jpg", jpeg())
-        drain.wait(lambda items: len(items) == 1)
-        assert names(drain.items) == ["a.jpg"]
-    finally:
-        drain.stopped()
-        source.close()
+    with caplog.at_level(logging.INFO, logger="agent.sources.files"):
+        source = open_source(cfg("folder", inbox), state_dir=tmp_path / "state")
+        drain = Drain(source)
+        try:
+            time.sleep(0.2)
+            write(inbox / "a.jpg", jpeg())
+            drain.wait(lambda items: len(items) == 1)
+            assert names(drain.items) == ["a.jpg"]
+        finally:
+            drain.stopped()
+            source.close()
+    said = [r.getMessage().removeprefix(f"{inbox}: ") for r in caplog.records]
+    assert said == ["folder not there (yet); watching for it", "folder there; watching it"]
 
 
 def test_a_file_that_is_not_a_video_fails_at_open(tmp_path: Path) -> None:

@@ -166,7 +166,7 @@ class FolderSource(Source):
             self._seen: set[tuple[str, int, int]] = {(p, s, m) for p, s, m in rows}
             self._pruned_at = -float("inf")
             self._prune_at_seen = 0  # the check also runs once _seen is this large
-            self._root_listed = True  # the last scan could list the folder itself
+            self._root_listed = Path(config.uri).is_dir()  # the last scan listed the folder
             self._walked: dict[str, int] = {}  # folder -> mtime_ns, at the last quiet walk
             self._walked_at = -float("inf")
         except (OSError, sqlite3.Error) as exc:
@@ -268,7 +268,10 @@ class FolderSource(Source):
                     log.warning("%s: cannot list the folder: %s", self.uri, exc)
                 self._unlisted.append(prefix)  # what it holds is not gone, only unseen now
                 continue
-            self._root_listed = self._root_listed or not prefix
+            if not prefix:
+                self._root_listed = True
+                if not was_listed:
+                    log.info("%s: folder there; watching it", self.uri)
             for entry in entries:
                 name = entry.name
                 folder = entry.is_dir(follow_symlinks=False)
