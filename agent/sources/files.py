@@ -29,16 +29,17 @@ _MAGIC: Final = re.compile(r"[*?[]")
 # A read error may pass (permissions fixed, a flaky mount back): retried with this backoff.
 _RETRY_MIN_S: Final = 2.0
 _RETRY_MAX_S: Final = 300.0
-# Memory holds the seen files the folder held at the last hourly check (and those seen since);
-# a file gone from it stays on disk only, so a sync tool that puts it back, or a card or mount
-# that was out, repeats nothing. Disk keeps the most recently gone _KEEP_GONE files (88 bytes
-# each) for at most _FORGET_AFTER_S: a gateway whose inbox turns over 1.3M frames a day would
-# otherwise hold every one for a month (bench/RESULTS.md, "Soak").
+# Memory holds the seen files the folder held at the last check (and those seen since); a
+# file gone from it stays on disk only, so a sync tool that puts it back, or a card or mount
+# that was out, repeats nothing, while it is among the _KEEP_GONE most recently gone (140-230
+# bytes each with the index, by path length: 35-60 MB) and gone for under _FORGET_AFTER_S. A
+# gateway whose inbox turns over 1.3M frames a day would otherwise hold every one for a month
+# (bench/RESULTS.md, "Soak").
 _FORGET_AFTER_S: Final = 30 * 86400.0
 _KEEP_GONE: Final = 250_000
 # The check runs hourly, and sooner once this many files were seen since the last: memory
-# then holds at most this many gone files (1.5 MB), whatever the frame rate. A check costs
-# about 0.1 s on a full record (make bench-seen).
+# then holds at most this many gone files (1.5 MB), whatever the frame rate (its cost:
+# make bench-seen).
 _PRUNE_EVERY_S: Final = 3600.0
 _PRUNE_AFTER_SEEN: Final = 5000
 # A quiet folder (nothing new, nothing settling or unreadable) whose folders' mtimes have not
@@ -257,7 +258,7 @@ class FolderSource(Source):
         read before it is listed, goes into self._walked."""
         stack = [(str(self._root), "")]
         was_listed, self._root_listed = self._root_listed, False
-        self._unlisted = []
+        unlisted, self._unlisted = set(self._unlisted), []
         while stack:
             top, prefix = stack.pop()
             try:
@@ -266,8 +267,13 @@ class FolderSource(Source):
             except OSError as exc:  # removed or unreadable since it was listed
                 if not prefix and was_listed:  # once per outage, not every poll
                     log.warning("%s: cannot list the folder: %s", self.uri, exc)
+                elif prefix and prefix not in unlisted:
+                    log.warning("%s: cannot list %s, skipped until it can be: %s", self.uri,
+                                prefix, exc)  # fmt: skip
                 self._unlisted.append(prefix)  # what it holds is not gone, only unseen now
                 continue
+            if prefix and prefix in unlisted:
+                log.info("%s: %s listed again", self.uri, prefix)
             if not prefix:
                 self._root_listed = True
                 if not was_listed:
@@ -382,17 +388,22 @@ class FolderSource(Source):
                 "UPDATE seen SET gone_at=? WHERE path=? AND size=? AND mtime_ns=?",
                 ((now, *key) for key in gone),
             )
-            cutoff = now - _FORGET_AFTER_S
-            kept = self._db.execute(  # the newest gone beyond the count kept: it goes too
-                "SELECT gone_at FROM seen WHERE gone_at NOT NULL ORDER BY gone_at DESC"
-                " LIMIT 1 OFFSET ?",
+            forgot = self._db.execute(
+                "DELETE FROM seen WHERE gone_at < ?", (now - _FORGET_AFTER_S,)
+            ).rowcount
+            # The newest gone beyond the count kept, and all before it, go. A check marks all
+            # it misses at one time: rowid orders a batch, so one across the line is cut, not
+            # dropped whole (a card of more than _KEEP_GONE pulled at once keeps its newest).
+            over = self._db.execute(
+                "SELECT gone_at, rowid FROM seen WHERE gone_at NOT NULL"
+                " ORDER BY gone_at DESC, rowid DESC LIMIT 1 OFFSET ?",
                 (_KEEP_GONE,),
             ).fetchone()
-            if kept is not None and kept[0] >= cutoff:
-                where, cutoff = "gone_at <= ?", kept[0]
-            else:
-                where = "gone_at < ?"
-            forgot = self._db.execute(f"DELETE FROM seen WHERE {where}", (cutoff,)).rowcount
+            if over is not None:
+                forgot += self._db.execute(
+                    "DELETE FROM seen WHERE gone_at < ? OR (gone_at = ? AND rowid <= ?)",
+                    (over[0], over[0], over[1]),
+                ).rowcount
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             self._abort("cannot prune the record of seen files", exc)
