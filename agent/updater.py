@@ -295,7 +295,9 @@ class Updater:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._rollback = threading.Event()
-        if self._rollback_from is not None:
+        # a rollback from before this start: its version may have been dropped at boot since
+        self._carried = self._rollback_from is not None
+        if self._carried:
             self._rollback.set()
         self._thread = threading.Thread(target=self._run, name="updater", daemon=True)
 
@@ -352,7 +354,7 @@ class Updater:
             except OSError as exc:  # a full disk: still done, unless a stop comes first
                 log.warning("rollback from %s not recorded in %s: %s", serving.version,
                             self.store.pending, exc)  # fmt: skip
-            self._rollback_from = serving
+            self._rollback_from, self._carried = serving, False
             self._rollback.set()
         self._wake.set()
         return serving
@@ -641,9 +643,10 @@ class Updater:
         """Where `ref` is in the store, and the version stored before it (None: no earlier
         version on disk, or `ref` is not a stored version: the bundled model)."""
         history = self.store.history()
-        at = self._at(history, ref)
         rel = str(self._manifest_of(ref).relative_to(self.store.root))
-        return rel, history[at - 1] if at > 0 else None
+        skipped = self.store.skipped()  # as boot does: rolled back from, never gone back to
+        before = history[: max(self._at(history, ref), 0)]
+        return rel, next((h for h in reversed(before) if Path(h).parent.name not in skipped), None)
 
     def _at(self, history: list[str], ref: ModelRef | None) -> int:
         """Where `ref` is in the history; -1 for none or the bundled model."""
@@ -654,28 +657,39 @@ class Updater:
 
     def _rolled_back(self) -> Outcome:
         """The pending rollback, done (or refused): another may be asked from then on."""
+        done = True
         try:
             return self._roll_back(self._rollback_from)
+        except OSError as exc:  # a full disk: its record stays, to be done at the next start
+            done = False
+            log.exception("rollback failed")
+            return Outcome(refused=f"rollback failed in {self.store.root}: {exc}; tried "
+                           "again at the next start")  # fmt: skip
         except Exception as exc:  # answered ok ("see model"): the model topic must say
             log.exception("rollback failed")
             return Outcome(refused=f"rollback failed: {exc}")
         finally:
             with self._asked:
                 self._rollback_from = None
-                self.store.rollback_done()
+                if done:
+                    self.store.rollback_done()
 
     def _given_way(self, asked: ModelRef, current: ModelRef) -> Outcome:
         """A rollback asked of `asked`, which no longer serves. Done already (a stop came
-        before its record went); kept at boot while an earlier version serves (done once
-        `asked` is forgotten, or the next boot would serve it); or replaced by an update being
-        swapped in: going back from that would undo what the operator did not see, so
-        `asked` is only skipped."""
+        before its record went); done by the boot since (`asked` kept while an earlier
+        version serves: forgotten, or the next boot would serve it; or dropped as unusable:
+        skipped, or the channel would bring it back); or replaced by an update being swapped
+        in: going back from that would undo what the operator did not see, so `asked` is only
+        skipped."""
         if asked.version in self.store.skipped():
             return Outcome()
         history = self.store.history()
         at = self._at(history, asked)
-        if at > self._at(history, current):
-            self.store.forget(history[at], skip=asked.version)
+        if at > self._at(history, current) or (at < 0 and self._carried):
+            if at >= 0:
+                self.store.forget(history[at], skip=asked.version)
+            else:
+                self.store.skip(asked.version)
             log.info("rollback from %s: %s serves already", asked.version, current.version)
             return Outcome()
         self.store.skip(asked.version)

@@ -491,3 +491,89 @@ def test_a_rollback_that_fails_unexpectedly_is_said_on_model_and_its_record_goes
     up.store.pending.mkdir()  # not a file: neither read nor in the way of a start
     assert updater(registry, tmp_path, detector)._rollback_from is None
     assert not up.store.pending.exists()
+
+
+def test_a_pending_rollback_from_a_version_dropped_at_boot_is_done_not_sent_again(
+    tmp_path: Path, registry: Registry, logistic_model: Path
+) -> None:
+    """4.0.0 failed its hash check at the next start (a file altered on the card), was
+    dropped, and 3.0.0 served: what the rollback asked. The pending rollback said "send
+    rollback again to leave 3.0.0", which goes two versions back (a reviewer's finding)."""
+    agent = _agent(tmp_path, registry, logistic_model)
+    assert agent.updater is not None
+    publish(registry, agent.updater, tmp_path, "2.0.0", "3.0.0", "4.0.0")
+    assert agent.updater.rollback().version == "4.0.0"  # answered ok; a stop before the thread
+    _close(agent)
+    folder = tmp_path / "state" / "models" / NAME / "4.0.0"
+    onnx = next(p for p in folder.iterdir() if p.name != "manifest.json")
+    onnx.write_bytes(onnx.read_bytes()[:-1] + bytes([onnx.read_bytes()[-1] ^ 1]))
+    agent = _agent(tmp_path, registry, logistic_model)
+    assert agent.updater is not None and agent.detector.model.ref.version == "3.0.0"
+    assert agent.updater._rolled_back() == Outcome()
+    assert agent.updater.store.skipped() == {"4.0.0"}  # the channel does not bring it back
+    assert agent.updater.check() == Outcome() and agent.detector.model.ref.version == "3.0.0"
+    _close(agent)
+
+
+def test_after_a_rollback_gave_way_the_next_goes_past_the_skipped_version(
+    tmp_path: Path, registry: Registry, logistic_model: Path
+) -> None:
+    """Asked mid-swap of 3.0.0 while 4.0.0 came in: 3.0.0 skipped, 4.0.0 serves. The
+    rollback the refusal asks for went to 3.0.0, the version the operator had left, and a
+    plain reboot (which never serves a skipped version) then changed the model to 2.0.0."""
+    agent = _agent(tmp_path, registry, logistic_model)
+    up = agent.updater
+    assert up is not None
+    publish(registry, up, tmp_path, "2.0.0", "3.0.0")
+    registry.publish(train(tmp_path / "4.0.0", "4.0.0", 10).parent)
+    registry.point("4.0.0", signed=True)
+    real = up.store.serve
+
+    def serve(manifest: Path, **kwargs: Any) -> None:
+        real(manifest, **kwargs)  # 4.0.0 recorded, 3.0.0 still serving
+        up.rollback()  # the MQTT thread, mid-swap: taken unchecked
+
+    up.store.serve = serve  # type: ignore[method-assign]
+    assert up.check().served is not None
+    up.store.serve = real  # type: ignore[method-assign]
+    first = up._rolled_back()
+    assert first.refused is not None and "send rollback again to leave 4.0.0" in first.refused
+    assert up.rollback().version == "4.0.0"
+    second = up._rolled_back()
+    assert second.served is not None and second.served.version == "2.0.0"
+    _close(agent)
+    agent = _agent(tmp_path, registry, logistic_model)  # a plain reboot: the same model
+    assert agent.detector.model.ref.version == "2.0.0"
+    _close(agent)
+
+
+def test_a_rollback_the_disk_refuses_is_kept_for_the_next_start(
+    tmp_path: Path, registry: Registry, logistic_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's state could not be written (a full disk): the record went all the same,
+    and the next boot served the version rolled back from (a reviewer's finding)."""
+    agent = _agent(tmp_path, registry, logistic_model)
+    assert agent.updater is not None
+    publish(registry, agent.updater, tmp_path, "2.0.0", "3.0.0")
+    agent.updater.rollback()
+    _close(agent)
+    with monkeypatch.context() as patch:
+        memory_short_for(patch, "3.0.0")
+        agent = _agent(tmp_path, registry, logistic_model)
+        up = agent.updater
+        assert up is not None and agent.detector.model.ref.version == "2.0.0"
+        full = OSError(errno.ENOSPC, "No space left on device")
+        patch.setattr(ModelStore, "_write", lambda *_, **__: (_ for _ in ()).throw(full))
+        outcome = up._rolled_back()
+        assert outcome.refused == (
+            f"rollback failed in {up.store.root}: [Errno 28] No space left on device; "
+            "tried again at the next start"
+        )
+        assert up.store.pending.exists() and up._rollback_from is None
+        _close(agent)
+    agent = _agent(tmp_path, registry, logistic_model)  # disk and memory fine again
+    assert agent.updater is not None and agent.detector.model.ref.version == "3.0.0"
+    outcome = agent.updater._rolled_back()  # the record kept: done now
+    assert outcome.served is not None and outcome.served.version == "2.0.0"
+    assert agent.updater.store.skipped() == {"3.0.0"}
+    _close(agent)
