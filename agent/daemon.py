@@ -362,14 +362,16 @@ class Agent:
         previous = {
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
         }
+        zone = self.config.source.camera_tz.strip()
         log.info(
-            "corrosion-agent %s: device %s, model %s %s, source %s %s",
+            "corrosion-agent %s: device %s, model %s %s, source %s %s%s",
             __version__,
             self.config.device_id,
             self.detector.model.ref.name,
             self.detector.model.ref.version,
             self.source.kind,
             self.source.uri,
+            f" (camera clock {zone})" if zone else "",
         )
         for part in (self.link, self.uploader, self.updater):
             if part is not None:
