@@ -199,12 +199,13 @@ class Agent:
 
     def _boot_model(self) -> ServingModel:
         """The last good registry model on disk (a device may boot offline), else the bundled.
-        A version rolled back from never serves again by itself (a rollback the stop cut off
-        leaves it in the history)."""
-        skipped = self.store.skipped()
+        A version rolled back from never serves again by itself, nor one a pending rollback
+        (answered, then cut off by a stop) leaves: the updater finishes it at once."""
+        pending = self.store.asked_rollback()
+        skipped = self.store.skipped() | ({pending.version} if pending else set())
         for rel in reversed(self.store.history()):
             if Path(rel).parent.name in skipped:
-                log.info("stored model %s was rolled back from: not served", rel)
+                log.info("stored model %s was rolled back from: not served", rel)  # or will be
                 continue
             try:
                 return self._load_from_store(self.store.root / rel)

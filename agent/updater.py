@@ -123,7 +123,11 @@ class ModelStore:
 
     def _write(self, **changes: Any) -> None:
         """Change some keys of the state, keeping the rest, atomically."""
-        replace_file(self._state, json.dumps({**self._read(), **changes}, indent=1).encode())
+        try:
+            replace_file(self._state, json.dumps({**self._read(), **changes}, indent=1).encode())
+        except OSError as exc:  # a full disk's error names no file
+            exc.filename = exc.filename or str(self._state)
+            raise
 
     def history(self) -> list[str]:
         """Manifest paths served, oldest first (relative to the store)."""
@@ -141,8 +145,13 @@ class ModelStore:
         return {str(value)} if value else set()  # a store from before skips were a list
 
     def skip(self, version: str) -> None:
-        """Skip `version` (rolled back from) until the channel moves on."""
-        self._write(skip=sorted(self.skipped() | {version}))
+        """Skip `version` (rolled back from, not serving) until the channel moves on, and
+        forget it in the same write: a version skipped and kept in the history is one a later
+        rollback could go back to once the skip is lifted."""
+        gone = [h for h in self.history() if Path(h).parent.name == version]
+        history = [h for h in self.history() if h not in gone]
+        self._write(history=history, skip=sorted(self.skipped() | {version}))
+        self._free(gone)
 
     def unskip(self) -> None:
         """The channel moved on from every version rolled back from."""
@@ -640,13 +649,17 @@ class Updater:
         return folder / MANIFEST_FILE
 
     def _earlier(self, ref: ModelRef) -> tuple[str, str | None]:
-        """Where `ref` is in the store, and the version stored before it (None: no earlier
-        version on disk, or `ref` is not a stored version: the bundled model)."""
+        """The version stored before `ref` that a rollback serves (None: no earlier version on
+        disk, or `ref` is not a stored version: the bundled model), and the first version
+        after it, from which the rollback forgets."""
         history = self.store.history()
         rel = str(self._manifest_of(ref).relative_to(self.store.root))
         skipped = self.store.skipped()  # as boot does: rolled back from, never gone back to
         before = history[: max(self._at(history, ref), 0)]
-        return rel, next((h for h in reversed(before) if Path(h).parent.name not in skipped), None)
+        earlier = next((h for h in reversed(before) if Path(h).parent.name not in skipped), None)
+        # what a rollback to it forgets: all after it, not only `ref` (a store from before
+        # skip() forgot may hold a skipped version between them)
+        return (rel if earlier is None else history[history.index(earlier) + 1]), earlier
 
     def _at(self, history: list[str], ref: ModelRef | None) -> int:
         """Where `ref` is in the history; -1 for none or the bundled model."""
@@ -660,19 +673,20 @@ class Updater:
         done = True
         try:
             return self._roll_back(self._rollback_from)
-        except OSError as exc:  # a full disk: its record stays, to be done at the next start
-            done = False
-            log.exception("rollback failed")
-            return Outcome(refused=f"rollback failed in {self.store.root}: {exc}; tried "
-                           "again at the next start")  # fmt: skip
+        except OSError as exc:  # a full disk: still pending (no update goes in meanwhile),
+            done = False  # tried again at the next turn or start
+            log.error("rollback not done, tried again in %.0f s: %s", self.config.poll_s, exc)
+            return Outcome(refused=f"rollback not done yet: {exc}; tried again until it is")
         except Exception as exc:  # answered ok ("see model"): the model topic must say
             log.exception("rollback failed")
             return Outcome(refused=f"rollback failed: {exc}")
         finally:
-            with self._asked:
-                self._rollback_from = None
-                if done:
+            if done:
+                with self._asked:
+                    self._rollback_from = None
                     self.store.rollback_done()
+            else:
+                self._rollback.set()
 
     def _given_way(self, asked: ModelRef, current: ModelRef) -> Outcome:
         """A rollback asked of `asked`, which no longer serves. Done already (a stop came
@@ -693,10 +707,15 @@ class Updater:
             log.info("rollback from %s: %s serves already", asked.version, current.version)
             return Outcome()
         self.store.skip(asked.version)
+        _, earlier = self._earlier(current)
+        then = (
+            f"send rollback again to leave {current.version}"
+            if earlier is not None
+            else f"no version before {current.version} is on disk"
+        )
         return Outcome(
             refused=f"rollback: {asked.name} {asked.version} had already given way to "
-            f"{current.name} {current.version}; {asked.version} is skipped, send rollback "
-            f"again to leave {current.version}"
+            f"{current.name} {current.version}; {asked.version} is skipped, {then}"
         )
 
     def _roll_back(self, asked: ModelRef | None = None) -> Outcome:
@@ -714,10 +733,7 @@ class Updater:
             if not (isinstance(exc, ValueError) or runtime_fault(exc)):
                 raise
             return Outcome(refused=f"rollback: the earlier version fails its checks: {exc}")
-        try:
-            return self._serve(model, skip=current.version, drop=rel)
-        except OSError as exc:
-            return Outcome(refused=f"rollback: {exc}; the current model keeps serving")
+        return self._serve(model, skip=current.version, drop=rel)  # an OSError: tried again
 
 
 def _body(response: dict[str, Any], limit: int) -> bytes:

@@ -536,44 +536,55 @@ def test_after_a_rollback_gave_way_the_next_goes_past_the_skipped_version(
     up.store.serve = serve  # type: ignore[method-assign]
     assert up.check().served is not None
     up.store.serve = real  # type: ignore[method-assign]
+    up._rollback.clear()  # as the updater thread's loop does
     first = up._rolled_back()
     assert first.refused is not None and "send rollback again to leave 4.0.0" in first.refused
+    # 3.0.0 is forgotten with its skip: a read of the unchanged pointer (4.0.0) lifts skips,
+    # and one kept in the history would then be the version a rollback goes back to.
+    assert up.store.history() == [f"{NAME}/{v}/manifest.json" for v in ("2.0.0", "4.0.0")]
+    assert not (tmp_path / "state" / "models" / NAME / "3.0.0").exists()
+    up.pull()
+    assert up.check() == Outcome()
     assert up.rollback().version == "4.0.0"
+    up._rollback.clear()  # as the updater thread's loop does
     second = up._rolled_back()
     assert second.served is not None and second.served.version == "2.0.0"
+    registry.publish(train(tmp_path / "5.0.0", "5.0.0", 30).parent)
+    registry.point("5.0.0", signed=True)  # the channel moves on: every skip lifted
+    assert up.check().served is not None
+    assert up.rollback().version == "5.0.0"
+    up._rollback.clear()  # as the updater thread's loop does
+    third = up._rolled_back()
+    assert third.served is not None and third.served.version == "2.0.0"
+    with pytest.raises(RollbackError, match="no earlier version on disk"):
+        up.rollback()  # never forward to 3.0.0 or 4.0.0
     _close(agent)
     agent = _agent(tmp_path, registry, logistic_model)  # a plain reboot: the same model
     assert agent.detector.model.ref.version == "2.0.0"
     _close(agent)
 
 
-def test_a_rollback_the_disk_refuses_is_kept_for_the_next_start(
+def test_a_rollback_the_disk_refuses_stays_pending_through_a_restart(
     tmp_path: Path, registry: Registry, logistic_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The store's state could not be written (a full disk): the record went all the same,
-    and the next boot served the version rolled back from (a reviewer's finding)."""
+    and the next boot served the version rolled back from (a reviewer's finding). It stays
+    until done, and boot does not serve the version a pending rollback leaves."""
     agent = _agent(tmp_path, registry, logistic_model)
-    assert agent.updater is not None
-    publish(registry, agent.updater, tmp_path, "2.0.0", "3.0.0")
-    agent.updater.rollback()
-    _close(agent)
+    up = agent.updater
+    assert up is not None
+    publish(registry, up, tmp_path, "2.0.0", "3.0.0")
+    up.rollback()
+    full = OSError(errno.ENOSPC, "No space left on device")
     with monkeypatch.context() as patch:
-        memory_short_for(patch, "3.0.0")
-        agent = _agent(tmp_path, registry, logistic_model)
-        up = agent.updater
-        assert up is not None and agent.detector.model.ref.version == "2.0.0"
-        full = OSError(errno.ENOSPC, "No space left on device")
         patch.setattr(ModelStore, "_write", lambda *_, **__: (_ for _ in ()).throw(full))
         outcome = up._rolled_back()
-        assert outcome.refused == (
-            f"rollback failed in {up.store.root}: [Errno 28] No space left on device; "
-            "tried again at the next start"
-        )
-        assert up.store.pending.exists() and up._rollback_from is None
-        _close(agent)
-    agent = _agent(tmp_path, registry, logistic_model)  # disk and memory fine again
-    assert agent.updater is not None and agent.detector.model.ref.version == "3.0.0"
-    outcome = agent.updater._rolled_back()  # the record kept: done now
-    assert outcome.served is not None and outcome.served.version == "2.0.0"
-    assert agent.updater.store.skipped() == {"3.0.0"}
+    assert outcome.refused is not None and outcome.refused.startswith("rollback not done yet")
+    assert up.store.pending.exists() and up._rollback_from is not None
+    _close(agent)  # stopped before the next turn
+    agent = _agent(tmp_path, registry, logistic_model)
+    assert agent.updater is not None and agent.detector.model.ref.version == "2.0.0"
+    assert agent.updater._rolled_back() == Outcome()  # done by the boot: 3.0.0 forgotten
+    assert agent.updater.store.history() == [f"{NAME}/2.0.0/manifest.json"]
+    assert agent.updater.store.skipped() == {"3.0.0"} and not agent.updater.store.pending.exists()
     _close(agent)

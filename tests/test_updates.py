@@ -274,10 +274,12 @@ def test_a_state_that_cannot_be_written_leaves_the_old_model_serving(
     assert ModelStore(tmp_path / "models").history() == [f"{NAME}/2.0.0/manifest.json"]
 
 
-def test_a_rollback_that_cannot_write_is_refused_and_updates_go_on(
+def test_a_rollback_that_cannot_write_is_tried_again_and_updates_go_on(
     tmp_path: Path, registry: Registry, logistic_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An OSError in a rollback ended the updater thread: no update ever again."""
+    """An OSError in a rollback ended the updater thread: no update ever again. Then it was
+    refused and dropped, and the next poll could install the version rolled back from: it
+    stays pending (no update goes in meanwhile) and is done once the disk takes it."""
     detector = Detector(ColourModel.load(logistic_model))
     reports: list[Outcome] = []
     up = updater(registry, tmp_path, detector, poll_s=0.2)
@@ -292,24 +294,31 @@ def test_a_rollback_that_cannot_write_is_refused_and_updates_go_on(
 
     with monkeypatch.context() as m:
         m.setattr(ModelStore, "_write", full)
-        outcome = up._roll_back()
-    assert outcome.refused is not None and "No space left" in outcome.refused
-    assert detector.model.ref.version == "3.0.0"
+        up.rollback()
+        outcome = up._rolled_back()
+    assert outcome.refused == (
+        "rollback not done yet: [Errno 28] No space left on device; tried again until it is"
+    )
+    assert detector.model.ref.version == "3.0.0" and up._rollback.is_set()
+    with monkeypatch.context() as m:  # the real write's error names the file (ENOSPC does not)
+        m.setattr("agent.updater.replace_file", full)
+        with pytest.raises(OSError, match=r"No space left on device: '.*/models/state\.json'"):
+            up.store.skip("9.9.9")
     monkeypatch.setattr(ModelStore, "_write", full)
     up.start()
     try:
-        up.rollback()
         deadline = time.monotonic() + 10
         while not reports and time.monotonic() < deadline:
             time.sleep(0.02)
         assert reports and reports[0].refused is not None
-        monkeypatch.undo()
+        monkeypatch.undo()  # the disk takes it: the rollback is done, then the update
         registry.publish(train(tmp_path / "v4", "4.0.0", 25).parent)
         registry.point("4.0.0")
         up.pull()
         while detector.model.ref.version != "4.0.0" and time.monotonic() < deadline:
             time.sleep(0.02)
         assert detector.model.ref.version == "4.0.0"  # the thread lives on
+        assert [o.served.version for o in reports if o.served] == ["2.0.0", "4.0.0"]
     finally:
         up.stop()
 
