@@ -387,6 +387,29 @@ def test_a_sub_folder_that_cannot_be_listed_is_out_of_sight_not_gone(
     assert names(drain.items) == ["cam1/a.jpg", "cam2/b.jpg", "cam2/c.jpg"]
 
 
+def test_a_sub_folder_deleted_during_a_walk_is_gone_without_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rotation script deleting last hour's folder between the listing of its parent and
+    its own was warned about as unlistable, and its files kept as if out of sight."""
+    monkeypatch.setattr("agent.sources.files._PRUNE_AFTER_SEEN", 0)
+    folder, state = tmp_path / "in", tmp_path / "state"
+    write(folder / "h13" / "a.jpg", jpeg(), time.time() - 30)
+    assert names(run_folder(folder, state, recursive=True)) == ["h13/a.jpg"]
+    real_scandir = os.scandir
+
+    def scandir(top: str) -> Any:
+        if top.endswith("h13"):
+            raise FileNotFoundError(2, "No such file or directory", top)
+        return real_scandir(top)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with caplog.at_level(logging.INFO, logger="agent.sources.files"):
+        assert run_folder(folder, state, recursive=True) == []
+    assert "cannot list" not in caplog.text
+    assert seen_rows(state)["h13/a.jpg"] is not None  # gone
+
+
 def test_folder_record_keeps_only_the_most_recently_gone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -409,7 +432,7 @@ def test_folder_record_keeps_only_the_most_recently_gone(
     with caplog.at_level(logging.INFO, logger="agent.sources.files"):
         assert run_folder(folder, state) == []
     assert set(seen_rows(state)) == {"here.jpg", "newest.jpg", "newer.jpg"}
-    assert "forgot 5002 file(s) long gone" in caplog.text
+    assert "forgot 5002 file(s) gone from the folder" in caplog.text
     assert record.stat().st_size < before / 10
 
 

@@ -265,6 +265,8 @@ class FolderSource(Source):
                 self._walked[top] = os.stat(top).st_mtime_ns
                 entries = list(os.scandir(top))
             except OSError as exc:  # removed or unreadable since it was listed
+                if prefix and isinstance(exc, FileNotFoundError):
+                    continue  # a sub-folder deleted (a rotation script): its files are gone
                 if not prefix and was_listed:  # once per outage, not every poll
                     log.warning("%s: cannot list the folder: %s", self.uri, exc)
                 elif prefix and prefix not in unlisted:
@@ -410,7 +412,8 @@ class FolderSource(Source):
             return
         self._seen -= gone
         if forgot:
-            log.info("%s: forgot %d file(s) long gone from the folder", self.uri, forgot)
+            log.info("%s: forgot %d file(s) gone from the folder, the oldest beyond the "
+                     "record's bounds", self.uri, forgot)  # fmt: skip
             self._shrink()
 
     def _shrink(self) -> None:
