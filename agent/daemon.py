@@ -26,7 +26,7 @@ from agent import __version__
 from agent.capture import Capturer
 from agent.commands import CommandError, Commands
 from agent.config import AgentConfig, ConfigError
-from agent.contract import ModelManifest
+from agent.contract import MANIFEST_FILE, ModelManifest
 from agent.contract.messages import (
     AgentState,
     ModelStatus,
@@ -199,13 +199,20 @@ class Agent:
 
     def _boot_model(self) -> ServingModel:
         """The last good registry model on disk (a device may boot offline), else the bundled.
-        A version rolled back from never serves again by itself, nor one a pending rollback
-        (answered, then cut off by a stop) leaves: the updater finishes it at once."""
+        A version rolled back from never serves again by itself. A pending rollback (answered,
+        then cut off by a stop) is met where it can be: the versions it goes back to first,
+        the one it leaves only if none of them loads (the updater then says why), none newer."""
+        history, skipped = self.store.history(), self.store.skipped()
         pending = self.store.asked_rollback()
-        skipped = self.store.skipped() | ({pending.version} if pending else set())
-        for rel in reversed(self.store.history()):
+        left = f"{pending.name}/{pending.version}/{MANIFEST_FILE}" if pending else None
+        if left in history:  # the versions it goes back to, then itself, none newer
+            cut = history.index(left)
+            order = [*reversed(history[:cut]), left]
+        else:
+            order = list(reversed(history))
+        for rel in order:
             if Path(rel).parent.name in skipped:
-                log.info("stored model %s was rolled back from: not served", rel)  # or will be
+                log.info("stored model %s was rolled back from: not served", rel)
                 continue
             try:
                 return self._load_from_store(self.store.root / rel)
@@ -223,7 +230,7 @@ class Agent:
     def _on_model_outcome(self, outcome: Outcome) -> None:
         if outcome.served is not None:
             self.model_since = datetime.now(UTC)
-        self.model_refused = outcome.refused or self.model_refused
+        self.model_refused = None if outcome.settled else outcome.refused or self.model_refused
         if self.link is not None:
             self.link.publish_state()
 
@@ -330,7 +337,10 @@ class Agent:
         return self.updater
 
     def _cmd_pull_model(self, _: PullModelCommand) -> dict[str, Any]:
-        self._updater("no registry to pull from").pull()
+        updater = self._updater("no registry to pull from")
+        if updater.rollback_pending:  # the updater does it before any check
+            raise CommandError("a rollback is pending: no channel check until it is done")
+        updater.pull()
         serving = self.detector.model.ref
         return {"requested": True, "serving": serving.model_dump(mode="json"), "see": "model"}
 

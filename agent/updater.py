@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -83,6 +83,7 @@ class Outcome:
 
     served: ModelRef | None = None
     refused: str | None = None
+    settled: bool = False  # the last refusal no longer holds (a rollback done at last)
 
 
 class ModelStore:
@@ -306,6 +307,7 @@ class Updater:
         self._rollback = threading.Event()
         # a rollback from before this start: its version may have been dropped at boot since
         self._carried = self._rollback_from is not None
+        self._retrying = False  # the pending rollback failed on the disk at least once
         if self._carried:
             self._rollback.set()
         self._thread = threading.Thread(target=self._run, name="updater", daemon=True)
@@ -317,6 +319,10 @@ class Updater:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
+
+    @property
+    def rollback_pending(self) -> bool:
+        return self._rollback_from is not None
 
     def pull(self) -> None:
         """Check the channel now (the `pull-model` command), retrying refused versions."""
@@ -670,17 +676,23 @@ class Updater:
 
     def _rolled_back(self) -> Outcome:
         """The pending rollback, done (or refused): another may be asked from then on."""
-        done = True
+        done, retried = True, self._retrying
         try:
-            return self._roll_back(self._rollback_from)
+            outcome = self._roll_back(self._rollback_from)
+            return replace(outcome, settled=retried and outcome.refused is None)
         except OSError as exc:  # a full disk: still pending (no update goes in meanwhile),
-            done = False  # tried again at the next turn or start
-            log.error("rollback not done, tried again in %.0f s: %s", self.config.poll_s, exc)
+            done = self._retrying = False  # tried again at the next turn or start
+            log.log(logging.DEBUG if retried else logging.ERROR,
+                    "rollback not done, tried again every %.0f s: %s", self.config.poll_s,
+                    exc)  # fmt: skip
+            if retried:  # said once, in the log and on `model`
+                return Outcome()
             return Outcome(refused=f"rollback not done yet: {exc}; tried again until it is")
         except Exception as exc:  # answered ok ("see model"): the model topic must say
             log.exception("rollback failed")
             return Outcome(refused=f"rollback failed: {exc}")
         finally:
+            self._retrying = not done
             if done:
                 with self._asked:
                     self._rollback_from = None

@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 from onnxruntime.capi.onnxruntime_pybind11_state import RuntimeException
 
+from agent.commands import CommandError
 from agent.config import AgentConfig
-from agent.contract import ModelRef
+from agent.contract import ModelManifest, ModelRef
+from agent.contract.messages import PullModelCommand
 from agent.daemon import Agent
 from agent.engine import model as engine_model
 from agent.engine.classifier import ColourModel
@@ -587,4 +589,42 @@ def test_a_rollback_the_disk_refuses_stays_pending_through_a_restart(
     assert agent.updater._rolled_back() == Outcome()  # done by the boot: 3.0.0 forgotten
     assert agent.updater.store.history() == [f"{NAME}/2.0.0/manifest.json"]
     assert agent.updater.store.skipped() == {"3.0.0"} and not agent.updater.store.pending.exists()
+    _close(agent)
+
+
+def test_a_pending_rollback_is_met_at_boot_where_it_can_be(
+    tmp_path: Path, registry: Registry, logistic_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Boot passed over the version a pending rollback leaves: when the version it goes back
+    to could not load either, the bundled model served and the rollback was called done, the
+    version rolled back from freed (a reviewer's finding). And a version kept at an earlier
+    boot, newer than the one the rollback leaves, served first."""
+    agent = _agent(tmp_path, registry, logistic_model)
+    assert agent.updater is not None
+    publish(registry, agent.updater, tmp_path, "2.0.0", "3.0.0", "4.0.0")
+    m = ModelManifest.read(tmp_path / "state" / "models" / NAME / "3.0.0" / "manifest.json")
+    asked = ModelRef(name=m.name, version=m.version, sha256=m.model.sha256)
+    agent.updater.store.ask_rollback(asked)  # asked of 3.0.0 while 4.0.0 was kept at boot
+    _close(agent)
+    with monkeypatch.context() as patch:
+        memory_short_for(patch, "2.0.0")
+        agent = _agent(tmp_path, registry, logistic_model)
+        up = agent.updater
+        assert up is not None and agent.detector.model.ref.version == "3.0.0"  # not 4, not 1
+        with pytest.raises(CommandError, match="a rollback is pending"):
+            agent.commands._entries["pull-model"].handler(PullModelCommand())
+        outcome = up._rolled_back()
+        assert outcome.refused is not None
+        assert "Failed to allocate memory" in outcome.refused  # said on `model`
+        _close(agent)
+    assert (tmp_path / "state" / "models" / NAME / "3.0.0").is_dir()  # still serves
+
+    agent = _agent(tmp_path, registry, logistic_model)
+    assert agent.updater is not None
+    agent.updater.store.ask_rollback(asked)  # asked again, and cut off again
+    _close(agent)
+    agent = _agent(tmp_path, registry, logistic_model)  # memory fine: met at boot
+    assert agent.updater is not None and agent.detector.model.ref.version == "2.0.0"
+    assert agent.updater._rolled_back() == Outcome()  # done: 3.0.0 and 4.0.0 forgotten
+    assert agent.updater.store.history() == [f"{NAME}/2.0.0/manifest.json"]
     _close(agent)
