@@ -681,7 +681,7 @@ class Updater:
             outcome = self._roll_back(self._rollback_from)
             return replace(outcome, settled=retried and outcome.refused is None)
         except OSError as exc:  # a full disk: still pending (no update goes in meanwhile),
-            done = self._retrying = False  # tried again at the next turn or start
+            done = False  # tried again at the next turn or start
             log.log(logging.DEBUG if retried else logging.ERROR,
                     "rollback not done, tried again every %.0f s: %s", self.config.poll_s,
                     exc)  # fmt: skip
