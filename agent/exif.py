@@ -100,17 +100,20 @@ def _text(tags: dict[str, Any], key: str) -> str | None:
 
 
 def _taken_at(tags: dict[str, Any], zone: tzinfo | None) -> datetime | None:
-    """DateTimeOriginal with its sub-seconds; without OffsetTimeOriginal it is in `zone`, or
-    this device's local time, which is what a camera set up on site usually writes."""
-    raw = _text(tags, "EXIF DateTimeOriginal")
+    """DateTimeOriginal with its sub-seconds, else DateTimeDigitized (the same moment on a
+    digital camera; some write only it), never DateTime (when the file was last edited).
+    Without its offset tag it is in `zone`, or this device's local time, which is what a
+    camera set up on site usually writes."""
+    which = "Original" if _text(tags, "EXIF DateTimeOriginal") else "Digitized"
+    raw = _text(tags, f"EXIF DateTime{which}")
     if not raw:
         return None
     try:
         taken = datetime.strptime(raw[:19], "%Y:%m:%d %H:%M:%S")
-        subsec = _text(tags, "EXIF SubSecTimeOriginal") or ""
+        subsec = _text(tags, f"EXIF SubSecTime{which}") or ""
         if subsec.isdigit():
             taken = taken.replace(microsecond=int(subsec[:6].ljust(6, "0")))
-        tz = _offset(_text(tags, "EXIF OffsetTimeOriginal"))
+        tz = _offset(_text(tags, f"EXIF OffsetTime{which}"))
         if tz is not None:
             return taken.replace(tzinfo=tz).astimezone(UTC)
         if zone is not None:

@@ -37,9 +37,10 @@ def with_exif(
     image: bytes,
     exif: list[tuple[int, int, int, bytes]],
     gps: Sequence[tuple[int, int, int, bytes]] = (),
+    ifd0: Sequence[tuple[int, int, int, bytes]] = (),
 ) -> bytes:
     def pointers(exif_at: int, gps_at: int) -> list[tuple[int, int, int, bytes]]:
-        found = [(0x8769, 4, 1, struct.pack(">I", exif_at))]
+        found = [*ifd0, (0x8769, 4, 1, struct.pack(">I", exif_at))]
         return found + ([(0x8825, 4, 1, struct.pack(">I", gps_at))] if gps else [])
 
     exif_at = 8 + len(ifd(pointers(0, 0), 8))

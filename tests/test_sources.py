@@ -920,6 +920,18 @@ def test_exif_time_without_offset_is_in_the_cameras_zone_when_one_is_set(
     assert item.captured_at == datetime(2024, 5, 6, 5, 8, 9, tzinfo=UTC)
 
 
+def test_exif_digitized_time_stands_in_for_a_missing_original(tmp_path: Path) -> None:
+    """A camera that writes only DateTimeDigitized got the file's time (a user walk)."""
+    digitized = [ascii_tag(0x9004, "2024:05:06 07:08:09"), ascii_tag(0x9012, "+02:00")]
+    frame = frame_of(tmp_path, with_exif(jpeg(), digitized))
+    assert frame.captured_at == datetime(2024, 5, 6, 5, 8, 9, tzinfo=UTC)
+    both = [TAKEN, ascii_tag(0x9004, "2020:01:01 00:00:00"), ascii_tag(0x9011, "+02:00")]
+    frame = frame_of(tmp_path, with_exif(jpeg(), both))  # the original wins
+    assert frame.captured_at == datetime(2024, 5, 6, 5, 8, 9, tzinfo=UTC)
+    edited = [ascii_tag(0x0132, "2020:01:01 00:00:00")]  # IFD0 DateTime: when edited
+    assert read_exif(with_exif(jpeg(), [], ifd0=edited)).taken_at is None
+
+
 def test_a_zone_name_on_a_system_without_a_tz_database_says_so(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
