@@ -109,7 +109,7 @@ class Commands:
         else:
             key = None
         if key is None or retained or entry is None or not entry.once:
-            return self._run(name, command, data, retained)
+            return self._run(entry, command, data, retained)
         now = time.monotonic()
         while self._answered and next(iter(self._answered.values()))[2] < now - REMEMBER_S:
             self._answered.popitem(last=False)
@@ -125,16 +125,17 @@ class Commands:
                 )
             log.info("%s with %s again (a resend or retry): answered, not run", command, key[1])
             return earlier[1]
-        result = self._run(name, command, data, retained)
+        result = self._run(entry, command, data, retained)
         if result.ok:  # one refused did not run: its retry may
             self._answered[key] = (digest, result, now)
             if len(self._answered) > MAX_REMEMBERED:
                 self._answered.popitem(last=False)
         return result
 
-    def _run(self, name: str, command: str, data: dict[str, Any], retained: bool) -> CommandResult:
+    def _run(
+        self, entry: _Entry[Any] | None, command: str, data: dict[str, Any], retained: bool
+    ) -> CommandResult:
         try:
-            entry = self._entries.get(name)
             if entry is None:
                 raise CommandError(f"unknown command {command!r}; known: {', '.join(self.names)}")
             if retained:

@@ -26,7 +26,7 @@ from agent import __version__
 from agent.capture import Capturer
 from agent.commands import CommandError, Commands
 from agent.config import AgentConfig, ConfigError
-from agent.contract import MANIFEST_FILE, ModelManifest
+from agent.contract import ModelManifest
 from agent.contract.messages import (
     AgentState,
     ModelStatus,
@@ -53,7 +53,7 @@ from agent.policy import Policy
 from agent.signing import trusted_keys, verify_manifest
 from agent.sources import Source, SourceError, open_source
 from agent.spool import Spool
-from agent.updater import ModelStore, Outcome, RollbackError, Updater
+from agent.updater import ModelStore, Outcome, RollbackError, Updater, version_of
 from agent.uploader import Uploader
 
 log = logging.getLogger(__name__)
@@ -204,14 +204,14 @@ class Agent:
         the one it leaves only if none of them loads (the updater then says why), none newer."""
         history, skipped = self.store.history(), self.store.skipped()
         pending = self.store.asked_rollback()
-        left = f"{pending.name}/{pending.version}/{MANIFEST_FILE}" if pending else None
+        left = self.store.rel(pending) if pending else None
         if left in history:  # the versions it goes back to, then itself, none newer
             cut = history.index(left)
             order = [*reversed(history[:cut]), left]
         else:
             order = list(reversed(history))
         for rel in order:
-            if Path(rel).parent.name in skipped:
+            if version_of(rel) in skipped:
                 log.info("stored model %s was rolled back from: not served", rel)
                 continue
             try:

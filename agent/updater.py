@@ -130,6 +130,11 @@ class ModelStore:
             exc.filename = exc.filename or str(self._state)
             raise
 
+    @staticmethod
+    def rel(ref: ModelRef) -> str:
+        """Where `ref`'s manifest is in the store, as the history names it."""
+        return f"{ref.name}/{ref.version}/{MANIFEST_FILE}"
+
     def history(self) -> list[str]:
         """Manifest paths served, oldest first (relative to the store)."""
         return [str(p) for p in self._read().get("history", [])]
@@ -149,7 +154,7 @@ class ModelStore:
         """Skip `version` (rolled back from, not serving) until the channel moves on, and
         forget it in the same write: a version skipped and kept in the history is one a later
         rollback could go back to once the skip is lifted."""
-        gone = [h for h in self.history() if Path(h).parent.name == version]
+        gone = [h for h in self.history() if version_of(h) == version]
         history = [h for h in self.history() if h not in gone]
         self._write(history=history, skip=sorted(self.skipped() | {version}))
         self._free(gone)
@@ -588,7 +593,7 @@ class Updater:
         return Outcome(served=model.ref)
 
     def _manifest_of(self, ref: ModelRef) -> Path:
-        return self.store.root / ref.name / ref.version / MANIFEST_FILE
+        return self.store.root / self.store.rel(ref)
 
     def _raise_if_missing(self, key: str, exc: ClientError) -> None:
         """Raise MissingFileError if `exc` says the file is not there (or not ours to read)."""
@@ -659,10 +664,10 @@ class Updater:
         disk, or `ref` is not a stored version: the bundled model), and the first version
         after it, from which the rollback forgets."""
         history = self.store.history()
-        rel = str(self._manifest_of(ref).relative_to(self.store.root))
+        rel = self.store.rel(ref)
         skipped = self.store.skipped()  # as boot does: rolled back from, never gone back to
         before = history[: max(self._at(history, ref), 0)]
-        earlier = next((h for h in reversed(before) if Path(h).parent.name not in skipped), None)
+        earlier = next((h for h in reversed(before) if version_of(h) not in skipped), None)
         # what a rollback to it forgets: all after it, not only `ref` (a store from before
         # skip() forgot may hold a skipped version between them)
         return (rel if earlier is None else history[history.index(earlier) + 1]), earlier
@@ -671,7 +676,7 @@ class Updater:
         """Where `ref` is in the history; -1 for none or the bundled model."""
         if ref is None:
             return -1
-        rel = str(self._manifest_of(ref).relative_to(self.store.root))
+        rel = self.store.rel(ref)
         return history.index(rel) if rel in history else -1
 
     def _rolled_back(self) -> Outcome:
@@ -746,6 +751,11 @@ class Updater:
                 raise
             return Outcome(refused=f"rollback: the earlier version fails its checks: {exc}")
         return self._serve(model, skip=current.version, drop=rel)  # an OSError: tried again
+
+
+def version_of(rel: str) -> str:
+    """The version of a history entry (NAME/VERSION/manifest.json)."""
+    return Path(rel).parent.name
 
 
 def _body(response: dict[str, Any], limit: int) -> bytes:

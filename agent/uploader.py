@@ -75,7 +75,7 @@ def _outage(exc: Exception) -> bool:
 
 def _field(path: Path, name: str) -> list[str]:
     """Field `name` of each JSON object of a local hourly manifest, read a line at a time
-    (an hour's dicts at once made the flush's peak memory 20 MB at 5 captures/s). A line a
+    (an hour's dicts at once: a 33 MB peak for a 19,000-capture hour, 2 MB now). A line a
     power cut tore (not a JSON object) is dropped and the file replaced without it, so it
     neither blocks the upload nor spoils the next line; a line this version cannot validate
     (a newer agent's) stays."""
