@@ -1100,3 +1100,32 @@ def test_a_file_name_that_is_not_utf8_is_named_and_skipped(
     assert names == ["b.jpg"]
     assert caplog.text.count("is not UTF-8; skipped until renamed") == 1
     assert "Br\\udcfccke.jpg" in caplog.text
+
+
+def test_a_record_that_cannot_be_pruned_is_named_and_nothing_is_forgotten(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder, state = tmp_path / "in", tmp_path / "state"
+    write(folder / "a.jpg", jpeg(), time.time() - 30)
+    source = FolderSource(cfg("folder", folder, exit_when_done=True), state_dir=state)
+    assert names(Drain(source).finish()) == ["a.jpg"]
+    real = source._db
+
+    class Failing:  # a disk error once the prune writes
+        in_transaction = property(lambda _: real.in_transaction)
+
+        def execute(self, sql: str, *args: Any) -> Any:
+            if sql.startswith("DELETE"):
+                raise sqlite3.OperationalError("disk I/O error")
+            return real.execute(sql, *args)
+
+        def executemany(self, sql: str, rows: Any) -> Any:
+            return real.executemany(sql, rows)
+
+    source._db = cast(Any, Failing())
+    with caplog.at_level(logging.ERROR, logger="agent.sources.files"):
+        source._forget_gone(set())  # a.jpg missing at this check
+    source._db = real
+    assert f"cannot prune the record of seen files in {state / 'seen-files.sqlite'}" in caplog.text
+    assert len(source._seen) == 1 and seen_rows(state)["a.jpg"] is None  # rolled back whole
+    source.close()
