@@ -20,7 +20,7 @@ import cv2
 
 from agent import imageio
 from agent.archive import Entry, Refused
-from agent.contract import DetectionMessage, Gps
+from agent.contract import DetectionMessage, Gps, iso
 from agent.durable import replace_file
 from agent.engine.detector import Analysis, Detector
 from agent.engine.overlay import render
@@ -165,7 +165,7 @@ def _feature(name: str, a: Analysis, meta: PhotoMeta, gps: Gps) -> dict[str, Any
             "flagged": a.flagged,
             "rust_probability": a.rust_probability,
             "regions": len(a.regions),
-            "taken_at": meta.taken_at.isoformat() if meta.taken_at else None,
+            "taken_at": iso(meta.taken_at) if meta.taken_at else None,
         },
     }
 
@@ -189,7 +189,7 @@ def _row(name: str, a: Analysis, meta: PhotoMeta) -> list[str]:
         str(a.frame_size.height),
         a.model.name,
         a.model.version,
-        meta.taken_at.isoformat() if meta.taken_at else "",
+        iso(meta.taken_at) if meta.taken_at else "",
         *("" if v is None else repr(v) for v in place),
     ]
 

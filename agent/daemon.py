@@ -26,7 +26,7 @@ from agent import __version__
 from agent.capture import Capturer
 from agent.commands import CommandError, Commands
 from agent.config import AgentConfig, ConfigError
-from agent.contract import ModelManifest
+from agent.contract import ModelManifest, iso
 from agent.contract.messages import (
     AgentState,
     ModelStatus,
@@ -307,7 +307,7 @@ class Agent:
 
     def _register_commands(self) -> None:
         c = self.commands
-        c.register("ping", PingCommand, lambda _: {"pong": datetime.now(UTC).isoformat()})
+        c.register("ping", PingCommand, lambda _: {"pong": iso(datetime.now(UTC))})
         c.register("status", StatusCommand, self._cmd_status)
         c.register("snapshot", SnapshotCommand, self._cmd_snapshot, once=True)
         c.register("set-threshold", SetThresholdCommand, self._cmd_set_threshold)

@@ -162,9 +162,8 @@ def test_detect_and_batch_date_and_place_photos_by_their_exif(
 
     code = agent_main(["detect", str(tagged), str(plain), "--model", str(logistic_model), "--json"])
     assert code == 0
-    first, second = (
-        DetectionMessage.model_validate_json(x) for x in capsys.readouterr().out.split()
-    )
+    lines = capsys.readouterr().out.split()
+    first, second = (DetectionMessage.model_validate_json(x) for x in lines)
     assert first.captured_at == datetime(2024, 5, 6, 5, 8, 9, tzinfo=UTC)
     assert first.gps is not None and first.gps.lat == pytest.approx(-33.865, abs=1e-3)
     assert second.captured_at == datetime.fromtimestamp(1_700_000_000, UTC) and second.gps is None
@@ -174,7 +173,8 @@ def test_detect_and_batch_date_and_place_photos_by_their_exif(
         agent_main(["batch", str(photos), "--model", str(logistic_model), "--out", str(out)]) == 0
     )
     rows = {r["file"]: r for r in csv.DictReader((out / "results.csv").open())}
-    assert rows["DJI_0001.jpg"]["taken_at"] == "2024-05-06T05:08:09+00:00"
+    taken = rows["DJI_0001.jpg"]["taken_at"]  # written as the message writes it
+    assert taken == json.loads(lines[0])["captured_at"] == "2024-05-06T05:08:09Z"
     assert float(rows["DJI_0001.jpg"]["lon"]) == pytest.approx(151.21, abs=1e-2)
     assert float(rows["DJI_0001.jpg"]["alt"]) == pytest.approx(-58.5)
     assert [rows["plain.jpg"][k] for k in ("taken_at", "lat", "lon", "alt")] == ["", "", "", ""]
@@ -185,15 +185,15 @@ def test_detect_and_batch_date_and_place_photos_by_their_exif(
     assert place["properties"]["altitude_msl_m"] == pytest.approx(-58.5)
     assert place["properties"]["file"] == "DJI_0001.jpg"
     assert place["properties"]["corrosion_pct"] == float(rows["DJI_0001.jpg"]["corrosion_pct"])
-    assert place["properties"]["taken_at"] == "2024-05-06T05:08:09+00:00"
+    assert place["properties"]["taken_at"] == "2024-05-06T05:08:09Z"
 
     # A camera kept Sydney time without writing its offset; the workstation is elsewhere.
     (photos / "DJI_0002.jpg").write_bytes(with_exif(scene_jpeg(24), [TAKEN]))
     argv = ["batch", str(photos), "--model", str(logistic_model), "--out", str(out)]
     assert agent_main([*argv, "--camera-tz", "Australia/Sydney"]) == 0
     rows = {r["file"]: r for r in csv.DictReader((out / "results.csv").open())}
-    assert rows["DJI_0002.jpg"]["taken_at"] == "2024-05-05T21:08:09+00:00"
-    assert rows["DJI_0001.jpg"]["taken_at"] == "2024-05-06T05:08:09+00:00"  # its offset wins
+    assert rows["DJI_0002.jpg"]["taken_at"] == "2024-05-05T21:08:09Z"
+    assert rows["DJI_0001.jpg"]["taken_at"] == "2024-05-06T05:08:09Z"  # its offset wins
     for zone, utc in (("+10:00", datetime(2024, 5, 5, 21, 8, 9, tzinfo=UTC)),
                       ("-04:00", datetime(2024, 5, 6, 11, 8, 9, tzinfo=UTC))):  # fmt: skip
         code = agent_main(["detect", str(photos / "DJI_0002.jpg"), "--model",

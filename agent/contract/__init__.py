@@ -10,7 +10,7 @@ One module per part: `common` (version, field types), `manifest` (the model mani
 `schemas` (JSON Schema export).
 """
 
-from agent.contract.common import CONTRACT_VERSION, Strict, describe
+from agent.contract.common import CONTRACT_VERSION, Strict, describe, iso
 from agent.contract.manifest import (
     MANIFEST_FILE,
     Decision,
@@ -72,6 +72,7 @@ __all__ = [
     "channels_prefix",
     "describe",
     "file_key",
+    "iso",
     "json_schemas",
     "key_part",
     "manifest_key",

@@ -12,6 +12,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    TypeAdapter,
     ValidationError,
     model_serializer,
 )
@@ -79,6 +80,15 @@ class Strict(BaseModel):
 def utc_now() -> datetime:
     """Default of every timestamp field: aware UTC, so readers never guess a zone."""
     return datetime.now(UTC)
+
+
+_WHEN = TypeAdapter(datetime)
+
+
+def iso(at: datetime) -> str:
+    """`at` as the contract's JSON writes it (UTC as `Z`), so a time in a CSV, a GeoJSON
+    or a command's result compares as text with the same time in a message."""
+    return str(_WHEN.dump_python(at, mode="json"))
 
 
 class OmitsUnset(Strict):
