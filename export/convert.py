@@ -9,6 +9,7 @@ training rows), and ships no table.
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import json
 import os
@@ -429,6 +430,36 @@ def _make_folders(out: Path, made: list[Path]) -> None:
         made.append(folder)
 
 
+STAGING = (".convert-", ".partial")  # prefix and suffix of a convert's staging folder
+ABANDONED_AFTER_S = 60.0  # older and unlocked: its convert was killed (never one starting)
+
+
+def _hold(folder: Path) -> int:
+    """Lock `folder` for as long as the returned descriptor is open: a convert at work."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _sweep_abandoned(out: Path) -> None:
+    """Remove the staging folders of converts that were killed (SIGKILL, the OOM killer, a
+    power cut: no `finally` ran), which would otherwise hold a model's worth of disk each.
+    One still locked is a convert at work, in this process or another."""
+    cutoff = datetime.now(UTC).timestamp() - ABANDONED_AFTER_S
+    for old in out.glob(f"{STAGING[0]}*{STAGING[1]}"):
+        try:
+            if old.is_symlink() or old.stat().st_mtime > cutoff:
+                continue
+            os.close(_hold(old))
+        except OSError:  # locked (at work), or gone meanwhile
+            continue
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @contextmanager
 def staged(out: Path) -> Iterator[Path]:
     """A new folder to export into, whose files replace `out`'s only once the block has
@@ -446,8 +477,10 @@ def staged(out: Path) -> Iterator[Path]:
     made: list[Path] = []
     try:
         _make_folders(out, made)
+        _sweep_abandoned(out)
         try:
-            staging = Path(tempfile.mkdtemp(prefix=".convert-", suffix=".partial", dir=out))
+            staging = Path(tempfile.mkdtemp(prefix=STAGING[0], suffix=STAGING[1], dir=out))
+            held = _hold(staging)
         except OSError as exc:  # its own message names the random staging name, not `out`
             raise ConvertError(f"{out}: cannot write ({exc.strerror or exc})") from None
         try:
@@ -461,6 +494,7 @@ def staged(out: Path) -> Iterator[Path]:
             os.replace(staging / MANIFEST_FILE, out / MANIFEST_FILE)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+            os.close(held)
     except BaseException:
         for folder in reversed(made):
             with suppress(OSError):  # not empty: someone else's files are in it now

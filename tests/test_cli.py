@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import fcntl
 import io
 import json
 import os
@@ -430,6 +431,33 @@ def test_convert_into_a_folder_on_another_disk(
         assert export_main([*args, "--version", version, "--skip-parity"]) == 0
         assert ModelManifest.read(out / "manifest.json").version == version
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "table.npy"]
+
+
+def test_a_killed_converts_staging_is_swept_and_a_working_ones_is_not(tmp_path: Path) -> None:
+    """A convert killed mid-way (SIGKILL, the OOM killer) runs no `finally`: its hidden
+    staging folder, a model's worth of disk, stayed in --out for good."""
+    (tmp_path / "logistic.json").write_bytes(model_bytes(tmp_path))
+    out = tmp_path / "out"
+    dead, working, starting = (out / f".convert-{n}.partial" for n in ("a", "b", "c"))
+    for folder in (dead, working, starting):
+        folder.mkdir(parents=True)
+        (folder / "model.onnx").write_bytes(b"half")
+    for folder in (dead, working):
+        os.utime(folder, (1_700_000_000, 1_700_000_000))
+    held = os.open(working, os.O_RDONLY)  # another convert at work holds its folder's flock
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        args = ["convert", str(tmp_path / "logistic.json"), "--out", str(out), "--name", "m"]
+        assert export_main([*args, "--version", "1.0.0", "--skip-parity"]) == 0
+    finally:
+        os.close(held)
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".convert-b.partial",
+        ".convert-c.partial",  # made a moment ago: never taken for one killed
+        "manifest.json",
+        "model.onnx",
+        "table.npy",
+    ]
 
 
 def _train(csv_path: Path, out: Path, rounds: int, seed: int) -> None:
