@@ -144,6 +144,7 @@ class Agent:
         if config.model.registry is not None:
             self.updater = Updater(
                 config.model,
+                keys=self.keys,
                 store=self.store,
                 detector=self.detector,
                 load=self._load_from_store,

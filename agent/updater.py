@@ -21,13 +21,14 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError, IncompleteReadError
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 
 from agent.config import ModelConfig
@@ -43,7 +44,7 @@ from agent.contract.registry import (
 from agent.durable import replace_file, sync_dir, write_synced
 from agent.engine.model import ModelError, runtime_fault
 from agent.s3 import describe_error, error_code, s3_client
-from agent.signing import trusted_keys, verify_manifest, verify_pointer
+from agent.signing import verify_manifest, verify_pointer
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +284,7 @@ class Updater:
         self,
         config: ModelConfig,
         *,
+        keys: Mapping[str, Ed25519PublicKey],
         store: ModelStore,
         detector: Swappable,
         load: Callable[[Path], Serving],
@@ -298,7 +300,7 @@ class Updater:
         self.load = load
         self.serving = serving
         self.report = report
-        self.keys = trusted_keys(config)
+        self.keys = keys  # the daemon's: both verify with one reading of the key files
         self.s3 = s3_client(config.endpoint_url, config.region)
         self._etag: str | None = None
         self._missing: str | None = None  # the pointer key last found missing (warned once)

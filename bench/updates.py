@@ -34,6 +34,7 @@ from agent.engine.classifier import load_model
 from agent.engine.detector import Detector
 from agent.outbox import Outbox
 from agent.policy import Policy
+from agent.signing import trusted_keys
 from agent.sources import Frame
 from agent.spool import Spool
 from agent.updater import ModelStore, Updater
@@ -109,6 +110,7 @@ def bench_swaps(tmp: Path, endpoint: str, model: Path, frame: np.ndarray) -> lis
     )
     updater = Updater(
         config,
+        keys=trusted_keys(config),
         store=ModelStore(tmp / "models"),
         detector=detector,
         load=load_model,

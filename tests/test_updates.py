@@ -20,6 +20,7 @@ from agent.config import ModelConfig
 from agent.engine.classifier import ColourModel, ServingModel
 from agent.engine.detector import Detector
 from agent.engine.model import RuntimeFaultError
+from agent.signing import trusted_keys
 from agent.updater import ModelStore, Outcome, Updater
 from tests.registry_helpers import NAME, Registry, bad_versions, train
 
@@ -41,6 +42,7 @@ def updater(
     )
     return Updater(
         config,
+        keys=trusted_keys(config),
         store=ModelStore(state / "models"),
         detector=detector,
         load=load,
