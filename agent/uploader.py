@@ -8,7 +8,8 @@ notice on `uploads` and a line in the hour's JSON Lines manifest, re-uploaded wh
 hour's manifests grew with the square of its captures: 529 MB for 1,500, bench/soak.py).
 When S3 cannot be reached the uploader waits with full-jitter backoff up to `retry_max_s`
 and the captures wait on disk. Multipart uploads left unfinished by a killed agent are
-aborted at start; the capture is then sent again whole.
+aborted at start (or once S3 answers, for a device that starts offline); the capture is then
+sent again whole.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -53,6 +56,7 @@ log = logging.getLogger(__name__)
 # What S3 or the link can answer an upload with: boto3 wraps an error reply to upload_file
 # in S3UploadFailedError, which is neither a ClientError nor a BotoCoreError.
 S3_ERRORS = (BotoCoreError, ClientError, S3UploadFailedError, OSError)
+ABORT_RETRY_S = 300.0  # unfinished uploads not listed (S3 not there): try again this much later
 
 
 # Error replies that speak for the whole bucket or link, not the one object: S3 in trouble,
@@ -102,6 +106,18 @@ def _object(text: str) -> dict[str, Any] | None:
     except ValueError:
         return None
     return record if isinstance(record, dict) else None
+
+
+@contextmanager
+def _on_disk(path: Path) -> Iterator[None]:
+    """Names `path` in an OSError that names no file (a write or fsync failing: EIO, ENOSPC):
+    the uploader tells our disk from S3 by the name, and the log says which file."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
 
 
 def _append(path: Path, line: str) -> None:
@@ -183,21 +199,20 @@ class Uploader:
 
     def _run(self) -> None:
         attempt = 0
-        aborted = False
+        abort_at: float | None = time.monotonic()  # when to abort unfinished uploads; None: done
         while not self._stop.is_set():
-            if not aborted:
-                self._abort_stale_multipart()
-                aborted = True
+            if abort_at is not None and time.monotonic() >= abort_at:
+                abort_at = self._abort_stale_multipart(first=attempt == 0)
             capture = None
             try:
                 capture = self.spool.next()
                 talked = capture is not None and self._upload(capture)  # did S3 answer?
                 if time.monotonic() - self._manifest_at >= self.config.manifest_every_s:
                     talked = self._flush_manifests() or talked
-            except FileNotFoundError as exc:  # evicted or cleaned away under us: not S3's fault
-                log.warning("capture file gone during upload: %s", exc.filename)
-                continue
             except S3_ERRORS as exc:
+                if capture is not None and self._gone(capture, exc):  # evicted, cleaned away:
+                    log.warning("capture file gone during upload: %s", exc)  # the next look
+                    continue  # finds the capture incomplete and counts it lost
                 delay = full_jitter(attempt, 1.0, self.config.retry_max_s)
                 if capture is not None:  # past the back-off, the next capture goes first:
                     later = delay + full_jitter(capture.attempts, 1.0, self.config.retry_max_s)
@@ -215,6 +230,12 @@ class Uploader:
             if capture is None:
                 self._wake.wait(1.0)
                 self._wake.clear()
+
+    def _gone(self, capture: Spooled, exc: Exception) -> bool:
+        """A file of the capture itself is missing: nothing to retry. Any other file missing
+        (a manifest, the folder cleaned away under us) is our disk's fault and waits."""
+        own = {str(p) for p in self.spool.paths(capture.frame_id)}
+        return isinstance(exc, FileNotFoundError) and exc.filename in own
 
     def _failed(self, exc: Exception, delay: float, *, first: bool) -> None:
         if isinstance(exc, OSError) and exc.filename is not None:  # our disk, not S3
@@ -265,12 +286,21 @@ class Uploader:
         self._stop.wait(delay)
         return attempt + 1
 
-    def _abort_stale_multipart(self) -> None:
-        """Best effort: without s3:ListBucketMultipartUploads, uploads must still go on."""
+    def _abort_stale_multipart(self, *, first: bool) -> float | None:
+        """Best effort: without s3:ListBucketMultipartUploads, uploads must still go on. When
+        to try again: S3 not there (a device that starts offline) is no reason to leave the
+        parts billed for good; None once done, or refused."""
         try:
             self._abort_multipart()
         except (BotoCoreError, ClientError) as exc:
-            log.warning("cannot list unfinished uploads (%s); skipped", describe_error(exc))
+            if not _outage(exc):  # an answer about this request (AccessDenied): for good
+                log.warning("cannot list unfinished uploads (%s); skipped", describe_error(exc))
+                return None
+            if first:
+                log.warning("cannot list unfinished uploads (%s); trying again in %.0f s",
+                            describe_error(exc), ABORT_RETRY_S)  # fmt: skip
+            return time.monotonic() + ABORT_RETRY_S
+        return None
 
     def _abort_multipart(self) -> None:
         """A killed agent leaves parts nobody will complete (and S3 bills for)."""
@@ -357,6 +387,7 @@ class Uploader:
         )
         hour = sidecar.captured_at.astimezone(UTC)
         path = self.manifests / f"{hour:%Y%m%d%H}.jsonl"
+        body = None
         if not path.exists():  # a late capture of an hour already flushed: extend, not replace
             key = capture_manifest_key(self.config.prefix, self.device_id, hour)
             try:
@@ -365,13 +396,22 @@ class Uploader:
                 if error_code(exc) not in ("NoSuchKey", "404"):
                     raise
                 body = b""
-            path.write_bytes(body)
-        ids = self._frame_ids.get(path)
-        if ids is None:  # read once per hour's file, not once per capture
-            ids = self._frame_ids[path] = set(_field(path, "frame-id"))
-        if sidecar.frame_id in ids:
-            return  # a repeat after a crash between the upload and the spool's bookkeeping
-        _append(path, line.model_dump_json(by_alias=True))
+        if body is not None:
+            self._frame_ids.pop(path, None)  # the ids of a file that is gone
+        try:
+            with _on_disk(path):
+                if body is not None:  # the folder may be gone too (rm -rf spool/*)
+                    self.manifests.mkdir(exist_ok=True)
+                    path.write_bytes(body)
+                ids = self._frame_ids.get(path)
+                if ids is None:  # read once per hour's file, not once per capture
+                    ids = self._frame_ids[path] = set(_field(path, "frame-id"))
+                if sidecar.frame_id in ids:
+                    return  # a repeat after a crash between the upload and the spool's records
+                _append(path, line.model_dump_json(by_alias=True))
+        except OSError:  # the line may be in the file or not: the retry reads it again
+            self._frame_ids.pop(path, None)
+            raise
         ids.add(sidecar.frame_id)
         self._dirty.add(path)
 
@@ -385,10 +425,19 @@ class Uploader:
             hour = datetime.strptime(path.stem, "%Y%m%d%H").replace(tzinfo=UTC)
             key = capture_manifest_key(self.config.prefix, self.device_id, hour)
             meta = {"device": self.device_id}
-            refs = _field(path, "source-ref")  # first: it drops a line a power cut tore
+            try:
+                with _on_disk(path):
+                    refs = _field(path, "source-ref")  # first: it drops a line a power cut tore
+            except FileNotFoundError:  # cleaned away: it must not hold up the other hours
+                log.warning("%s gone before its upload: the hour's manifest in S3 stays as "
+                            "last uploaded", path)  # fmt: skip
+                self._dirty.discard(path)
+                self._frame_ids.pop(path, None)
+                continue
             self._put(path, key, "application/x-ndjson", meta)
             transform = path.with_suffix(TRANSFORM_SUFFIX)
-            transform.write_text(json.dumps(transform_manifest(refs)))
+            with _on_disk(transform):
+                transform.write_text(json.dumps(transform_manifest(refs)))
             self._put(
                 transform, key.removesuffix(".jsonl") + TRANSFORM_SUFFIX, "application/json", meta
             )

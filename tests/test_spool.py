@@ -188,3 +188,13 @@ def test_a_held_capture_waits_for_its_release(tmp_path: Path) -> None:
     s.due_now(held=True)  # the next start frees it
     taken = s.next()
     assert taken is not None and taken.frame_id == fid(3)
+
+
+def test_a_captures_row_is_fsynced_with_its_commit(tmp_path: Path) -> None:
+    """The detection naming a capture's upload key is committed (and may be published) right
+    after the capture's row. Under synchronous=NORMAL a power cut could keep the detection
+    and lose the row; the next start then swept the capture's fsynced files away as
+    orphans, uncounted. FULL puts every commit on disk before the next step."""
+    spool = Spool(tmp_path, 1 << 20)
+    assert spool._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    spool.close()

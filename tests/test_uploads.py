@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import hashlib
 import json
 import logging
+import os
+import shutil
 import signal
 import sqlite3
 import time
@@ -21,10 +24,15 @@ import cv2
 import numpy as np
 import pytest
 
+from agent.capture import Capturer
 from agent.config import UploadConfig
 from agent.contract.captures import CaptureSidecar, ManifestLine, UploadNotice
 from agent.contract.messages import Topics
+from agent.engine.classifier import ColourModel
+from agent.engine.detector import Detector
 from agent.outbox import Outbox
+from agent.policy import Policy
+from agent.sources import Frame
 from agent.spool import Spool
 from agent.uploader import Uploader
 from tests.agentproc import AgentProcess, Subscriber, agent_settings, write_config, write_frames
@@ -502,5 +510,163 @@ def test_a_capture_that_always_fails_holds_up_no_other(
         time.sleep(3.0)
         assert uploader.stop(5)
     assert not uploader.reachable and "reachable again" not in caplog.text
+    spool.close()
+    outbox.close()
+
+
+def spooled_here(
+    state: Path, model: Path, target: S3, *, device: str, frames: int, when: datetime
+) -> Spool:
+    """Captures spooled by the frame loop's own code (Capturer), in this process: quicker
+    than a finished offline run when the test is about the uploader alone."""
+    config = UploadConfig(**upload_settings(target.bucket, f"http://127.0.0.1:{target.port}"))
+    spool = Spool(state / "spool", 1 << 30)
+    capturer = Capturer(
+        config, device_id=device, policy=Policy(config), spool=spool, on_stored=lambda: None
+    )
+    detector = Detector(ColourModel.load(model))
+    for i, name in enumerate(write_frames(state / "frames", frames)):
+        data = (state / "frames" / name).read_bytes()
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        frame = Frame(image, (image.shape[1], image.shape[0]), i, "t", when, None, data, 0.0, name)
+        analysis = detector.analyse(image)
+        message = analysis.message(device_id=device, source="t", frame_index=i, captured_at=when)
+        capturer.release(capturer.consider(frame, analysis, message))
+    assert spool.depth == frames
+    return spool
+
+
+def test_a_manifest_folder_cleaned_away_is_made_again_and_nothing_goes_up_twice(
+    tmp_path: Path, logistic_model: Path, target: S3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`rm -rf spool/*` while the agent runs: a missing manifest was taken for a capture file
+    evicted mid-upload, so the same capture went up again and again without a pause (152
+    times in 5 s)."""
+    state = tmp_path / "state"
+    now = datetime.now(UTC)
+    spool = spooled_here(state, logistic_model, target, device="rm-dev", frames=2, when=now)
+    puts: list[str] = []
+    real_put = Uploader._put
+
+    def put(self: Uploader, path: Path, key: str, *args: Any) -> None:
+        puts.append(key)
+        real_put(self, path, key, *args)
+
+    monkeypatch.setattr(Uploader, "_put", put)
+    uploader, outbox = direct_uploader(state, spool, target, "rm-dev")
+    shutil.rmtree(state / "spool" / "manifests")
+    uploader.start()
+    try:
+        assert wait(lambda: spool.depth == 0, 20)
+    finally:
+        assert uploader.stop(5)
+    images = [k for k in puts if k.endswith(".jpg")]
+    assert len(images) == len(set(images)) == 2
+    assert (state / "spool" / "manifests" / f"{now:%Y%m%d%H}.jsonl").is_file()
+    spool.close()
+    outbox.close()
+
+
+def test_an_hours_manifest_gone_before_its_upload_holds_up_no_other(
+    tmp_path: Path, target: S3, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A dirty manifest file cleaned away made every flush fail on it: the hours after it
+    never went up, and finished hours were never cleaned up."""
+    state = tmp_path / "state"
+    spool = Spool(state / "spool", 1 << 30)
+    manifests = state / "spool" / "manifests"
+    manifests.mkdir()
+    line = ManifestLine(
+        source_ref=f"s3://{target.bucket}/fleet/captures/gone-dev/x.jpg",
+        frame_id="f" * 32,
+        device_id="gone-dev",
+        category="flagged",
+        corrosion_pct=3.0,
+        model_version="test-rgb@1.0.0",
+        captured_at=datetime(2026, 1, 1, 11, tzinfo=UTC),
+        sidecar_ref=f"s3://{target.bucket}/fleet/captures/gone-dev/x.json",
+    ).model_dump_json(by_alias=True)
+    for hour in ("2026010110", "2026010111"):
+        (manifests / f"{hour}.jsonl").write_text(line + "\n")
+    uploader, outbox = direct_uploader(state, spool, target, "gone-dev")  # both dirty
+    (manifests / "2026010110.jsonl").unlink()
+    with caplog.at_level(logging.WARNING, logger="agent.uploader"):
+        uploader.start()
+        try:
+            assert wait(lambda: len(keys(target.client, target.bucket, ".jsonl")) == 1, 20)
+        finally:
+            assert uploader.stop(5)
+    (key,) = keys(target.client, target.bucket, ".jsonl")
+    assert "2026/01/01/11" in key or "2026010111" in key, key
+    assert "2026010110.jsonl gone before its upload" in caplog.text
+    assert not list(manifests.glob("*.jsonl"))  # the finished hour, uploaded, cleaned up
+    spool.close()
+    outbox.close()
+
+
+def test_a_disk_fault_on_the_manifest_is_named_and_not_taken_for_s3(
+    tmp_path: Path, logistic_model: Path, target: S3, *,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """An fsync of the hour's manifest failing (EIO: a dying SD card) names no file, so it
+    was logged as "S3 <bucket>: [Errno 5] ...", metrics said S3 unreachable, and the
+    uploader went into outage mode while S3 took every request."""
+    state = tmp_path / "state"
+    now = datetime.now(UTC)
+    spool = spooled_here(state, logistic_model, target, device="eio-dev", frames=1, when=now)
+    faults = [OSError(errno.EIO, "Input/output error")]
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if faults:
+            raise faults.pop()
+        real_fsync(fd)
+
+    monkeypatch.setattr("agent.uploader.os.fsync", fsync)
+    uploader, outbox = direct_uploader(state, spool, target, "eio-dev")
+    with caplog.at_level(logging.WARNING, logger="agent.uploader"):
+        uploader.start()
+        try:
+            assert wait(lambda: spool.depth == 0, 20)  # the next try, once the disk is back
+        finally:
+            assert uploader.stop(5)
+    manifest = state / "spool" / "manifests" / f"{now:%Y%m%d%H}.jsonl"
+    assert f"capture upload: {manifest}: Input/output error" in caplog.text
+    assert f"S3 {target.bucket}" not in caplog.text
+    assert uploader.reachable
+    assert len(manifest.read_text().splitlines()) == 1
+    spool.close()
+    outbox.close()
+
+
+def test_unfinished_uploads_are_aborted_once_s3_answers_after_an_offline_start(
+    tmp_path: Path, target: S3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device that starts out of coverage tried once, logged "skipped", and left the parts
+    a killed agent had sent in the bucket (billed) for good."""
+    s3, bucket = target.client, target.bucket
+    key = "fleet/captures/off-dev/2026/01/01/" + "a" * 32 + ".jpg"
+    stale = s3.create_multipart_upload(Bucket=bucket, Key=key)
+    s3.upload_part(Bucket=bucket, Key=key, UploadId=stale["UploadId"], PartNumber=1, Body=b"x")
+    monkeypatch.setattr("agent.uploader.ABORT_RETRY_S", 0.5)
+    proxy = Proxy(target.port)
+    proxy.cut()
+    try:
+        config = UploadConfig(**upload_settings(bucket, proxy.url, max_attempts=1))
+        spool = Spool(tmp_path / "spool", 1 << 30)
+        outbox = Outbox(tmp_path / "outbox.sqlite")
+        uploader = Uploader(
+            config, device_id="off-dev", spool=spool, outbox=outbox, topics=Topics("c/off-dev/")
+        )
+        uploader.start()
+        try:
+            time.sleep(1.5)  # tried, offline
+            assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads")
+            proxy.restore()
+            assert wait(lambda: not s3.list_multipart_uploads(Bucket=bucket).get("Uploads"), 20)
+        finally:
+            assert uploader.stop(5)
+    finally:
+        proxy.close()
     spool.close()
     outbox.close()
