@@ -19,12 +19,13 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 
 WORKDIR /src
-# README.md is the package's long description: the build reads it.
-COPY pyproject.toml README.md ./
+# README.md is the package's long description: the build reads it. constraints.txt pins
+# every dependency to the version the tests ran with.
+COPY pyproject.toml README.md constraints.txt ./
 COPY agent ./agent
 COPY export ./export
 RUN python -m venv /opt/corrosion-agent \
-    && /opt/corrosion-agent/bin/pip install --no-cache-dir . \
+    && /opt/corrosion-agent/bin/pip install --no-cache-dir -c constraints.txt . \
     && /opt/corrosion-agent/bin/corrosion-agent --version
 
 

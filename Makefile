@@ -7,15 +7,25 @@ STAMP := $(VENV)/.installed
 DEMO := demo
 DATA ?= ../shared/data
 
-PHONY_EXTRA := run-batch config bench-daemon bench-updates bench-folder bench-seen bench-soak docker-test
+PHONY_EXTRA := run-batch config lock bench-daemon bench-updates bench-folder bench-seen bench-soak docker-test
 .PHONY: $(PHONY_EXTRA) run test lint bench bench-classify bench-resolution demo schemas system-deps clean
 .PHONY: model evaluate bench-features
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[export,test,dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[export,test,dev]'
 	touch $(STAMP)
+
+## constraints.txt, the tested set: the newest versions pyproject.toml allows, resolved in a
+## throwaway venv and pinned. Then `make test` and the benchmarks before committing it.
+lock:
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	$(PYTHON) -m venv "$$tmp" && \
+	"$$tmp/bin/pip" install --quiet --upgrade pip && \
+	"$$tmp/bin/pip" install --quiet '.[export,test,dev]' && \
+	{ sed -n '/^#/p' constraints.txt; "$$tmp/bin/pip" freeze --exclude corrosion-edge; } > constraints.txt.new && \
+	mv constraints.txt.new constraints.txt
 
 $(DEMO)/model/manifest.json: | $(STAMP)
 	$(VENV)/bin/corrosion-export demo --out $(DEMO)

@@ -555,7 +555,8 @@ def test_dockerfile_is_multistage_with_base_deps_only() -> None:
     assert final_from == image, "both stages use the same pinned base image"
     build = " ".join(args for i, args in builder if i == "RUN")
     assert f"python -m venv {VENV}" in build
-    assert re.search(rf"{VENV}/bin/pip install (--no-cache-dir )?\.(\s|$)", build), build
+    pip = rf"{VENV}/bin/pip install (--no-cache-dir )?-c constraints\.txt \.(\s|$)"
+    assert re.search(pip, build), "the image installs the tested set: " + build
     text = DOCKERFILE.read_text()
     assert "[export" not in text and "xgboost" not in text  # the training stack stays out
     assert ("COPY", f"--from=builder {VENV} {VENV}") in final
