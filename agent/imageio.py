@@ -246,11 +246,15 @@ def probe(data: bytes, name: str) -> ImageInfo:
     return info
 
 
-def check_pixels(info: ImageInfo, name: str, max_pixels: int = MAX_PIXELS) -> None:
-    """Refuse decompression bombs; shared with `archive` so both say it the same way."""
-    if info.pixels > max_pixels:
+def check_pixels(info: ImageInfo, name: str, max_pixels: int = MAX_PIXELS, factor: int = 1) -> None:
+    """Refuse decompression bombs; shared with `archive` so both say it the same way. A JPEG
+    decoded at 1/`factor` (libjpeg scales while decoding, never holding the full size) counts
+    the pixels it is decoded to: a 100 MP inspection camera's frame is 1.6 MP at 1/8."""
+    width, height = -(-info.width // factor), -(-info.height // factor)
+    if width * height > max_pixels:
+        at = f", {width}x{height} at 1/{factor}," if factor > 1 else ""
         raise ImageError(
-            f"{name}: {info.width}x{info.height} = {info.pixels:,} pixels "
+            f"{name}: {info.width}x{info.height} = {info.pixels:,} pixels{at} "
             f"exceeds the limit of {max_pixels:,}"
         )
 
@@ -331,9 +335,6 @@ def decode(
     if max_long_side is not None and max_long_side < 1:
         raise ValueError(f"max_long_side must be at least 1, not {max_long_side}")
     info = probe(data, name)
-    check_pixels(info, name, max_pixels)
-    _check_complete(info, data, name)
-
     width, height = info.width, info.height
     factor, flags = 1, cv2.IMREAD_COLOR
     if max_long_side is not None and info.format == "jpeg":
@@ -342,6 +343,8 @@ def decode(
             if -(-long_side // f) >= max_long_side:  # libjpeg rounds scaled sizes up
                 factor, flags = f, flag
                 break
+    check_pixels(info, name, max_pixels, factor)
+    _check_complete(info, data, name)
 
     with _quiet_opencv():
         try:

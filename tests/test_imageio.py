@@ -271,6 +271,20 @@ def test_decode_custom_pixel_limit() -> None:
     assert decode(data, "s.png", max_pixels=5000).image.shape == (50, 100, 3)
 
 
+def test_the_pixel_limit_counts_what_a_reduced_jpeg_decode_holds() -> None:
+    """A 100 MP inspection camera's JPEG read at 1/8 (libjpeg scales while decoding) holds
+    1.6 MP, yet the limit was applied to the header's full size: every frame refused."""
+    data = encode(".jpg", split_image(200, 100))  # 20,000 pixels
+    with pytest.raises(ImageError, match=r"^s\.jpg: 200x100 = 20,000 pixels exceeds the limit"):
+        decode(data, "s.jpg", max_pixels=5000)
+    assert decode(data, "s.jpg", max_pixels=5000, max_long_side=50).image.shape == (25, 50, 3)
+    with pytest.raises(
+        ImageError,
+        match=r"^s\.jpg: 200x100 = 20,000 pixels, 50x25 at 1/4, exceeds the limit of 1,000$",
+    ):
+        decode(data, "s.jpg", max_pixels=1000, max_long_side=50)
+
+
 def test_opencv_exceptions_become_image_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     def fails(buf: Any, flags: int) -> Any:
         raise cv2.error("pixels <= CV_IO_MAX_IMAGE_PIXELS")

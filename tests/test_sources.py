@@ -552,6 +552,37 @@ def test_list_file_keeps_its_order_and_reports_missing_entries(tmp_path: Path) -
     assert isinstance(items[2], Failed) and "cannot read" in items[2].reason
 
 
+def test_a_glob_never_follows_a_link_to_a_folder_and_takes_each_file_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """glob.glob's `**` followed `site/up -> ..` (camera upload trees have such links): one
+    photo came 41 times, and two such links kept the start from returning at all."""
+    root = tmp_path / "set"
+    write(root / "site" / "a.jpg", jpeg())
+    write(root / "site" / ".thumb.jpg", jpeg())  # hidden: as glob.glob, not matched by `*`
+    (root / "site" / "up").symlink_to("..")
+    (root / "site" / "again").symlink_to("..")
+    (root / "b.jpg").symlink_to(root / "site" / "a.jpg")  # the same file twice: once
+    (root / "caf\udce9.jpg").write_bytes(jpeg())  # bytes a Windows zip left: not UTF-8
+    with caplog.at_level(logging.ERROR, logger="agent.sources.files"):
+        source = GlobSource(cfg("glob", root / "**" / "*.jpg"))
+    assert names(Drain(source).finish()) == ["b.jpg"]  # the first of the two names, sorted
+    assert "is not UTF-8; skipped (rename it)" in caplog.text
+    assert names(Drain(GlobSource(cfg("glob", root / "site" / "**"))).finish()) == ["a.jpg"]
+    hidden = GlobSource(cfg("glob", root / "site" / ".*.jpg"))  # named: matched
+    assert names(Drain(hidden).finish()) == [".thumb.jpg"]
+
+
+def test_a_list_saved_with_a_byte_order_mark_keeps_its_first_photo(tmp_path: Path) -> None:
+    """Notepad and PowerShell 5 write UTF-8 with a BOM: it stuck to the first path, which
+    then "could not be read" although it looked right and existed."""
+    write(tmp_path / "a.jpg", jpeg())
+    write(tmp_path / "b.jpg", jpeg())
+    listing = tmp_path / "list.txt"
+    listing.write_text("a.jpg\nb.jpg\n", encoding="utf-8-sig")
+    assert names(Drain(GlobSource(cfg("glob", listing))).finish()) == ["a.jpg", "b.jpg"]
+
+
 # --- video file -----------------------------------------------------------------------------
 
 
@@ -574,6 +605,28 @@ def test_video_file_delivers_every_frame_in_order(tmp_path: Path) -> None:
     assert {(f.full_size, f.image.shape, f.data) for f in frames} == {((64, 48), (24, 32, 3), None)}
     assert [f.name for f in frames[:2]] == ["frame-0", "frame-1"]
     assert source.stats.state == "closed" and source.stats.delivered == len(levels)
+
+
+def test_a_video_read_that_blocks_is_seen_by_the_watchdog(tmp_path: Path) -> None:
+    """A read of a video on a hung mount ran outside the source's I/O mark: the loop looked
+    alive, so the watchdog never restarted the agent and SIGTERM's stop was never seen."""
+    (tmp_path / "clip.avi").write_bytes(b"stands in")
+    released = threading.Event()
+
+    class Hung(FakeCamera):
+        def read(self) -> tuple[bool, np.ndarray | None]:
+            released.wait(10)
+            return False, None
+
+    source = VideoSource(cfg("video", tmp_path / "clip.avi"), capture=lambda _: Hung())
+    drain = Drain(source)
+    try:
+        time.sleep(0.2)
+        assert source.stats.io_since is not None  # what the heartbeat's hang check reads
+    finally:
+        released.set()
+    drain.finish()
+    assert source.stats.io_since is None
 
 
 # --- live sources with a stand-in camera ----------------------------------------------------

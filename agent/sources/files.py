@@ -3,7 +3,6 @@ SQLite across restarts) and an image list or glob."""
 
 from __future__ import annotations
 
-import glob
 import itertools
 import logging
 import os
@@ -73,6 +72,34 @@ def _extensions(config: SourceConfig) -> frozenset[str]:
     return frozenset("." + e.lower().lstrip(".") for e in config.extensions)
 
 
+def _matches(pattern: str, wanted: frozenset[str]) -> tuple[list[Path], Path | None]:
+    """The image files a glob pattern matches, sorted, and the folder before its first
+    wildcard (names are given relative to it). `**` never follows a link to a folder: with
+    glob.glob a link back up the tree (`site/up -> ..`) delivered each photo dozens of times,
+    and two such links kept the start from returning. A file reached twice (through a link)
+    counts once. As with glob.glob, hidden names match only a pattern that names one, and a
+    name that is not UTF-8 is skipped: every message carries names as UTF-8."""
+    parts = Path(pattern).parts
+    fixed = list(itertools.takewhile(lambda part: not _MAGIC.search(part), parts[:-1]))
+    root = Path(*fixed) if fixed else Path()
+    rest = list(parts[len(fixed) :])
+    if rest[-1] == "**":  # glob.glob's `dir/**` is every file below, pathlib's only folders
+        rest.append("*")
+    hidden = any(part.startswith(".") for part in rest)
+    found: dict[str, Path] = {}
+    for path in sorted(root.glob("/".join(rest))):
+        rel = path.relative_to(root).parts
+        if not hidden and any(part.startswith(".") for part in rel):
+            continue
+        if path.suffix.lower() not in wanted or not path.is_file():
+            continue
+        if not _utf8(str(path)):
+            log.error("%s: name %r is not UTF-8; skipped (rename it)", pattern, str(path))
+            continue
+        found.setdefault(os.path.realpath(path), path)
+    return list(found.values()), Path(*fixed) if fixed else None
+
+
 class GlobSource(Source):
     """A fixed set of images, each delivered once, then the end. The uri is a glob pattern
     (sorted matches) or a .txt file listing one path per line (in its order, relative to it)."""
@@ -81,20 +108,15 @@ class GlobSource(Source):
         super().__init__(config, config.uri, decode_long_side)
         listing = Path(config.uri)
         if config.uri.endswith(".txt") and listing.is_file():
-            try:
-                lines = listing.read_text(encoding="utf-8").splitlines()
+            try:  # -sig: a byte-order mark (Notepad, PowerShell 5) is no part of the first path
+                lines = listing.read_text(encoding="utf-8-sig").splitlines()
             except (OSError, UnicodeError) as exc:
                 raise SourceError(f"{config.uri}: cannot read the list ({exc})") from exc
             entries = (s for s in map(str.strip, lines) if s and not s.startswith("#"))
             self._paths = list(dict.fromkeys(listing.parent / s for s in entries))
             self._root: Path | None = listing.parent
         else:
-            wanted = _extensions(config)
-            found = (Path(p) for p in glob.glob(config.uri, recursive=True))
-            self._paths = sorted(p for p in found if p.suffix.lower() in wanted and p.is_file())
-            parts = Path(config.uri).parts[:-1]
-            fixed = list(itertools.takewhile(lambda part: not _MAGIC.search(part), parts))
-            self._root = Path(*fixed) if fixed else None
+            self._paths, self._root = _matches(config.uri, _extensions(config))
         if not self._paths:
             raise SourceError(f"{config.uri}: matches no image files")
 

@@ -79,7 +79,8 @@ class VideoSource(Source):
         self.stats.state = "open"
         pacer = Pacer(self._config.max_fps)
         while pacer.wait(stop):
-            ok, image = self._cap.read()
+            with self._io():  # a hung mount or a dying card: the watchdog's to see
+                ok, image = self._cap.read()
             if not ok or image is None:
                 self.stats.state = "done"
                 return
