@@ -294,7 +294,9 @@ def promote(
 
     With `public_keys` the manifest's signature must verify; every file it pins must be
     there, whole (`verify_published`); with `key` the pointer is signed (devices then refuse
-    it replayed later, and take it back to an older version only so).
+    it replayed later, and take it back to an older version only so). Without `key` on a
+    channel whose pointer is signed it is refused: devices that require signatures refuse
+    an unsigned pointer there, so it would read as done and move no device.
     The pointer is written only if the channel still holds what we read (If-Match), so the
     replaced pointer reported is the true one.
     """
@@ -309,6 +311,12 @@ def promote(
     ckey = channel_key(url.prefix, name, channel)
     found = get_object(s3, url, ckey)
     previous = None if found is None else _pointer(found[0], url.uri(ckey))
+    if key is None and previous is not None and previous.signature is not None:
+        raise RegistryError(
+            f"{url.uri(ckey)}: {channel} is signed (key {previous.signature.key_id}); devices "
+            "that require signatures refuse an unsigned pointer there and keep what they "
+            "serve: promote with --key"
+        )
     at = datetime.now(UTC)
     if previous is not None:  # never before the pointer replaced: a promoter whose clock is
         at = max(at, previous.promoted_at + timedelta(microseconds=1))  # behind reads as a replay

@@ -230,6 +230,9 @@ def test_publish_list_promote(reg: Registry, tmp_path: Path) -> None:
     assert "now 1.1.0, was 1.0.0" in out
     assert "by ci@host" in out
     assert "unsigned" not in err
+    # Unsigned over a signed pointer: exit 0 once, while every device refused it.
+    code, _, err = reg.cli("promote", "test-rgb", "1.0.0", *public)
+    assert code == 2 and "stable is signed (key " in err and "promote with --key" in err
 
     body = reg.s3.get_object(Bucket=reg.bucket, Key="channels/test-rgb/stable.json")["Body"]
     pointer = ChannelPointer.parse(body.read(), "stable.json")
