@@ -180,18 +180,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         if config.mqtt.enabled:
             make_client(config.mqtt, client_id=config.device_id)
         trusted_keys(config.model)
-        if config.model.registry is None:  # else a stored registry version may serve instead
-            _bundled_manifest(config.model.path)
+        _bundled_manifest(config.model.path, registry=config.model.registry is not None)
     print(config.effective())
     print(f"{args.config}: OK", file=sys.stderr)
     return 0
 
 
-def _bundled_manifest(path: Path) -> None:
+def _bundled_manifest(path: Path, *, registry: bool) -> None:
     """A bundled model that is there must have a manifest that reads (not loaded: check-config
     stays quick, and the model's own checks run at start). One that is not there is only a
     warning: the model is often installed after the config (docs/DEPLOY.md), and a relative
-    path is resolved where the service starts (its state dir), not in this shell."""
+    path is resolved where the service starts (its state dir), not in this shell. A registry
+    device needs it too: it serves it until it has stored a registry version, and falls back
+    to it when none of those loads."""
     from agent.contract import ModelManifest
     from agent.engine.model import ModelError, resolve_manifest
 
@@ -199,7 +200,8 @@ def _bundled_manifest(path: Path) -> None:
         manifest = resolve_manifest(path)
     except ModelError as exc:
         where = "" if path.is_absolute() else f" (looked for relative to {Path.cwd()})"
-        print(f"warning: model.path: {exc}{where}: run needs it there", file=sys.stderr)
+        until = " until a registry version is stored" if registry else ""
+        print(f"warning: model.path: {exc}{where}: run needs it there{until}", file=sys.stderr)
         return
     try:
         ModelManifest.read(manifest)

@@ -226,7 +226,10 @@ class Agent:
         try:
             return self._load(resolve_manifest(self.config.model.path))
         except ValueError as exc:  # the bundled model's checks, its manifest's: the setting
-            raise ModelError(f"model.path: {exc}") from None
+            until = ""
+            if self.config.model.registry is not None:
+                until = " (a registry device serves it until it has stored a version)"
+            raise ModelError(f"model.path: {exc}{until}") from None
 
     def _on_model_outcome(self, outcome: Outcome) -> None:
         if outcome.served is not None:

@@ -240,6 +240,16 @@ def test_check_config_warns_of_a_bundled_model_not_installed_yet(tmp_path: Path)
     assert res.stderr.endswith(": OK\n")
 
 
+def test_check_config_warns_a_registry_device_of_its_missing_first_model(tmp_path: Path) -> None:
+    """It said OK, and `run` then stopped: a registry device serves the bundled model until
+    it has stored a registry version."""
+    registry = '[model]\nregistry = "s3://fleet-models/p"\nrequire_signature = false\n'
+    text = "[mqtt]\nenabled = false\n" + registry
+    res = _check_config(write(tmp_path, text), Path("not-here"))
+    assert "warning: model.path: not-here: no model manifest here" in res.stderr
+    assert "run needs it there until a registry version is stored" in res.stderr
+
+
 def test_shipped_configs_are_valid() -> None:
     files = sorted((ROOT / "config").glob("*.toml"))
     assert {f.name for f in files} >= {
@@ -291,6 +301,10 @@ def test_faults_in_what_the_config_names_name_the_setting_and_the_file(
          f"model.path: {bogus}: invalid manifest: "),
         ("run", model.replace(str(logistic_model.parent), f"{tmp_path}/nomodel"),
          f"model.path: {tmp_path}/nomodel: no model manifest here"),
+        ("run", model.replace(str(logistic_model.parent), f"{tmp_path}/nomodel").replace(
+            "[model]\n", '[model]\nregistry = "s3://fleet-models/p"\nrequire_signature = false\n'),
+         f"model.path: {tmp_path}/nomodel: no model manifest here (a registry device serves "
+         "it until it has stored a version)"),
         ("run", model.replace('"folder"', '"glob"').replace("/frames", "/framez/*.jpg"),
          f"source.uri: {tmp_path}/framez/*.jpg: matches no image files"),
         ("run", model.replace(str(logistic_model.parent), str(bogus)),
