@@ -26,7 +26,8 @@ def add_options(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME=CLASS",
-        help="VOC/crop label to class 0 or 1 (default Clean=0 Corroded=1)",
+        help="VOC/crop label to class 0 or 1, added to the AWS convention's Clean=0 "
+        "Corroded=1 (--ignore-label drops one of those)",
     )
     p.add_argument(
         "--ignore-label",
@@ -54,8 +55,10 @@ def add_options(p: argparse.ArgumentParser) -> None:
 
 
 def labels_of(args: argparse.Namespace) -> dict[str, int]:
-    """The --label pairs, or the AWS convention's names."""
-    return dict(args.label or DEFAULT_LABELS)
+    """The AWS convention's names (Clean-*/Corroded-* crops, Clean/Corroded boxes) and the
+    --label pairs over them: `--label rust=1 --crops DIR` once refused the crops' own names."""
+    labels = {k: v for k, v in DEFAULT_LABELS.items() if k not in args.ignore_label}
+    return labels | dict(args.label)
 
 
 def config_of(

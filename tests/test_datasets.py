@@ -160,6 +160,28 @@ def test_clean_and_corroded_crops_by_file_name(tmp_path: Path) -> None:
         run(tmp_path, crops=(crops,))
 
 
+def test_label_flags_add_to_the_aws_names_and_ignoring_one_drops_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """README's own line (`--voc ... --label rust=1`) with `--crops` added refused the crops:
+    any --label replaced Clean=0 Corroded=1."""
+    voc, crops = tmp_path / "voc", tmp_path / "crops"
+    for i in range(4):
+        write_png(voc / f"{i}.png", coordinate_image(40, 31))
+        write_voc(voc / f"{i}.xml", f"{i}.png", (40, 31), [("rust", 3, 2, 35, 27)])
+        write_png(crops / f"Clean-{i}.png", np.full((4, 5, 3), GREY, np.uint8))
+    write_png(crops / "Corroded-9.png", np.full((3, 3, 3), PURPLE, np.uint8))
+    args = ["dataset", "--voc", str(voc), "--crops", str(crops), "--label", "rust=1"]
+    args += ["--validation-fraction", "0"]  # too few photos to split; labels are the point
+    assert export_main([*args, "--out", str(tmp_path / "a")]) == 0
+    record = json.loads((tmp_path / "a" / "dataset.json").read_text())
+    assert record["labels"] == {"Clean": 0, "Corroded": 1, "rust": 1}
+    ignored = [*args, "--ignore-label", "Corroded", "--out", str(tmp_path / "b")]
+    assert export_main(ignored) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "b" / "dataset.json").read_text())["ignored"] == {"Corroded": 1}
+
+
 def test_masks_label_every_pixel(tmp_path: Path) -> None:
     scene = make_scene(np.random.default_rng(3), 40, 30)
     write_scene(scene, tmp_path / "m", "x", fmt="png")
