@@ -235,6 +235,14 @@ def test_bad_model_path_is_a_clear_error(
     code = agent_main(["detect", "x.jpg", "--model", str(tmp_path / "nothing")])
     assert code == 2
     assert "no model manifest" in capsys.readouterr().err
+    # The trained model is a .json too: it got a schema dump ("name: Field required; ...").
+    (tmp_path / "model.json").write_bytes(model_bytes(tmp_path))
+    code = agent_main(["detect", "x.jpg", "--model", str(tmp_path / "model.json")])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'model.json'}: an XGBoost model, not a model manifest: export it "
+        "with `corrosion-export convert` and give the folder it writes\n"
+    )
 
 
 def test_batch_of_a_path_that_is_not_there_is_a_usage_error(

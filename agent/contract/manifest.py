@@ -428,10 +428,16 @@ class ModelManifest(OmitsUnset):
     def read(cls, path: Path) -> ModelManifest:
         """Parse a manifest file; errors name the file."""
         try:
-            return cls.model_validate_json(path.read_bytes())
+            data = path.read_bytes()
+            return cls.model_validate_json(data)
         except OSError as exc:
             raise ValueError(f"{path}: cannot read manifest: {exc.strerror}") from exc
         except ValidationError as exc:
+            if b'"learner"' in data[:4096]:  # both are .json: an easy file to give by mistake
+                raise ValueError(
+                    f"{path}: an XGBoost model, not a model manifest: export it with "
+                    "`corrosion-export convert` and give the folder it writes"
+                ) from None
             raise ValueError(f"{path}: invalid manifest: {describe(exc)}") from exc
 
     def write(self, path: Path) -> None:
