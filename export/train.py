@@ -365,6 +365,19 @@ def fit(
     if valid is not None and early_stopping:
         print(f"early stopping: best iteration {trained.best_iteration}", file=sys.stderr)
     m = trained.metrics
+    if m["tp"] + m["fn"] and m["tn"] + m["fp"]:  # both classes there to tell apart
+        never = [
+            CLASS_NAMES[c] for c, n in ((1, m["tp"] + m["fp"]), (0, m["tn"] + m["fn"])) if not n
+        ]
+        if never:  # saved silently once, and convert and publish would ship it
+            where = "validation" if valid is not None else "training"
+            message = (
+                f"the model calls no {where} pixel {never[0]} (AUC {m['auc']:.3f}, best iteration "
+                f"{trained.best_iteration}): served as is, its answer never changes; check the "
+                "labels, balance the classes (dataset --balance) or train longer"
+            )
+            warned.append(message)
+            print(f"warning: {message}", file=sys.stderr)
     record = {
         "model": model_file.name,
         "metrics": m,

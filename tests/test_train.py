@@ -295,7 +295,28 @@ def test_synth_voc_scenes_make_a_dataset_that_trains(tmp_path: Path) -> None:
     generate(tmp_path / "s", 8, seed=2, width=64, height=48)
     data, model = tmp_path / "data", tmp_path / "model"
     args = ["dataset", "--voc", str(tmp_path / "s"), "--label", "rust=1", "--out", str(data)]
-    assert export_main(args) == 0
-    assert export_main(["train", str(data), "--out", str(model), "--num-round", "5"]) == 0
+    assert export_main([*args, "--balance"]) == 0  # 3 % rust: unbalanced, it flags nothing
+    assert export_main(["train", str(data), "--out", str(model)]) == 0
     record = metrics_of(model / "model.metrics.json")
     assert record["evaluated_on"] == "validation" and record["warnings"] == []
+
+
+def test_a_model_that_tells_nothing_apart_is_said_to(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Labels that do not follow the colours (boxes drawn on the wrong photos, say) trained a
+    model that calls every pixel clean; it was saved without a word, ready to convert."""
+    rng = np.random.default_rng(5)
+
+    def noise(path: Path, n: int) -> Path:
+        rows = np.column_stack((rng.random(n) < 0.1, rng.integers(0, 256, (n, 3))))
+        np.savetxt(path, rows.astype(int), fmt="%d", delimiter=",")
+        return path
+
+    out = tmp_path / "m" / "noise.json"
+    args = ["train", str(noise(tmp_path / "t.csv", 2000)), "--out", str(out)]
+    assert export_main([*args, "--validation", str(noise(tmp_path / "v.csv", 500))]) == 0
+    message = "the model calls no validation pixel corroded (AUC 0."
+    assert message in capsys.readouterr().err
+    warned = metrics_of(out.with_name("noise.metrics.json"))["warnings"]
+    assert isinstance(warned, list) and any(message in w for w in warned)
