@@ -61,9 +61,10 @@ def _general(text: bytes, path: Path, width: int) -> F32:
             try:
                 float(cell)
             except ValueError:
+                header = "; a header? these CSVs have none, label first" if k < width else ""
                 raise DatasetError(
                     f"{path}: row {k // width + 1} column {k % width + 1} is not a number "
-                    f"({cell.decode(errors='replace')!r})"
+                    f"({cell.decode(errors='replace')!r}{header})"
                 ) from None
         raise
 
@@ -110,6 +111,14 @@ def read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DatasetError(
             f"{path}: row {bad[0] + 1} has class {labels[bad[0]]:g}, expected 0 or 1"
         )
+    if table.shape[1] == 4:  # class,R,G,B: a colour model's table covers 0..255 only
+        off = np.argwhere((table[:, 1:] < 0) | (table[:, 1:] > 255) | (table[:, 1:] % 1 != 0))
+        if len(off):
+            row, col = (int(v) for v in off[0])
+            raise DatasetError(
+                f"{path}: row {row + 1} column {col + 2} is {table[row, col + 1]:g}, not a "
+                "colour value (an integer 0..255)"
+            )
     return table[:, 1:], labels.astype(np.int64)
 
 

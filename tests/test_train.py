@@ -202,6 +202,10 @@ def test_other_model_suffixes_and_record_names_are_refused(
         ("0,1,2,3\n\n1,2,3,4\n", "row 2 has 1 fields, row 1 has 4"),
         ("", "empty file"),
         ("0\n1\n", "expected rows of class,feature"),
+        ("class,R,G,B\n0,1,2,3\n", "row 1 column 1 is not a number ('class'; a header? these"),
+        ("0,1,2,3\n1,12,300,4\n", "row 2 column 3 is 300, not a colour value (an integer 0..255)"),
+        ("0,1,2,3\n1,12,-1,4\n", "row 2 column 3 is -1, not a colour value"),
+        ("0,1,2,3\n1,12,2.5,4\n", "row 2 column 3 is 2.5, not a colour value"),
     ],
 )
 def test_bad_csv_rows_are_named(tmp_path: Path, text: str, message: str) -> None:
@@ -214,16 +218,17 @@ def test_bad_csv_rows_are_named(tmp_path: Path, text: str, message: str) -> None
 
 def test_csv_parser_matches_loadtxt(tmp_path: Path) -> None:
     rng = np.random.default_rng(4)
-    table = np.column_stack((rng.integers(0, 2, 2000), rng.integers(0, 100000, (2000, 3))))
+    # Four features: any numbers (three would be colours, which must be 0..255).
+    table = np.column_stack((rng.integers(0, 2, 2000), rng.integers(0, 100000, (2000, 4))))
     path = tmp_path / "ints.csv"
     np.savetxt(path, table, fmt="%d", delimiter=",")
     x, y = read_csv(path)
     assert (
         x.dtype == np.float32 and np.array_equal(x, table[:, 1:]) and np.array_equal(y, table[:, 0])
     )
-    path.write_bytes(b"1,0.5,-2,1e2\r\n0,3,4,5")  # decimals, signs, CRLF, no final newline
+    path.write_bytes(b"1,0.5,-2,1e2,7\r\n0,3,4,5,6")  # decimals, signs, CRLF, no final newline
     x, y = read_csv(path)
-    assert np.array_equal(x, [[0.5, -2, 100], [3, 4, 5]]) and y.tolist() == [1, 0]
+    assert np.array_equal(x, [[0.5, -2, 100, 7], [3, 4, 5, 6]]) and y.tolist() == [1, 0]
 
 
 @pytest.mark.parametrize(("label", "missing"), [(1, "no clean (0) rows"), (0, "no corroded (1)")])
