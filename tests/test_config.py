@@ -50,6 +50,11 @@ def write(tmp_path: Path, text: str) -> Path:
             "source.camera_tz: unknown time zone 'Sydney': an IANA name such as Australia/Sydney,",
         ),
         ('[source]\ncamera_tz = "+25:00"\n', "source.camera_tz: unknown time zone '+25:00'"),
+        (  # in words, not the regex it failed
+            '[model]\nregistry = "s3://b/x"\nchannel = "Stable"\n',
+            "model.registry: should be s3://BUCKET or s3://BUCKET/PREFIX, the bucket 3 to 63 of "
+            "a-z 0-9 . -; model.channel: should be a channel name: 1 to 32 of a-z 0-9 -",
+        ),
     ],
 )
 def test_errors_name_file_and_field(tmp_path: Path, text: str, error: str) -> None:

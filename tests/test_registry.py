@@ -325,6 +325,11 @@ def test_concurrent_publish_is_reported(reg: Registry) -> None:
 
 
 def test_promote_refuses_missing_versions_and_strangers_keys(reg: Registry, tmp_path: Path) -> None:
+    code, _, err = reg.cli("promote", "test-rgb", "1.0")
+    assert code == 2 and err == (
+        "error: version '1.0': should be a semantic version MAJOR.MINOR.PATCH, e.g. 1.0.0 or "
+        "2.1.0-rc.1\n"
+    )
     code, _, err = reg.cli("promote", "test-rgb", "9.9.9")
     assert code == 2
     assert err == (

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from agent.config.areas import Area, ClassifierConfig, HealthConfig, SourceConfig, SourceKind
 from agent.config.cloud import CategoryLimits, ModelConfig, RateLimit, UploadConfig
 from agent.config.link import DEVICE_ID, MqttConfig, OutboxConfig, TlsConfig
+from agent.contract.common import error_text
 from agent.redact import mask_uri
 
 __all__ = [
@@ -129,7 +130,7 @@ def _describe(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors(include_url=False):
         loc = [str(p) for p in err["loc"]]
-        msg = err["msg"].removeprefix("Value error, ")
+        msg = error_text(err).removeprefix("Value error, ")
         if not loc:
             parts.append(msg)
             continue

@@ -8,6 +8,8 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from agent.config.areas import Area
+from agent.contract.common import MODEL_NAME, worded
+from agent.contract.registry import CHANNEL_NAME
 
 
 class ModelConfig(Area):
@@ -19,17 +21,18 @@ class ModelConfig(Area):
     )
     registry: str | None = Field(
         default=None,
-        pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$",
+        pattern=worded(
+            r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$",
+            "s3://BUCKET or s3://BUCKET/PREFIX, the bucket 3 to 63 of a-z 0-9 . -",
+        ),
         description="s3://bucket/prefix of the model registry; None = no updates",
     )
     name: str | None = Field(
         default=None,
-        pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$",
+        pattern=MODEL_NAME,
         description="Model name to follow; None = the bundled model's name",
     )
-    channel: str = Field(
-        default="stable", pattern=r"^[a-z][a-z0-9-]{0,31}$", description="Channel to follow"
-    )
+    channel: str = Field(default="stable", pattern=CHANNEL_NAME, description="Channel to follow")
     poll_s: float = Field(
         default=300.0, ge=0.2, le=86400.0, description="Seconds between channel checks"
     )

@@ -16,24 +16,60 @@ from pydantic import (
     ValidationError,
     model_serializer,
 )
+from pydantic_core import ErrorDetails
 
 CONTRACT_VERSION = "1.7"
 """Major.minor of every payload below; a reader refuses a different major."""
 
+_WORDS: dict[str, str] = {}
+
+
+def worded(pattern: str, meaning: str) -> str:
+    """`pattern`, with what it asks for in words: errors show those, not the regex."""
+    _WORDS[pattern] = meaning
+    return pattern
+
+
+def error_text(err: ErrorDetails) -> str:
+    """pydantic's message for one error; for a pattern the value missed, what it should be."""
+    if err["type"] == "string_pattern_mismatch":
+        words = _WORDS.get(str(err.get("ctx", {}).get("pattern")))
+        if words is not None:
+            return f"should be {words}"
+    return err["msg"]
+
+
 SemVer = Annotated[
     str,
     Field(
-        pattern=r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$",
+        pattern=worded(
+            r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$",
+            "a semantic version MAJOR.MINOR.PATCH, e.g. 1.0.0 or 2.1.0-rc.1",
+        ),
         description="Semantic version, e.g. 1.4.0",
     ),
 ]
-Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="Lower-case hex SHA-256")]
-ModelName = Annotated[
+Sha256 = Annotated[
     str,
-    Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$", description="Model name, safe in S3 keys"),
+    Field(
+        pattern=worded(r"^[0-9a-f]{64}$", "64 lower-case hex digits (a SHA-256)"),
+        description="Lower-case hex SHA-256",
+    ),
 ]
+MODEL_NAME = worded(
+    r"^[a-z0-9][a-z0-9._-]{0,63}$",
+    "a model name: 1 to 64 of a-z 0-9 . _ -, starting with a letter or digit",
+)
+ModelName = Annotated[str, Field(pattern=MODEL_NAME, description="Model name, safe in S3 keys")]
 FileName = Annotated[
-    str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="Bare file name")
+    str,
+    Field(
+        pattern=worded(
+            r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+            "a bare file name: 1 to 128 of A-Z a-z 0-9 . _ -, starting with a letter or digit",
+        ),
+        description="Bare file name",
+    ),
 ]
 Unit = Annotated[float, Field(ge=0.0, le=1.0)]
 Percent = Annotated[float, Field(ge=0.0, le=100.0)]
@@ -67,7 +103,7 @@ def describe(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors(include_url=False):
         path = ".".join(str(p) for p in err["loc"]) or "(root)"
-        parts.append(f"{path}: {err['msg']}")
+        parts.append(f"{path}: {error_text(err)}")
     return "; ".join(parts)
 
 

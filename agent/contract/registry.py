@@ -31,12 +31,17 @@ from agent.contract.common import (
     Sha256,
     canonical_json,
     describe,
+    error_text,
+    worded,
 )
 from agent.contract.manifest import MANIFEST_FILE, Signature
 
+CHANNEL_NAME = worded(
+    r"^[a-z][a-z0-9-]{0,31}$",
+    "a channel name: 1 to 32 of a-z 0-9 -, starting with a letter (e.g. stable, beta)",
+)
 ChannelName = Annotated[
-    str,
-    Field(pattern=r"^[a-z][a-z0-9-]{0,31}$", description="Channel name, e.g. stable, beta"),
+    str, Field(pattern=CHANNEL_NAME, description="Channel name, e.g. stable, beta")
 ]
 
 _PARTS: dict[str, TypeAdapter[str]] = {
@@ -54,7 +59,7 @@ def key_part(kind: str, value: str) -> str:
     try:
         return _PARTS[kind].validate_python(value)
     except ValidationError as exc:
-        raise ValueError(f"{kind} {value!r}: {exc.errors()[0]['msg']}") from None
+        raise ValueError(f"{kind} {value!r}: {error_text(exc.errors()[0])}") from None
 
 
 def _key(prefix: str, *parts: str) -> str:
