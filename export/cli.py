@@ -222,6 +222,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(json.dumps(registry.listing_json(listing), indent=2))
     else:
         print(registry.format_listing(listing))
+    if not (listing.manifests or listing.pointers or listing.invalid):
+        what = f"{args.name} " if args.name else ""
+        print(f"nothing {what}published under {url.uri()}", file=sys.stderr)
     if listing.invalid:
         print(
             f"warning: {len(listing.invalid)} invalid objects in the registry, listed as such",
@@ -362,7 +365,12 @@ def _add_registry_commands(sub: argparse._SubParsersAction[argparse.ArgumentPars
     p = sub.add_parser("promote", parents=[where], help="point a channel at a published version")
     p.add_argument("name", metavar="NAME")
     p.add_argument("version", metavar="VERSION")
-    p.add_argument("--channel", default="stable")
+    p.add_argument(
+        "--channel",
+        default="stable",
+        help="channel to point at the version (default: stable, which devices follow unless "
+        "their model.channel says otherwise)",
+    )
     p.add_argument(
         "--public-key",
         type=Path,

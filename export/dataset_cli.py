@@ -48,8 +48,19 @@ def add_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="sample VOC pixels outside every box as clean",
     )
-    p.add_argument("--validation-fraction", type=float, default=0.2)
-    p.add_argument("--max-pixels-per-image", type=int_at_least(1), default=None, metavar="N")
+    p.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.2,
+        help="share of the photos (not pixels) held out for validation (default 0.2)",
+    )
+    p.add_argument(
+        "--max-pixels-per-image",
+        type=int_at_least(1),
+        default=None,
+        metavar="N",
+        help="at most N rows from each photo, drawn at random (default: all)",
+    )
     p.add_argument("--balance", action="store_true", help="cut the majority class per split")
     p.add_argument("--seed", type=int_at_least(0), default=0)
 

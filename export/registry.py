@@ -42,6 +42,7 @@ from agent.contract import (
     channels_prefix,
     describe,
     file_key,
+    iso,
     manifest_key,
     models_prefix,
 )
@@ -413,6 +414,11 @@ def _table(rows: list[list[str]]) -> str:
     )
 
 
+def _when(at: datetime) -> str:
+    """To the second in UTC, as the contract's JSON writes it: both tables alike."""
+    return iso(at.astimezone(UTC).replace(microsecond=0))
+
+
 def format_listing(listing: Listing) -> str:
     """Two tables for people: versions (with the channels serving each), then channels; a
     third of invalid objects, with the reason, when there are any."""
@@ -423,7 +429,7 @@ def format_listing(listing: Listing) -> str:
         [
             m.name,
             m.version,
-            m.created_at.isoformat(timespec="seconds"),
+            _when(m.created_at),
             m.signature.key_id if m.signature else "unsigned",
             ",".join(serving.get((m.name, m.version), [])) or "-",
             _metrics(m.provenance.metrics) or "-",
@@ -431,7 +437,7 @@ def format_listing(listing: Listing) -> str:
         for m in listing.manifests
     ]
     channels = [["NAME", "CHANNEL", "VERSION", "PROMOTED", "BY"]] + [
-        [p.name, p.channel, p.version, f"{p.promoted_at:%Y-%m-%dT%H:%M:%S%z}", p.promoted_by]
+        [p.name, p.channel, p.version, _when(p.promoted_at), p.promoted_by]
         for p in listing.pointers
     ]
     tables = [_table(versions), _table(channels)]

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -263,6 +264,12 @@ def test_publish_list_promote(reg: Registry, tmp_path: Path) -> None:
     assert rows[0].split() == ["NAME", "VERSION", "CREATED", "KEY", "ID", "CHANNELS", "METRICS"]
     assert rows[2].split()[:2] == ["test-rgb", "1.1.0"]
     assert rows[2].split()[4] == "stable"
+    created = rows[2].split()[2]
+    promoted = next(r for r in rows if r.startswith("test-rgb  stable")).split()[3]
+    for when in (created, promoted):  # alike, as the JSON writes them (once +00:00 and +0000)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", when), when
+    code, out, err = reg.cli("list", "no-such-model")
+    assert code == 0 and err == f"nothing no-such-model published under s3://{reg.bucket}/\n"
 
 
 def test_a_version_is_immutable(reg: Registry) -> None:
