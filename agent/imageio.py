@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, cast
+from typing import Final, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -70,6 +70,7 @@ _JPEG_SOF: Final = frozenset(
 )
 _JPEG_SOS: Final = 0xDA
 _JPEG_EOI: Final = 0xD9
+_JPEG_APP2: Final = 0xE2  # MPF index (and ICC profiles)
 _BMP_HEADER_SIZES: Final = frozenset({12, 16, 40, 52, 56, 64, 108, 124})
 _REDUCED_FLAGS: Final = (
     (8, cv2.IMREAD_REDUCED_COLOR_8),
@@ -259,15 +260,64 @@ def check_pixels(info: ImageInfo, name: str, max_pixels: int = MAX_PIXELS, facto
         )
 
 
+def _soi(data: bytes, at: int) -> bool:
+    return data[at : at + 2] == b"\xff\xd8"
+
+
+def _mpf_end(data: bytes, at: int) -> int:
+    """Where the last image an APP2 MPF index (CIPA DC-007: DJI's and most cameras' preview
+    after the main image) lists ends; 0 for another APP2 or an index that does not parse.
+    The main image ends at its own EOI, so without this a copy that stalled after it passed
+    for whole, was analysed, and was analysed again once the rest came. Only images whose
+    start marker is where the index says count: a writer's wrong index must not make a
+    whole photo look cut off for good."""
+    length = int.from_bytes(data[at : at + 2], "big")
+    body = data[at + 2 : at + length]
+    if len(body) < 16 or body[:4] != b"MPF\x00" or body[4:6] not in (b"II", b"MM"):
+        return 0
+    tiff = at + 6  # offsets in the index count from the TIFF header after "MPF\0"
+    order: Literal["little", "big"] = "little" if body[4:6] == b"II" else "big"
+
+    def num(i: int, size: int) -> int:
+        return int.from_bytes(body[4 + i : 4 + i + size], order)
+
+    ifd = num(4, 4)
+    if ifd + 2 > len(body) - 4:
+        return 0
+    for k in range(min(num(ifd, 2), 64)):
+        entry = ifd + 2 + 12 * k
+        if entry + 12 > len(body) - 4:
+            return 0
+        if num(entry, 2) != 0xB002:  # MPEntry: 16 bytes an image
+            continue
+        count, where = num(entry + 4, 4), num(entry + 8, 4)
+        if where + count > len(body) - 4 or count % 16:
+            return 0
+        starts = (tiff + num(where + j + 8, 4) for j in range(0, count, 16))
+        sizes = (num(where + j + 4, 4) for j in range(0, count, 16))
+        return max(  # the first image's offset is 0: it is this one
+            (s + n for s, n in zip(starts, sizes, strict=True) if s > tiff and _soi(data, s)),
+            default=0,
+        )
+    return 0
+
+
 def _check_complete(info: ImageInfo, data: bytes, name: str) -> None:
     """Catch truncation and bit rot that decoders would paper over (libjpeg fills the missing
     rows with grey) or report on stderr (libpng), so the caller gets one clear ImageError."""
     if info.format == "jpeg":
-        sos = next((i for m, i in _jpeg_segments(data, name) if m == _JPEG_SOS), -1)
+        segments = list(_jpeg_segments(data, name))
+        sos = next((i for m, i in segments if m == _JPEG_SOS), -1)
         if sos < 0 or data.rfind(b"\xff\xd9") < sos:
             raise ImageError(
                 f"{name}: corrupt or truncated image data (JPEG ends before "
                 "its end-of-image marker)"
+            )
+        need = max((_mpf_end(data, i) for m, i in segments if m == _JPEG_APP2), default=0)
+        if len(data) < need:  # a drone photo's preview still to come: its copy stalled
+            raise ImageError(
+                f"{name}: corrupt or truncated image data ({len(data):,} bytes; its MPF "
+                f"index lists images up to byte {need:,})"
             )
     elif info.format == "png":
         i, n = len(_PNG_SIG), len(data)

@@ -57,3 +57,24 @@ def bomb_png(side: int = 30000) -> bytes:
     adler = ((raw_len % 65521) << 16) | 1
     idat = b"\x78\xda" + repeat * full + end + struct.pack(">I", adler)
     return png_header(side, side) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+
+
+def mpf_jpeg(main: bytes, preview: bytes) -> bytes:
+    """A camera's MPF photo (CIPA DC-007, as DJI writes them): `main` with an APP2 index
+    naming itself and `preview`, which follows its end-of-image marker."""
+    entries = 3
+    ifd_size = 2 + 12 * entries + 4
+    tiff_len = 8 + ifd_size + 32  # header, IFD, two 16-byte MP entries
+    segment_len = 2 + 4 + tiff_len
+    tiff_at = 2 + 2 + 2 + 4  # SOI, APP2 marker, length, "MPF\0"
+    total_main = len(main) + 2 + segment_len
+    ifd = struct.pack("<H", entries)
+    ifd += struct.pack("<HHI4s", 0xB000, 7, 4, b"0100")  # MPFVersion
+    ifd += struct.pack("<HHII", 0xB001, 4, 1, 2)  # NumberOfImages
+    ifd += struct.pack("<HHII", 0xB002, 7, 32, 8 + ifd_size)  # MPEntry, after the IFD
+    ifd += struct.pack("<I", 0)
+    mp = struct.pack("<IIIHH", 0x030000, total_main, 0, 0, 0)
+    mp += struct.pack("<IIIHH", 0x010001, len(preview), total_main - tiff_at, 0, 0)
+    tiff = b"II" + struct.pack("<HI", 42, 8) + ifd + mp
+    app2 = b"\xff\xe2" + struct.pack(">H", segment_len) + b"MPF\x00" + tiff
+    return main[:2] + app2 + main[2:] + preview

@@ -16,7 +16,16 @@ import pytest
 
 from agent import imageio
 from agent.imageio import Decoded, ImageError, ImageInfo, decode, probe, read
-from tests.imagedata import BLUE, RED, bomb_png, encode, png_chunk, png_header, split_image
+from tests.imagedata import (
+    BLUE,
+    RED,
+    bomb_png,
+    encode,
+    mpf_jpeg,
+    png_chunk,
+    png_header,
+    split_image,
+)
 
 
 def exif_rotated(jpeg: bytes, orientation: int = 6) -> bytes:
@@ -269,6 +278,28 @@ def test_decode_custom_pixel_limit() -> None:
     ):
         decode(data, "s.png", max_pixels=4999)
     assert decode(data, "s.png", max_pixels=5000).image.shape == (50, 100, 3)
+
+
+def test_a_photo_whose_mpf_preview_is_still_to_come_is_truncated() -> None:
+    """A drone photo (main image, then the preview its MPF index lists) whose copy stalled
+    after the main image's end marker passed for whole: analysed, then analysed again under
+    its full size once the rest came, two detections of one photo."""
+    main = encode(".jpg", split_image(64, 48))
+    photo = mpf_jpeg(main, encode(".jpg", split_image(32, 24)))
+    assert decode(photo, "DJI_0042.JPG").image.shape == (48, 64, 3)
+    cut = photo[: len(photo) - 100]
+    assert cut.rfind(b"\xff\xd9") > len(main)  # the main image's end marker is there
+    with pytest.raises(
+        ImageError,
+        match=rf"^DJI_0042\.JPG: corrupt or truncated image data \({len(cut):,} bytes; its MPF "
+        rf"index lists images up to byte {len(photo):,}\)$",
+    ):
+        decode(cut, "DJI_0042.JPG")
+    for junk in (b"MPF\x00II*\x00\xff\xff\xff\xff", b"MPF\x00XX"):  # an index that does not
+        odd = main[:2] + b"\xff\xe2" + (len(junk) + 2).to_bytes(2, "big") + junk + main[2:]
+        assert decode(odd, "odd.jpg").image.shape == (48, 64, 3)  # parse is no reason to refuse
+    wrong = mpf_jpeg(main, b"not where the index says" + encode(".jpg", split_image(32, 24)))
+    assert decode(wrong[:-100], "wrong.jpg").image.shape == (48, 64, 3)  # a writer's bad index
 
 
 def test_the_pixel_limit_counts_what_a_reduced_jpeg_decode_holds() -> None:
