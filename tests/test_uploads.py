@@ -120,6 +120,21 @@ def direct_uploader(state: Path, spool: Spool, target: S3, device: str) -> tuple
     return Uploader(config, device_id=device, spool=spool, outbox=outbox, topics=topics), outbox
 
 
+def manifest_line(bucket: str, device: str, frame_id: str, at: datetime) -> str:
+    """An hourly manifest's line for a capture uploaded earlier."""
+    stem = f"s3://{bucket}/fleet/captures/{device}/{frame_id}"
+    return ManifestLine(
+        source_ref=f"{stem}.jpg",
+        frame_id=frame_id,
+        device_id=device,
+        category="flagged",
+        corrosion_pct=3.0,
+        model_version="test-rgb@1.0.0",
+        captured_at=at,
+        sidecar_ref=f"{stem}.json",
+    ).model_dump_json(by_alias=True)
+
+
 def spool_rows(state: Path) -> int:
     db = state / "spool" / "spool.sqlite"
     if not db.exists():
@@ -333,16 +348,8 @@ def test_a_torn_manifest_line_is_dropped_and_the_rest_goes_up(
     hour = time.strftime("%Y%m%d%H", time.gmtime())
     manifests = tmp_path / "state" / "spool" / "manifests"
     manifests.mkdir(parents=True)
-    good = ManifestLine(
-        source_ref=f"s3://{bucket}/fleet/captures/torn-dev/earlier.jpg",
-        frame_id="e" * 32,
-        device_id="torn-dev",
-        category="flagged",
-        corrosion_pct=3.0,
-        model_version="test-rgb@1.0.0",
-        captured_at=datetime.now(UTC).replace(minute=0, second=0, microsecond=0),
-        sidecar_ref=f"s3://{bucket}/fleet/captures/torn-dev/earlier.json",
-    ).model_dump_json(by_alias=True)
+    hour_start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    good = manifest_line(bucket, "torn-dev", "e" * 32, hour_start)
     (manifests / f"{hour}.jsonl").write_text(good + "\n" + good[:40])
     settings = agent_settings(
         tmp_path, logistic_model, broker.port, tmp_path / "frames", device="torn-dev",
@@ -576,16 +583,7 @@ def test_an_hours_manifest_gone_before_its_upload_holds_up_no_other(
     spool = Spool(state / "spool", 1 << 30)
     manifests = state / "spool" / "manifests"
     manifests.mkdir()
-    line = ManifestLine(
-        source_ref=f"s3://{target.bucket}/fleet/captures/gone-dev/x.jpg",
-        frame_id="f" * 32,
-        device_id="gone-dev",
-        category="flagged",
-        corrosion_pct=3.0,
-        model_version="test-rgb@1.0.0",
-        captured_at=datetime(2026, 1, 1, 11, tzinfo=UTC),
-        sidecar_ref=f"s3://{target.bucket}/fleet/captures/gone-dev/x.json",
-    ).model_dump_json(by_alias=True)
+    line = manifest_line(target.bucket, "gone-dev", "f" * 32, datetime(2026, 1, 1, 11, tzinfo=UTC))
     for hour in ("2026010110", "2026010111"):
         (manifests / f"{hour}.jsonl").write_text(line + "\n")
     uploader, outbox = direct_uploader(state, spool, target, "gone-dev")  # both dirty
