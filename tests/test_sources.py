@@ -552,25 +552,39 @@ def test_list_file_keeps_its_order_and_reports_missing_entries(tmp_path: Path) -
     assert isinstance(items[2], Failed) and "cannot read" in items[2].reason
 
 
-def test_a_glob_never_follows_a_link_to_a_folder_and_takes_each_file_once(
+def test_a_glob_walks_each_real_folder_once_and_takes_each_file_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """glob.glob's `**` followed `site/up -> ..` (camera upload trees have such links): one
     photo came 41 times, and two such links kept the start from returning at all."""
     root = tmp_path / "set"
     write(root / "site" / "a.jpg", jpeg())
+    write(tmp_path / "card" / "deep" / "c.jpg", jpeg())
+    (root / "card").symlink_to(tmp_path / "card")  # a link, no loop: followed as before
     write(root / "site" / ".thumb.jpg", jpeg())  # hidden: as glob.glob, not matched by `*`
     (root / "site" / "up").symlink_to("..")
     (root / "site" / "again").symlink_to("..")
     (root / "b.jpg").symlink_to(root / "site" / "a.jpg")  # the same file twice: once
     (root / "caf\udce9.jpg").write_bytes(jpeg())  # bytes a Windows zip left: not UTF-8
+    made: list[GlobSource] = []  # in a thread: a glob that never returns fails, not hangs
     with caplog.at_level(logging.ERROR, logger="agent.sources.files"):
-        source = GlobSource(cfg("glob", root / "**" / "*.jpg"))
-    assert names(Drain(source).finish()) == ["b.jpg"]  # the first of the two names, sorted
+        maker = threading.Thread(
+            target=lambda: made.append(GlobSource(cfg("glob", root / "**" / "*.jpg"))), daemon=True
+        )
+        maker.start()
+        maker.join(20)
+    assert made, "the glob never returned"
+    assert names(Drain(made[0]).finish()) == ["b.jpg", "card/deep/c.jpg"]  # b.jpg: first, sorted
     assert "is not UTF-8; skipped (rename it)" in caplog.text
-    assert names(Drain(GlobSource(cfg("glob", root / "site" / "**"))).finish()) == ["a.jpg"]
+    below = Drain(GlobSource(cfg("glob", root / "site" / "**"))).finish()  # up and again: one
+    assert names(below) == ["a.jpg", "again/card/deep/c.jpg"]  # real folder, walked once
     hidden = GlobSource(cfg("glob", root / "site" / ".*.jpg"))  # named: matched
     assert names(Drain(hidden).finish()) == [".thumb.jpg"]
+    inside = GlobSource(cfg("glob", root / "site" / "**.jpg"))  # `**` in a part: as `*`
+    assert names(Drain(inside).finish()) == ["a.jpg"]
+    for nothing in (".", "/"):
+        with pytest.raises(SourceError, match="matches no image files"):
+            GlobSource(cfg("glob", nothing))
 
 
 def test_a_list_saved_with_a_byte_order_mark_keeps_its_first_photo(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ SQLite across restarts) and an image list or glob."""
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
 import logging
 import os
@@ -74,30 +75,70 @@ def _extensions(config: SourceConfig) -> frozenset[str]:
 
 def _matches(pattern: str, wanted: frozenset[str]) -> tuple[list[Path], Path | None]:
     """The image files a glob pattern matches, sorted, and the folder before its first
-    wildcard (names are given relative to it). `**` never follows a link to a folder: with
-    glob.glob a link back up the tree (`site/up -> ..`) delivered each photo dozens of times,
-    and two such links kept the start from returning. A file reached twice (through a link)
-    counts once. As with glob.glob, hidden names match only a pattern that names one, and a
-    name that is not UTF-8 is skipped: every message carries names as UTF-8."""
+    wildcard (names are given relative to it). As glob.glob: `**` as a whole part is any
+    depth of folders, links to folders followed; a wildcard matches a hidden name only when
+    that part of the pattern starts with a dot. Unlike it, each real folder is walked once
+    per `**`: a link back up the tree (`site/up -> ..`) gave each photo dozens of times, and
+    two such links kept the start from returning. A file reached twice (through a link)
+    counts once; a name that is not UTF-8 is skipped: every message carries names as UTF-8."""
     parts = Path(pattern).parts
     fixed = list(itertools.takewhile(lambda part: not _MAGIC.search(part), parts[:-1]))
-    root = Path(*fixed) if fixed else Path()
-    rest = list(parts[len(fixed) :])
-    if rest[-1] == "**":  # glob.glob's `dir/**` is every file below, pathlib's only folders
-        rest.append("*")
-    hidden = any(part.startswith(".") for part in rest)
-    found: dict[str, Path] = {}
-    for path in sorted(root.glob("/".join(rest))):
-        rel = path.relative_to(root).parts
-        if not hidden and any(part.startswith(".") for part in rel):
-            continue
+    paths = [Path(*fixed) if fixed else Path()]
+    for part in parts[len(fixed) :]:
+        paths = [found for folder in paths for found in _expand(folder, part)]
+    files: dict[str, Path] = {}
+    for path in sorted(paths):
         if path.suffix.lower() not in wanted or not path.is_file():
             continue
         if not _utf8(str(path)):
             log.error("%s: name %r is not UTF-8; skipped (rename it)", pattern, str(path))
             continue
-        found.setdefault(os.path.realpath(path), path)
-    return list(found.values()), Path(*fixed) if fixed else None
+        files.setdefault(os.path.realpath(path), path)
+    return list(files.values()), Path(*fixed) if fixed else None
+
+
+def _expand(folder: Path, part: str) -> Iterator[Path]:
+    """What one part of a glob pattern names in `folder`."""
+    if part == "**":
+        yield from _below(folder, set())
+        return
+    if not _MAGIC.search(part):
+        if os.path.lexists(folder / part):
+            yield folder / part
+        return
+    try:
+        names = os.listdir(folder)
+    except OSError:  # not a folder, or unreadable: nothing in it matches
+        return
+    hidden = part.startswith(".")
+    for name in names:
+        if (hidden or not name.startswith(".")) and fnmatch.fnmatchcase(name, part):
+            yield folder / name
+
+
+def _below(folder: Path, walked: set[str]) -> Iterator[Path]:
+    """`folder` and everything under it but hidden names, links followed, each real folder
+    once (a file is matched by `**` as the last part, as with glob.glob)."""
+    real = os.path.realpath(folder)
+    if real in walked:
+        return
+    walked.add(real)
+    yield folder
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        try:
+            is_folder = entry.is_dir()
+        except OSError:
+            continue
+        if is_folder:
+            yield from _below(Path(entry.path), walked)
+        else:
+            yield Path(entry.path)
 
 
 class GlobSource(Source):
