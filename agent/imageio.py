@@ -68,6 +68,7 @@ _TIFF_SIGS: Final = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _JPEG_SOF: Final = frozenset(
     {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 )
+_JPEG_SEQUENTIAL: Final = frozenset({0xC0, 0xC1})  # baseline and extended sequential DCT
 _JPEG_SOS: Final = 0xDA
 _JPEG_EOI: Final = 0xD9
 _JPEG_APP2: Final = 0xE2  # MPF index (and ICC profiles)
@@ -248,9 +249,10 @@ def probe(data: bytes, name: str) -> ImageInfo:
 
 
 def check_pixels(info: ImageInfo, name: str, max_pixels: int = MAX_PIXELS, factor: int = 1) -> None:
-    """Refuse decompression bombs; shared with `archive` so both say it the same way. A JPEG
-    decoded at 1/`factor` (libjpeg scales while decoding, never holding the full size) counts
-    the pixels it is decoded to: a 100 MP inspection camera's frame is 1.6 MP at 1/8."""
+    """Refuse decompression bombs; shared with `archive` so both say it the same way. A
+    sequential JPEG decoded at 1/`factor` (libjpeg scales while decoding, never holding the
+    full size) counts the pixels it is decoded to: a 100 MP inspection camera's frame is
+    1.6 MP at 1/8."""
     width, height = -(-info.width // factor), -(-info.height // factor)
     if width * height > max_pixels:
         at = f", {width}x{height} at 1/{factor}," if factor > 1 else ""
@@ -393,7 +395,11 @@ def decode(
             if -(-long_side // f) >= max_long_side:  # libjpeg rounds scaled sizes up
                 factor, flags = f, flag
                 break
-    check_pixels(info, name, max_pixels, factor)
+    # Only a sequential JPEG is decoded at 1/factor in 1/factor of the memory: a progressive
+    # one holds every coefficient at full size whatever the scale (2.3 MB of 20000x20000
+    # took 1.2 GB), so it counts its full size.
+    sequential = factor > 1 and any(m in _JPEG_SEQUENTIAL for m, _ in _jpeg_segments(data, name))
+    check_pixels(info, name, max_pixels, factor if sequential else 1)
     _check_complete(info, data, name)
 
     with _quiet_opencv():

@@ -314,6 +314,11 @@ def test_the_pixel_limit_counts_what_a_reduced_jpeg_decode_holds() -> None:
         match=r"^s\.jpg: 200x100 = 20,000 pixels, 50x25 at 1/4, exceeds the limit of 1,000$",
     ):
         decode(data, "s.jpg", max_pixels=1000, max_long_side=50)
+    # A progressive JPEG holds its coefficients at full size whatever the scale: a 2.3 MB
+    # one of 20000x20000 took 1.2 GB at 1/8. It counts its full size.
+    progressive = encode(".jpg", split_image(200, 100), (cv2.IMWRITE_JPEG_PROGRESSIVE, 1))
+    with pytest.raises(ImageError, match=r"^p\.jpg: 200x100 = 20,000 pixels exceeds the limit"):
+        decode(progressive, "p.jpg", max_pixels=5000, max_long_side=50)
 
 
 def test_opencv_exceptions_become_image_errors(monkeypatch: pytest.MonkeyPatch) -> None:
