@@ -200,9 +200,11 @@ class Uploader:
     def _run(self) -> None:
         attempt = 0
         abort_at: float | None = time.monotonic()  # when to abort unfinished uploads; None: done
+        abort_tries = 0
         while not self._stop.is_set():
             if abort_at is not None and time.monotonic() >= abort_at:
-                abort_at = self._abort_stale_multipart(first=attempt == 0)
+                abort_at = self._abort_stale_multipart(first=abort_tries == 0)
+                abort_tries += 1
             capture = None
             try:
                 capture = self.spool.next()
@@ -406,9 +408,8 @@ class Uploader:
                 ids = self._frame_ids.get(path)
                 if ids is None:  # read once per hour's file, not once per capture
                     ids = self._frame_ids[path] = set(_field(path, "frame-id"))
-                if sidecar.frame_id in ids:
-                    return  # a repeat after a crash between the upload and the spool's records
-                _append(path, line.model_dump_json(by_alias=True))
+                if sidecar.frame_id not in ids:  # else a repeat after a crash or a failed fsync
+                    _append(path, line.model_dump_json(by_alias=True))
         except OSError:  # the line may be in the file or not: the retry reads it again
             self._frame_ids.pop(path, None)
             raise

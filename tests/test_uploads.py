@@ -112,9 +112,12 @@ def spooled_offline(
     return Spool(tmp / "state" / "spool", 1 << 30)
 
 
-def direct_uploader(state: Path, spool: Spool, target: S3, device: str) -> tuple[Uploader, Outbox]:
+def direct_uploader(
+    state: Path, spool: Spool, target: S3, device: str, **extra: Any
+) -> tuple[Uploader, Outbox]:
     """An uploader in this process (so a test can wrap its methods) on S3 direct."""
-    config = UploadConfig(**upload_settings(target.bucket, f"http://127.0.0.1:{target.port}"))
+    endpoint = f"http://127.0.0.1:{target.port}"
+    config = UploadConfig(**upload_settings(target.bucket, endpoint, **extra))
     outbox = Outbox(state / "outbox.sqlite")
     topics = Topics(f"corrosion/{device}/")
     return Uploader(config, device_id=device, spool=spool, outbox=outbox, topics=topics), outbox
@@ -621,11 +624,13 @@ def test_a_disk_fault_on_the_manifest_is_named_and_not_taken_for_s3(
         real_fsync(fd)
 
     monkeypatch.setattr("agent.uploader.os.fsync", fsync)
-    uploader, outbox = direct_uploader(state, spool, target, "eio-dev")
+    uploader, outbox = direct_uploader(state, spool, target, "eio-dev", manifest_every_s=1.0)
     with caplog.at_level(logging.WARNING, logger="agent.uploader"):
         uploader.start()
         try:
             assert wait(lambda: spool.depth == 0, 20)  # the next try, once the disk is back
+            # and the line reaches S3: the retry found it in the file and left it unflushed
+            assert wait(lambda: keys(target.client, target.bucket, ".jsonl"), 20)
         finally:
             assert uploader.stop(5)
     manifest = state / "spool" / "manifests" / f"{now:%Y%m%d%H}.jsonl"
@@ -633,12 +638,15 @@ def test_a_disk_fault_on_the_manifest_is_named_and_not_taken_for_s3(
     assert f"S3 {target.bucket}" not in caplog.text
     assert uploader.reachable
     assert len(manifest.read_text().splitlines()) == 1
+    (key,) = keys(target.client, target.bucket, ".jsonl")
+    body = target.client.get_object(Bucket=target.bucket, Key=key)["Body"].read()
+    assert body == manifest.read_bytes()
     spool.close()
     outbox.close()
 
 
 def test_unfinished_uploads_are_aborted_once_s3_answers_after_an_offline_start(
-    tmp_path: Path, target: S3, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, target: S3, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A device that starts out of coverage tried once, logged "skipped", and left the parts
     a killed agent had sent in the bucket (billed) for good."""
@@ -656,14 +664,16 @@ def test_unfinished_uploads_are_aborted_once_s3_answers_after_an_offline_start(
         uploader = Uploader(
             config, device_id="off-dev", spool=spool, outbox=outbox, topics=Topics("c/off-dev/")
         )
-        uploader.start()
-        try:
-            time.sleep(1.5)  # tried, offline
-            assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads")
-            proxy.restore()
-            assert wait(lambda: not s3.list_multipart_uploads(Bucket=bucket).get("Uploads"), 20)
-        finally:
-            assert uploader.stop(5)
+        with caplog.at_level(logging.WARNING, logger="agent.uploader"):
+            uploader.start()
+            try:
+                time.sleep(2.0)  # tried, offline, a few times: said once
+                assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads")
+                proxy.restore()
+                assert wait(lambda: not s3.list_multipart_uploads(Bucket=bucket).get("Uploads"), 20)
+            finally:
+                assert uploader.stop(5)
+        assert caplog.text.count("cannot list unfinished uploads") == 1
     finally:
         proxy.close()
     spool.close()
