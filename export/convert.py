@@ -431,32 +431,42 @@ def _make_folders(out: Path, made: list[Path]) -> None:
 
 
 STAGING = (".convert-", ".partial")  # prefix and suffix of a convert's staging folder
+LOCK = ".lock"  # in a staging folder, flocked while its convert works
 ABANDONED_AFTER_S = 60.0  # older and unlocked: its convert was killed (never one starting)
 
 
-def _hold(folder: Path) -> int:
-    """Lock `folder` for as long as the returned descriptor is open: a convert at work."""
-    fd = os.open(folder, os.O_RDONLY)
+def _lock(folder: Path, *, create: bool) -> int | None:
+    """The descriptor of `folder`'s lock, taken: held while it is open. None when another
+    holds it, or where the file system has no locks (some NFS mounts): nobody can tell then.
+    A file opened for writing, as NFS locks want it."""
+    fd = os.open(folder / LOCK, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
-        raise
+        return None
     return fd
 
 
 def _sweep_abandoned(out: Path) -> None:
     """Remove the staging folders of converts that were killed (SIGKILL, the OOM killer, a
     power cut: no `finally` ran), which would otherwise hold a model's worth of disk each.
-    One still locked is a convert at work, in this process or another."""
+    One still locked is a convert at work, in this process or another; one whose lock
+    cannot be taken for another reason is left too."""
     cutoff = datetime.now(UTC).timestamp() - ABANDONED_AFTER_S
     for old in out.glob(f"{STAGING[0]}*{STAGING[1]}"):
         try:
             if old.is_symlink() or old.stat().st_mtime > cutoff:
                 continue
-            os.close(_hold(old))
-        except OSError:  # locked (at work), or gone meanwhile
+            fd = _lock(old, create=False)
+        except FileNotFoundError:  # killed before it took its lock (or gone meanwhile)
+            fd = -1
+        except OSError:
             continue
+        if fd is None:
+            continue
+        if fd >= 0:
+            os.close(fd)
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -480,12 +490,12 @@ def staged(out: Path) -> Iterator[Path]:
         _sweep_abandoned(out)
         try:
             staging = Path(tempfile.mkdtemp(prefix=STAGING[0], suffix=STAGING[1], dir=out))
-            held = _hold(staging)
+            held = _lock(staging, create=True)  # None: no locks here, the export goes on
         except OSError as exc:  # its own message names the random staging name, not `out`
             raise ConvertError(f"{out}: cannot write ({exc.strerror or exc})") from None
         try:
             yield staging
-            written = {p.name for p in staging.iterdir()}
+            written = {p.name for p in staging.iterdir()} - {LOCK}
             (out / MANIFEST_FILE).unlink(missing_ok=True)
             for name in sorted(written - {MANIFEST_FILE}):
                 os.replace(staging / name, out / name)
@@ -494,7 +504,8 @@ def staged(out: Path) -> Iterator[Path]:
             os.replace(staging / MANIFEST_FILE, out / MANIFEST_FILE)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-            os.close(held)
+            if held is not None:
+                os.close(held)
     except BaseException:
         for folder in reversed(made):
             with suppress(OSError):  # not empty: someone else's files are in it now

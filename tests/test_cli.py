@@ -450,10 +450,10 @@ def test_a_killed_converts_staging_is_swept_and_a_working_ones_is_not(tmp_path: 
     for folder in (dead, working, starting):
         folder.mkdir(parents=True)
         (folder / "model.onnx").write_bytes(b"half")
-    for folder in (dead, working):
-        os.utime(folder, (1_700_000_000, 1_700_000_000))
-    held = os.open(working, os.O_RDONLY)  # another convert at work holds its folder's flock
+    held = os.open(working / ".lock", os.O_RDWR | os.O_CREAT)  # another convert at work
     fcntl.flock(held, fcntl.LOCK_EX)
+    for folder in (dead, working):  # both old: only the lock tells them apart
+        os.utime(folder, (1_700_000_000, 1_700_000_000))
     try:
         args = ["convert", str(tmp_path / "logistic.json"), "--out", str(out), "--name", "m"]
         assert export_main([*args, "--version", "1.0.0", "--skip-parity"]) == 0
@@ -462,6 +462,32 @@ def test_a_killed_converts_staging_is_swept_and_a_working_ones_is_not(tmp_path: 
     assert sorted(p.name for p in out.iterdir()) == [
         ".convert-b.partial",
         ".convert-c.partial",  # made a moment ago: never taken for one killed
+        "manifest.json",
+        "model.onnx",
+        "table.npy",
+    ]
+
+
+def test_convert_where_the_file_system_has_no_locks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some NFS mounts answer flock with an error (EBADF on a folder opened read-only): the
+    convert failed with "cannot write (Bad file descriptor)". It goes on, and sweeps nothing
+    it cannot tell is abandoned."""
+    (tmp_path / "logistic.json").write_bytes(model_bytes(tmp_path))
+    out = tmp_path / "out"
+    (out / ".convert-old.partial").mkdir(parents=True)
+    (out / ".convert-old.partial" / ".lock").write_bytes(b"")
+    os.utime(out / ".convert-old.partial", (1_700_000_000, 1_700_000_000))
+
+    def no_locks(fd: int, how: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    args = ["convert", str(tmp_path / "logistic.json"), "--out", str(out), "--name", "m"]
+    assert export_main([*args, "--version", "1.0.0", "--skip-parity"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".convert-old.partial",
         "manifest.json",
         "model.onnx",
         "table.npy",
