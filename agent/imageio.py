@@ -262,6 +262,23 @@ def check_pixels(info: ImageInfo, name: str, max_pixels: int = MAX_PIXELS, facto
         )
 
 
+def _streams(data: bytes, name: str) -> bool:
+    """Whether libjpeg decodes this JPEG a row band at a time, so that at 1/factor it holds
+    1/factor of the memory: sequential (SOF0/SOF1) with every component in its first scan.
+    A progressive one, or one whose components come in separate scans, holds the whole
+    image's coefficients at full size whatever the scale (a 2.3 MB progressive 20000x20000
+    took 1.2 GB at 1/8; a 1.6 MB 12000x12000 in three scans, 898 MB)."""
+    components = scanned = 0
+    for marker, i in _jpeg_segments(data, name):
+        if marker in _JPEG_SOF:
+            if marker not in _JPEG_SEQUENTIAL:
+                return False
+            components = data[i + 7] if i + 7 < len(data) else 0
+        elif marker == _JPEG_SOS:
+            scanned = data[i + 2] if i + 2 < len(data) else 0
+    return components > 0 and scanned == components
+
+
 def _soi(data: bytes, at: int) -> bool:
     return data[at : at + 2] == b"\xff\xd8"
 
@@ -395,11 +412,7 @@ def decode(
             if -(-long_side // f) >= max_long_side:  # libjpeg rounds scaled sizes up
                 factor, flags = f, flag
                 break
-    # Only a sequential JPEG is decoded at 1/factor in 1/factor of the memory: a progressive
-    # one holds every coefficient at full size whatever the scale (2.3 MB of 20000x20000
-    # took 1.2 GB), so it counts its full size.
-    sequential = factor > 1 and any(m in _JPEG_SEQUENTIAL for m, _ in _jpeg_segments(data, name))
-    check_pixels(info, name, max_pixels, factor if sequential else 1)
+    check_pixels(info, name, max_pixels, factor if factor > 1 and _streams(data, name) else 1)
     _check_complete(info, data, name)
 
     with _quiet_opencv():

@@ -78,3 +78,24 @@ def mpf_jpeg(main: bytes, preview: bytes) -> bytes:
     tiff = b"II" + struct.pack("<HI", 42, 8) + ifd + mp
     app2 = b"\xff\xe2" + struct.pack(">H", segment_len) + b"MPF\x00" + tiff
     return main[:2] + app2 + main[2:] + preview
+
+
+def scanned_jpeg(w: int, h: int, *, interleaved: bool) -> bytes:
+    """A hand-made baseline (SOF0) JPEG of grey blocks: its three components in one scan, or
+    one scan each (which libjpeg decodes holding every coefficient at full size)."""
+
+    def seg(marker: int, body: bytes) -> bytes:
+        return bytes([0xFF, marker]) + struct.pack(">H", len(body) + 2) + body
+
+    out = b"\xff\xd8" + seg(0xDB, b"\x00" + bytes([1] * 64))
+    components = b"".join(bytes([c, 0x11, 0]) for c in (1, 2, 3))
+    out += seg(0xC0, struct.pack(">BHHB", 8, h, w, 3) + components)
+    one = bytes([1] + [0] * 15) + b"\x00"  # one symbol (0x00), code "0"
+    out += seg(0xC4, b"\x00" + one) + seg(0xC4, b"\x10" + one)  # DC: category 0; AC: EOB
+    blocks = -(-w // 8) * -(-h // 8)
+    if interleaved:
+        out += seg(0xDA, bytes([3, 1, 0, 2, 0, 3, 0, 0, 63, 0])) + bytes(-(-blocks * 6 // 8))
+    else:
+        for c in (1, 2, 3):
+            out += seg(0xDA, bytes([1, c, 0, 0, 63, 0])) + bytes(-(-blocks * 2 // 8))
+    return out + b"\xff\xd9"

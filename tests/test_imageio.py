@@ -24,6 +24,7 @@ from tests.imagedata import (
     mpf_jpeg,
     png_chunk,
     png_header,
+    scanned_jpeg,
     split_image,
 )
 
@@ -319,6 +320,13 @@ def test_the_pixel_limit_counts_what_a_reduced_jpeg_decode_holds() -> None:
     progressive = encode(".jpg", split_image(200, 100), (cv2.IMWRITE_JPEG_PROGRESSIVE, 1))
     with pytest.raises(ImageError, match=r"^p\.jpg: 200x100 = 20,000 pixels exceeds the limit"):
         decode(progressive, "p.jpg", max_pixels=5000, max_long_side=50)
+    # Nor a baseline one whose components come one scan each (a 1.6 MB 12000x12000: 898 MB).
+    one_scan = scanned_jpeg(200, 104, interleaved=True)
+    assert decode(one_scan, "i.jpg", max_pixels=5000, max_long_side=50).image.shape == (26, 50, 3)
+    with pytest.raises(ImageError, match=r"^n\.jpg: 200x104 = 20,800 pixels exceeds the limit"):
+        decode(
+            scanned_jpeg(200, 104, interleaved=False), "n.jpg", max_pixels=5000, max_long_side=50
+        )
 
 
 def test_opencv_exceptions_become_image_errors(monkeypatch: pytest.MonkeyPatch) -> None:
