@@ -576,8 +576,10 @@ def test_a_glob_walks_each_real_folder_once_and_takes_each_file_once(
     assert made, "the glob never returned"
     assert names(Drain(made[0]).finish()) == ["b.jpg", "card/deep/c.jpg"]  # b.jpg: first, sorted
     assert "is not UTF-8; skipped (rename it)" in caplog.text
-    below = Drain(GlobSource(cfg("glob", root / "site" / "**"))).finish()  # up and again: one
-    assert names(below) == ["a.jpg", "again/card/deep/c.jpg"]  # real folder, walked once
+    below = Drain(GlobSource(cfg("glob", root / "site" / "**"))).finish()
+    assert names(below) == ["a.jpg"]  # up and again lead back up the tree: not walked
+    with pytest.raises(SourceError, match="matches no image files"):  # folders only
+        GlobSource(cfg("glob", f"{root}/site/"))
     hidden = GlobSource(cfg("glob", root / "site" / ".*.jpg"))  # named: matched
     assert names(Drain(hidden).finish()) == [".thumb.jpg"]
     inside = GlobSource(cfg("glob", root / "site" / "**.jpg"))  # `**` in a part: as `*`

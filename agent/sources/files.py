@@ -84,11 +84,18 @@ def _matches(pattern: str, wanted: frozenset[str]) -> tuple[list[Path], Path | N
     parts = Path(pattern).parts
     fixed = list(itertools.takewhile(lambda part: not _MAGIC.search(part), parts[:-1]))
     paths = [Path(*fixed) if fixed else Path()]
+    if pattern.endswith(("/", os.sep)):  # folders only, as glob.glob: no image file
+        paths = []
     for part in parts[len(fixed) :]:
-        paths = [found for folder in paths for found in _expand(folder, part)]
+        walked: set[str] = set()  # one `**` walks each real folder once, whatever its start
+        paths = [found for folder in paths for found in _expand(folder, part, walked)]
     files: dict[str, Path] = {}
     for path in sorted(paths):
-        if path.suffix.lower() not in wanted or not path.is_file():
+        try:
+            if path.suffix.lower() not in wanted or not path.is_file():
+                continue
+        except OSError as exc:  # a folder that can be listed but not searched (r--)
+            log.error("%s: %s: cannot read (%s); skipped", pattern, path, exc.strerror or exc)
             continue
         if not _utf8(str(path)):
             log.error("%s: name %r is not UTF-8; skipped (rename it)", pattern, str(path))
@@ -97,17 +104,17 @@ def _matches(pattern: str, wanted: frozenset[str]) -> tuple[list[Path], Path | N
     return list(files.values()), Path(*fixed) if fixed else None
 
 
-def _expand(folder: Path, part: str) -> Iterator[Path]:
+def _expand(folder: Path, part: str, walked: set[str]) -> Iterator[Path]:
     """What one part of a glob pattern names in `folder`."""
     if part == "**":
-        yield from _below(folder, set())
+        yield from _below(folder, walked)
         return
     if not _MAGIC.search(part):
         if os.path.lexists(folder / part):
             yield folder / part
         return
-    try:
-        names = os.listdir(folder)
+    try:  # sorted: the first start a `**` walks from keeps a real folder's name
+        names = sorted(os.listdir(folder))
     except OSError:  # not a folder, or unreadable: nothing in it matches
         return
     hidden = part.startswith(".")
@@ -116,11 +123,18 @@ def _expand(folder: Path, part: str) -> Iterator[Path]:
             yield folder / name
 
 
+def _up_from(here: str, there: str) -> bool:
+    """Whether real folder `there` is `here` or holds it."""
+    return here == there or here.startswith(there.rstrip(os.sep) + os.sep)
+
+
 def _below(folder: Path, walked: set[str]) -> Iterator[Path]:
-    """`folder` and everything under it but hidden names, links followed, each real folder
-    once (a file is matched by `**` as the last part, as with glob.glob)."""
+    """`folder` and everything under it but hidden names (a file is matched by `**` as the
+    last part, as with glob.glob), links followed, each real folder once, and never a link
+    back up to a folder the walk is in: it would walk the tree again under a detour's name
+    (`cam1/up/cam2/...`), for every folder that holds one."""
     real = os.path.realpath(folder)
-    if real in walked:
+    if real in walked or not os.path.isdir(real):
         return
     walked.add(real)
     yield folder
@@ -135,10 +149,10 @@ def _below(folder: Path, walked: set[str]) -> Iterator[Path]:
             is_folder = entry.is_dir()
         except OSError:
             continue
-        if is_folder:
-            yield from _below(Path(entry.path), walked)
-        else:
+        if not is_folder:
             yield Path(entry.path)
+        elif not (entry.is_symlink() and _up_from(real, os.path.realpath(entry.path))):
+            yield from _below(Path(entry.path), walked)
 
 
 class GlobSource(Source):
