@@ -176,6 +176,7 @@ class Uploader:
         self.manifests.mkdir(exist_ok=True)
         self._dirty: set[Path] = set(self.manifests.glob("*.jsonl"))
         self._frame_ids: dict[Path, set[str]] = {}  # of each hour's file, once read
+        self._unsynced: set[Path] = set()  # a write or fsync failed: rewritten before use
         self._manifest_at = -math.inf  # a start uploads what an earlier run left dirty
         self.reachable = True
         self._outage = False  # no answer, or one about the bucket, since the last it took
@@ -408,10 +409,14 @@ class Uploader:
                 ids = self._frame_ids.get(path)
                 if ids is None:  # read once per hour's file, not once per capture
                     ids = self._frame_ids[path] = set(_field(path, "frame-id"))
+                if path in self._unsynced:  # after an EIO the kernel may have marked the pages
+                    replace_file(path, path.read_bytes())  # clean: a second fsync proves nothing
+                    self._unsynced.discard(path)
                 if sidecar.frame_id not in ids:  # else a repeat after a crash or a failed fsync
                     _append(path, line.model_dump_json(by_alias=True))
         except OSError:  # the line may be in the file or not: the retry reads it again
             self._frame_ids.pop(path, None)
+            self._unsynced.add(path)
             raise
         ids.add(sidecar.frame_id)
         self._dirty.add(path)

@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 import pytest
 
+from agent import uploader as uploader_module
 from agent.capture import Capturer
 from agent.config import UploadConfig
 from agent.contract.captures import CaptureSidecar, ManifestLine, UploadNotice
@@ -624,6 +625,14 @@ def test_a_disk_fault_on_the_manifest_is_named_and_not_taken_for_s3(
         real_fsync(fd)
 
     monkeypatch.setattr("agent.uploader.os.fsync", fsync)
+    rewritten: list[Path] = []
+    real_replace = uploader_module.replace_file
+
+    def replace_file(path: Path, data: bytes) -> None:
+        rewritten.append(path)
+        real_replace(path, data)
+
+    monkeypatch.setattr(uploader_module, "replace_file", replace_file)
     uploader, outbox = direct_uploader(state, spool, target, "eio-dev", manifest_every_s=1.0)
     with caplog.at_level(logging.WARNING, logger="agent.uploader"):
         uploader.start()
@@ -638,6 +647,9 @@ def test_a_disk_fault_on_the_manifest_is_named_and_not_taken_for_s3(
     assert f"S3 {target.bucket}" not in caplog.text
     assert uploader.reachable
     assert len(manifest.read_text().splitlines()) == 1
+    # made durable again before the capture left the spool: the retry found the line in the
+    # page cache and fsynced nothing, the rule "durable before the spool forgets it" broken
+    assert rewritten == [manifest]
     (key,) = keys(target.client, target.bucket, ".jsonl")
     body = target.client.get_object(Bucket=target.bucket, Key=key)["Body"].read()
     assert body == manifest.read_bytes()
