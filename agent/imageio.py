@@ -283,42 +283,37 @@ def _soi(data: bytes, at: int) -> bool:
     return data[at : at + 2] == b"\xff\xd8"
 
 
-def _mpf_end(data: bytes, at: int) -> int:
-    """Where the last image an APP2 MPF index (CIPA DC-007: DJI's and most cameras' preview
-    after the main image) lists ends; 0 for another APP2 or an index that does not parse.
-    The main image ends at its own EOI, so without this a copy that stalled after it passed
-    for whole, was analysed, and was analysed again once the rest came. Only images whose
-    start marker is where the index says count: a writer's wrong index must not make a
-    whole photo look cut off for good."""
+def _mpf_unended(data: bytes, at: int) -> int | None:
+    """Where an image an APP2 MPF index (CIPA DC-007: DJI's and most cameras' preview after
+    the main image) lists starts without an end marker after it; None when each has one, or
+    for another APP2 or an index that does not parse. The main image ends at its own EOI,
+    so without this a copy that stalled after it passed for whole, was analysed, and was
+    analysed again once the rest came. An image counts only if its start marker is where
+    the index says, and ends at any end marker, not at the size the index gives: a writer's
+    wrong index must not make a whole photo look cut off for good."""
     length = int.from_bytes(data[at : at + 2], "big")
     body = data[at + 2 : at + length]
     if len(body) < 16 or body[:4] != b"MPF\x00" or body[4:6] not in (b"II", b"MM"):
-        return 0
+        return None
     tiff = at + 6  # offsets in the index count from the TIFF header after "MPF\0"
     order: Literal["little", "big"] = "little" if body[4:6] == b"II" else "big"
 
     def num(i: int, size: int) -> int:
         return int.from_bytes(body[4 + i : 4 + i + size], order)
 
-    ifd = num(4, 4)
-    if ifd + 2 > len(body) - 4:
-        return 0
-    for k in range(min(num(ifd, 2), 64)):
-        entry = ifd + 2 + 12 * k
-        if entry + 12 > len(body) - 4:
-            return 0
-        if num(entry, 2) != 0xB002:  # MPEntry: 16 bytes an image
-            continue
-        count, where = num(entry + 4, 4), num(entry + 8, 4)
-        if where + count > len(body) - 4 or count % 16:
-            return 0
-        starts = (tiff + num(where + j + 8, 4) for j in range(0, count, 16))
-        sizes = (num(where + j + 4, 4) for j in range(0, count, 16))
-        return max(  # the first image's offset is 0: it is this one
-            (s + n for s, n in zip(starts, sizes, strict=True) if s > tiff and _soi(data, s)),
-            default=0,
-        )
-    return 0
+    size, ifd = len(body) - 4, num(4, 4)
+    entries = range(ifd + 2, ifd + 2 + 12 * min(num(ifd, 2), 64), 12) if ifd + 2 <= size else ()
+    tag = next((e for e in entries if e + 12 <= size and num(e, 2) == 0xB002), None)  # MPEntry
+    if tag is None:
+        return None
+    count, where = num(tag + 4, 4), num(tag + 8, 4)  # 16 bytes an image
+    if where + count > size or count % 16:
+        return None
+    for j in range(16, min(count, 16 * 16), 16):  # the first image is this one
+        start = tiff + num(where + j + 8, 4)
+        if _soi(data, start) and data.find(b"\xff\xd9", start + 2) < 0:
+            return start
+    return None
 
 
 def _check_complete(info: ImageInfo, data: bytes, name: str) -> None:
@@ -332,11 +327,14 @@ def _check_complete(info: ImageInfo, data: bytes, name: str) -> None:
                 f"{name}: corrupt or truncated image data (JPEG ends before "
                 "its end-of-image marker)"
             )
-        need = max((_mpf_end(data, i) for m, i in segments if m == _JPEG_APP2), default=0)
-        if len(data) < need:  # a drone photo's preview still to come: its copy stalled
+        mpf = next(
+            (i for m, i in segments if m == _JPEG_APP2 and data[i + 2 : i + 6] == b"MPF\x00"), None
+        )
+        start = None if mpf is None else _mpf_unended(data, mpf)
+        if start is not None:  # a drone photo's preview still to come: its copy stalled
             raise ImageError(
-                f"{name}: corrupt or truncated image data ({len(data):,} bytes; its MPF "
-                f"index lists images up to byte {need:,})"
+                f"{name}: corrupt or truncated image data (the image its MPF index lists at "
+                f"byte {start:,} has no end marker)"
             )
     elif info.format == "png":
         i, n = len(_PNG_SIG), len(data)
