@@ -57,6 +57,7 @@ class Limits:
     max_ratio: float = 200.0
     max_entries: int = 100_000
     max_pixels: int = imageio.MAX_PIXELS
+    max_long_side: int | None = None  # what images are decoded at: a JPEG read reduced counts so
 
 
 _DEFAULT_LIMITS: Final = Limits()
@@ -116,7 +117,9 @@ class _Budget:
 def _check_image(name: str, shown: str, data: bytes, limits: Limits) -> Entry | Refused:
     """Magic bytes and header size, without decoding: a bomb is refused at its header."""
     try:
-        imageio.check_pixels(imageio.probe(data, shown), shown, limits.max_pixels)
+        info = imageio.probe(data, shown)
+        factor = imageio.counted_factor(info, data, shown, limits.max_long_side)
+        imageio.check_pixels(info, shown, limits.max_pixels, factor)
     except imageio.ImageError as exc:
         return Refused(name, str(exc))
     return Entry(name, data)

@@ -88,12 +88,12 @@ def cmd_detect(args: argparse.Namespace) -> int:
 def cmd_batch(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from agent.archive import iter_inputs
+    from agent.archive import Limits, iter_inputs
     from agent.batch import MAP_FILE, run_batch
 
     detector = _detector(args)
     try:
-        inputs = iter_inputs(args.path)
+        inputs = iter_inputs(args.path, Limits(max_long_side=detector.config.analysis_long_side))
         bar = tqdm(inputs, desc="images", unit="img", disable=None, file=sys.stderr)
         summary = run_batch(
             detector,

@@ -262,6 +262,25 @@ def check_pixels(info: ImageInfo, name: str, max_pixels: int = MAX_PIXELS, facto
         )
 
 
+def _reduction(info: ImageInfo, max_long_side: int | None) -> tuple[int, int]:
+    """The factor a JPEG is decoded at to be no smaller than `max_long_side`, and the
+    imdecode flags for it; (1, colour) for anything else."""
+    if max_long_side is not None and info.format == "jpeg":
+        long_side = max(info.width, info.height)
+        for f, flag in _REDUCED_FLAGS:
+            if -(-long_side // f) >= max_long_side:  # libjpeg rounds scaled sizes up
+                return f, flag
+    return 1, cv2.IMREAD_COLOR
+
+
+def counted_factor(info: ImageInfo, data: bytes, name: str, max_long_side: int | None) -> int:
+    """The reduction the pixel limit may count the image at (check_pixels' `factor`): the
+    decode's, for a JPEG libjpeg streams; 1 otherwise. Shared with `archive`, so a batch
+    takes what `detect` and the daemon take."""
+    factor = _reduction(info, max_long_side)[0]
+    return factor if factor > 1 and _streams(data, name) else 1
+
+
 def _streams(data: bytes, name: str) -> bool:
     """Whether libjpeg decodes this JPEG a row band at a time, so that at 1/factor it holds
     1/factor of the memory: sequential (SOF0/SOF1) with every component in its first scan.
@@ -403,14 +422,8 @@ def decode(
         raise ValueError(f"max_long_side must be at least 1, not {max_long_side}")
     info = probe(data, name)
     width, height = info.width, info.height
-    factor, flags = 1, cv2.IMREAD_COLOR
-    if max_long_side is not None and info.format == "jpeg":
-        long_side = max(width, height)
-        for f, flag in _REDUCED_FLAGS:
-            if -(-long_side // f) >= max_long_side:  # libjpeg rounds scaled sizes up
-                factor, flags = f, flag
-                break
-    check_pixels(info, name, max_pixels, factor if factor > 1 and _streams(data, name) else 1)
+    factor, flags = _reduction(info, max_long_side)
+    check_pixels(info, name, max_pixels, counted_factor(info, data, name, max_long_side))
     _check_complete(info, data, name)
 
     with _quiet_opencv():

@@ -222,6 +222,19 @@ def test_zip_pixel_limit_comes_from_limits(tmp_path: Path) -> None:
     assert refused == {"a.jpg": "a.jpg: 40x30 = 1,200 pixels exceeds the limit of 1,199"}
 
 
+def test_the_pixel_limit_counts_a_reduced_decode_as_detect_does(tmp_path: Path) -> None:
+    """`detect --analysis-long-side` read a 100 MP camera's JPEG at 1/8 while `batch`
+    refused the same file on its full size."""
+    big = encode(".jpg", split_image(200, 100))  # 20,000 pixels, read at 1/4 for 50 px
+    progressive = encode(".jpg", split_image(200, 100), (cv2.IMWRITE_JPEG_PROGRESSIVE, 1))
+    path = make_zip(tmp_path / "r.zip", [("big.jpg", big), ("prog.jpg", progressive)])
+    entries, refused = split(list(iter_inputs(path, Limits(max_pixels=5000, max_long_side=50))))
+    assert list(entries) == ["big.jpg"]
+    assert refused == {"prog.jpg": "prog.jpg: 200x100 = 20,000 pixels exceeds the limit of 5,000"}
+    _, refused = split(list(iter_inputs(path, Limits(max_pixels=5000))))  # full size: both
+    assert sorted(refused) == ["big.jpg", "prog.jpg"]
+
+
 def test_zip_duplicate_names(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="Duplicate name"):
         path = make_zip(tmp_path / "d.zip", [("a.jpg", JPG), ("a.jpg", PNG)])
