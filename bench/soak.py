@@ -443,9 +443,13 @@ def main() -> None:
                 counter.close()
             if broker is not None:
                 broker.kill()
-            if s3_proc is not None:
+            if s3_proc is not None:  # after hours moto holds 100k+ objects: slow to go
                 s3_proc.terminate()
-                s3_proc.wait(10)
+                try:
+                    s3_proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    s3_proc.kill()
+                    s3_proc.wait(10)
 
     report(args, what, samples, Totals(written, behind, published, uploads, objects, manifests))
     print(f"stop                    SIGTERM -> exit {rc} in {stop_s:.2f} s")
