@@ -589,6 +589,27 @@ def test_a_glob_walks_each_real_folder_once_and_takes_each_file_once(
             GlobSource(cfg("glob", nothing))
 
 
+def test_a_glob_file_that_cannot_be_looked_at_is_skipped_by_name(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder that can be listed but not searched (r--) made is_file() raise, which ended
+    the start."""
+    write(tmp_path / "set" / "a.jpg", jpeg())
+    write(tmp_path / "set" / "b.jpg", jpeg())
+    real = Path.is_file
+
+    def is_file(self: Path) -> bool:
+        if self.name == "a.jpg":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "is_file", is_file)
+    with caplog.at_level(logging.ERROR, logger="agent.sources.files"):
+        source = GlobSource(cfg("glob", tmp_path / "set" / "*.jpg"))
+    assert names(Drain(source).finish()) == ["b.jpg"]
+    assert f"{tmp_path / 'set' / 'a.jpg'}: cannot read (Permission denied); skipped" in caplog.text
+
+
 def test_a_list_saved_with_a_byte_order_mark_keeps_its_first_photo(tmp_path: Path) -> None:
     """Notepad and PowerShell 5 write UTF-8 with a BOM: it stuck to the first path, which
     then "could not be read" although it looked right and existed."""
